@@ -1,0 +1,66 @@
+use std::collections::BTreeMap;
+
+use candle_core::{backprop::GradStore, Tensor};
+
+use super::{DeltaEntry, DenseTrainer, Method};
+use crate::models::Model;
+use crate::optim::AdamConfig;
+use crate::Result;
+
+/// Full fine-tuning: every parameter trains with AdamW; the artifact holds every tensor.
+pub struct Full {
+    dense: DenseTrainer,
+}
+
+impl Full {
+    pub fn new(adam: AdamConfig) -> Self {
+        Full {
+            dense: DenseTrainer::new(adam),
+        }
+    }
+}
+
+impl Method for Full {
+    fn name(&self) -> &'static str {
+        "full"
+    }
+    fn hyperparameters(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+    fn prepare(&mut self, model: &mut Model, _seed: u64) -> Result<()> {
+        let names: Vec<String> = model.weights.params.keys().cloned().collect();
+        for n in names {
+            model.weights.set_trainable(&n, true)?;
+        }
+        self.dense.init(model)
+    }
+    fn accumulate(&mut self, model: &Model, grads: GradStore) -> Result<()> {
+        self.dense.accumulate(model, &grads)
+    }
+    fn step(&mut self, _model: &mut Model, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
+        self.dense.step(lr, max_grad_norm)
+    }
+    fn state(&self, model: &Model) -> Result<(BTreeMap<String, Tensor>, u64)> {
+        self.dense.state(model)
+    }
+    fn load_state(
+        &mut self,
+        model: &mut Model,
+        state: &BTreeMap<String, Tensor>,
+        t: u64,
+    ) -> Result<()> {
+        self.dense.load_state(model, state, t)
+    }
+    fn delta(
+        &self,
+        model: &Model,
+    ) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, DeltaEntry>)> {
+        let mut tensors = BTreeMap::new();
+        let mut entries = BTreeMap::new();
+        for (name, var) in model.weights.trainable() {
+            tensors.insert(name.clone(), var.as_tensor().detach());
+            entries.insert(name.clone(), DeltaEntry::Dense { param: name });
+        }
+        Ok((tensors, entries))
+    }
+}

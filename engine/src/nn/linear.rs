@@ -1,0 +1,94 @@
+use std::sync::Arc;
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor,
+};
+
+/// Receives a frozen linear layer's input and upstream gradient during backward, so a method
+/// can form (and immediately reduce) the weight gradient itself — SparseGrad rotates it and
+/// keeps the top-k, MeProp keeps the top-k — without candle ever holding it in a GradStore.
+pub trait WeightGradHook: Send + Sync {
+    /// `x`: the layer input as `(tokens, in)`; `grad_out`: `∂L/∂y` as `(tokens, out)`.
+    fn on_backward(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<()>;
+}
+
+/// Passes `y` through unchanged in the forward pass and, in the backward pass, sends `x` the
+/// input gradient `g W` only: the weight gradient `gᵀ x` that candle's matmul backward would
+/// compute (and keep) for the frozen weight is never formed.
+struct GradTap {
+    weight: Tensor,
+    hook: Option<Arc<dyn WeightGradHook>>,
+}
+
+fn check_plain(l: &Layout) -> candle_core::Result<()> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("grad tap expects a fresh contiguous tensor");
+    }
+    Ok(())
+}
+
+impl CustomOp2 for GradTap {
+    fn name(&self) -> &'static str {
+        "frozen-linear-grad-tap"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        check_plain(l1)?;
+        Ok((s1.try_clone(l1)?, l1.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _s2: &CudaStorage,
+        _l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        check_plain(l1)?;
+        Ok((s1.try_clone(l1)?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(hook) = &self.hook {
+            hook.on_backward(&x.detach(), grad)?;
+        }
+        let gx = if x.track_op() {
+            Some(grad.matmul(&self.weight)?)
+        } else {
+            None
+        };
+        Ok((None, gx))
+    }
+}
+
+/// `y = x Wᵀ` for a frozen `W`: `(tokens, in) → (tokens, out)`. Backward yields only `∂L/∂x`
+/// (and feeds the optional hook).
+pub fn frozen_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    hook: Option<Arc<dyn WeightGradHook>>,
+) -> candle_core::Result<Tensor> {
+    let y = x.detach().matmul(&weight.t()?)?;
+    if !x.track_op() && hook.is_none() {
+        return Ok(y);
+    }
+    y.apply_op2(
+        x,
+        GradTap {
+            weight: weight.detach(),
+            hook,
+        },
+    )
+}

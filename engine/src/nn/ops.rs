@@ -1,0 +1,127 @@
+use candle_core::{DType, Device, Tensor, D};
+use rand::Rng;
+
+use crate::Result;
+
+/// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// RMS norm over the last dimension: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension. The max is detached: subtracting any constant leaves
+/// softmax unchanged, so its gradient through the max is exactly zero.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let xs = x.broadcast_sub(&max)?;
+    let lse = xs.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(xs.broadcast_sub(&lse)?)
+}
+
+/// cos/sin tables for rotary embeddings, `(T, head_dim)`, in the layout of Hugging Face's
+/// `rotate_half` convention (frequencies repeated for both halves), computed in f32 as
+/// transformers does, then cast.
+pub fn rope_tables(
+    positions: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(positions * head_dim);
+    let mut sin = Vec::with_capacity(positions * head_dim);
+    for p in 0..positions {
+        for rep in 0..2 {
+            let _ = rep;
+            for f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let cos = Tensor::from_vec(cos, (positions, head_dim), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (positions, head_dim), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Rotary position embedding on `(B, H, T, D)`: `x·cos + rotate_half(x)·sin`,
+/// `rotate_half([x1, x2]) = [-x2, x1]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// Exact GELU, `x·Φ(x)`. candle's fused `gelu_erf` backward uses a 6-digit constant
+/// (relative gradient error ~1e-6), so this is composed from ops with exact derivatives.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let phi = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
+    Ok(x.mul(&phi?)?)
+}
+
+/// The tanh approximation of GELU (`gelu_new`), composed for an exact derivative.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * c)?;
+    Ok((x * 0.5)?.mul(&(inner.tanh()? + 1.0)?)?)
+}
+
+/// Inverted dropout with a mask drawn from `rng` (so runs are reproducible for a seed).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut impl Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+/// Mean cross-entropy over the rows whose weight is non-zero.
+/// `logits (N, C)`, `targets (N,) u32`, `weights (N,)` in the logits' dtype (0 or 1).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last_dim(logits)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let count = weights
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0);
+    Ok((picked.mul(weights)?.sum_all()?.neg()? / count)?)
+}
+
+pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    Ok(pred.sub(target)?.sqr()?.mean_all()?)
+}

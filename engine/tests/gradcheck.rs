@@ -1,0 +1,306 @@
+//! Finite-difference checks (in f64) of every custom op and of tiny BERT, RoBERTa and LLaMA
+//! end to end, for full training and for LoRA (whose frozen linears use the input-gradient-only
+//! tap).
+
+use candle_core::{DType, Device, Tensor, Var};
+use sparsegrad_engine::data::{collate, Example, Target};
+use sparsegrad_engine::methods::{Full, Lora, LoraConfig, LoraTargets, Method};
+use sparsegrad_engine::models::{Arch, Model, Task};
+use sparsegrad_engine::nn::{self, Ctx};
+use sparsegrad_engine::optim::AdamConfig;
+use sparsegrad_engine::testing::tiny_model;
+
+const EPS: f64 = 1e-6;
+
+fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
+    use rand::Rng;
+    let mut rng = sparsegrad_engine::rng::stream(seed, "gradcheck", 0);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Compares d f / d var from backward with central differences at every entry.
+fn check(var: &Var, f: &dyn Fn() -> Tensor, tol: f64) {
+    let loss = f();
+    let grads = loss.backward().unwrap();
+    let g: Vec<f64> = grads
+        .get(var.as_tensor())
+        .expect("gradient")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let shape = var.as_tensor().shape().clone();
+    let mut worst = 0f64;
+    for i in 0..base.len() {
+        let mut p = base.clone();
+        p[i] += EPS;
+        var.set(&Tensor::from_vec(p.clone(), shape.clone(), &Device::Cpu).unwrap())
+            .unwrap();
+        let lp = f().to_scalar::<f64>().unwrap();
+        p[i] -= 2.0 * EPS;
+        var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap())
+            .unwrap();
+        let lm = f().to_scalar::<f64>().unwrap();
+        let num = (lp - lm) / (2.0 * EPS);
+        let err = (num - g[i]).abs() / (1.0f64).max(num.abs()).max(g[i].abs());
+        worst = worst.max(err);
+    }
+    var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap())
+        .unwrap();
+    assert!(
+        worst < tol,
+        "finite-difference mismatch: worst relative error {worst:e}"
+    );
+}
+
+/// A fixed weighting makes the scalar depend on every output element differently.
+fn weighted_sum(y: &Tensor, seed: u64) -> Tensor {
+    let w = rand_tensor(y.dims(), seed);
+    y.mul(&w).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn layer_norm_gradients() {
+    let x = Var::from_tensor(&rand_tensor(&[3, 5, 8], 1)).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[8], 2)).unwrap();
+    let b = Var::from_tensor(&rand_tensor(&[8], 3)).unwrap();
+    let f = || weighted_sum(&nn::layer_norm(&x, &w, &b, 1e-5).unwrap(), 9);
+    check(&x, &f, 1e-6);
+    check(&w, &f, 1e-6);
+    check(&b, &f, 1e-6);
+}
+
+#[test]
+fn rms_norm_gradients() {
+    let x = Var::from_tensor(&rand_tensor(&[4, 6], 4)).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[6], 5)).unwrap();
+    let f = || weighted_sum(&nn::rms_norm(&x, &w, 1e-6).unwrap(), 9);
+    check(&x, &f, 1e-6);
+    check(&w, &f, 1e-6);
+}
+
+#[test]
+fn softmax_and_log_softmax_gradients() {
+    let x = Var::from_tensor(&(rand_tensor(&[2, 3, 7], 6) * 3.0).unwrap()).unwrap();
+    check(
+        &x,
+        &|| weighted_sum(&nn::softmax_last_dim(&x).unwrap(), 9),
+        1e-6,
+    );
+    check(
+        &x,
+        &|| weighted_sum(&nn::log_softmax_last_dim(&x).unwrap(), 10),
+        1e-6,
+    );
+}
+
+#[test]
+fn softmax_matches_definition() {
+    let x = Tensor::new(&[[1.0f64, 2.0, 3.0], [0.0, -1e9, 0.0]], &Device::Cpu).unwrap();
+    let y: Vec<Vec<f64>> = nn::softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+    let z = 1f64.exp() + 2f64.exp() + 3f64.exp();
+    assert!((y[0][2] - 3f64.exp() / z).abs() < 1e-15);
+    assert_eq!(y[1], vec![0.5, 0.0, 0.5]);
+}
+
+#[test]
+fn rope_gradients_and_rotation() {
+    let (cos, sin) = nn::rope_tables(5, 8, 10000.0, DType::F64, &Device::Cpu).unwrap();
+    let x = Var::from_tensor(&rand_tensor(&[2, 3, 5, 8], 7)).unwrap();
+    check(
+        &x,
+        &|| weighted_sum(&nn::rope(&x, &cos, &sin).unwrap(), 9),
+        1e-6,
+    );
+    // RoPE is a rotation: it preserves norms per position.
+    let y = nn::rope(&x, &cos, &sin).unwrap();
+    let nx: f64 = x.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    let ny: f64 = y.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    assert!((nx - ny).abs() < 1e-6 * nx, "{nx} vs {ny}");
+}
+
+#[test]
+fn cross_entropy_gradients() {
+    let logits = Var::from_tensor(&rand_tensor(&[4, 5], 8)).unwrap();
+    let t = Tensor::new(&[1u32, 0, 4, 2], &Device::Cpu).unwrap();
+    let w = Tensor::new(&[1.0f64, 0.0, 1.0, 1.0], &Device::Cpu).unwrap();
+    check(
+        &logits,
+        &|| nn::cross_entropy(&logits, &t, &w).unwrap(),
+        1e-6,
+    );
+}
+
+#[test]
+fn frozen_linear_gives_input_gradient_only() {
+    let x = Var::from_tensor(&rand_tensor(&[6, 4], 11)).unwrap();
+    let w = rand_tensor(&[3, 4], 12);
+    let f = || weighted_sum(&nn::frozen_linear(&x, &w, None).unwrap(), 9);
+    check(&x, &f, 1e-6);
+    let y = nn::frozen_linear(&x, &w, None).unwrap();
+    let dense = x.matmul(&w.t().unwrap()).unwrap();
+    assert_eq!(y.to_vec2::<f64>().unwrap(), dense.to_vec2::<f64>().unwrap());
+    let grads = weighted_sum(&y, 9).backward().unwrap();
+    assert!(
+        grads.get(&w).is_none(),
+        "a frozen weight must not receive a gradient"
+    );
+}
+
+fn batch_for(model: &Model, seed: u64) -> sparsegrad_engine::models::Batch {
+    use rand::Rng;
+    let mut rng = sparsegrad_engine::rng::stream(seed, "batch", 0);
+    let lens = [7usize, 5, 6];
+    let ex: Vec<Example> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(2..50)).collect();
+            let target = match &model.task {
+                Task::Classification { .. } => Target::Class((i % 3) as u32),
+                Task::Regression => Target::Value(i as f32 * 0.7 - 0.5),
+                Task::CausalLm => Target::Tokens((0..n).map(|j| (j >= 2) as u8).collect()),
+            };
+            let type_ids = (0..n).map(|j| (j >= n / 2) as u32).collect();
+            Example {
+                ids,
+                type_ids,
+                target,
+                line: i + 1,
+            }
+        })
+        .collect();
+    let refs: Vec<&Example> = ex.iter().collect();
+    let pad = sparsegrad_engine::train::pad_id(model);
+    collate(&refs, pad, model.dtype(), &Device::Cpu).unwrap()
+}
+
+/// Checks a handful of entries of every trainable parameter of a model.
+fn check_model(model: &Model, per_param: usize, tol: f64) {
+    let batch = batch_for(model, 3);
+    let f = || {
+        let logits = model.forward(&batch, &mut Ctx::eval()).unwrap();
+        model.loss(&logits, &batch).unwrap()
+    };
+    let grads = f().backward().unwrap();
+    let mut checked = 0;
+    for (name, var) in model.weights.trainable() {
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let shape = var.as_tensor().shape().clone();
+        let step = (base.len() / per_param).max(1);
+        for i in (0..base.len()).step_by(step).take(per_param) {
+            let mut p = base.clone();
+            p[i] += EPS;
+            var.set(&Tensor::from_vec(p.clone(), shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            let lp = f().to_scalar::<f64>().unwrap();
+            p[i] -= 2.0 * EPS;
+            var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            let lm = f().to_scalar::<f64>().unwrap();
+            var.set(&Tensor::from_vec(base.clone(), shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            let num = (lp - lm) / (2.0 * EPS);
+            let err = (num - g[i]).abs() / 1e-3f64.max(num.abs()).max(g[i].abs());
+            assert!(
+                err < tol,
+                "{name}[{i}]: analytic {} vs numeric {num} (rel {err:e})",
+                g[i]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "too few entries checked: {checked}");
+}
+
+fn full(arch: Arch, task: Task) -> Model {
+    let mut m = tiny_model(arch, task, DType::F64, 5).unwrap();
+    Full::new(AdamConfig::default()).prepare(&mut m, 5).unwrap();
+    m
+}
+
+#[test]
+fn bert_classification_end_to_end() {
+    check_model(
+        &full(Arch::Bert, Task::Classification { num_labels: 3 }),
+        3,
+        1e-5,
+    );
+}
+
+#[test]
+fn bert_regression_end_to_end() {
+    check_model(&full(Arch::Bert, Task::Regression), 3, 1e-5);
+}
+
+#[test]
+fn roberta_classification_end_to_end() {
+    check_model(
+        &full(Arch::Roberta, Task::Classification { num_labels: 3 }),
+        3,
+        1e-5,
+    );
+}
+
+#[test]
+fn llama_causal_lm_end_to_end() {
+    check_model(&full(Arch::Llama, Task::CausalLm), 3, 1e-5);
+}
+
+#[test]
+fn lora_on_frozen_models_end_to_end() {
+    for (arch, task) in [
+        (Arch::Bert, Task::Classification { num_labels: 3 }),
+        (Arch::Roberta, Task::Regression),
+        (Arch::Llama, Task::CausalLm),
+    ] {
+        let mut m = tiny_model(arch, task, DType::F64, 5).unwrap();
+        let cfg = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: LoraTargets::All,
+        };
+        Lora::new(cfg, AdamConfig::default())
+            .prepare(&mut m, 5)
+            .unwrap();
+        // B starts at zero, which would leave A's gradient zero; give B values to test both.
+        for (name, var) in m.weights.trainable() {
+            if name.ends_with("lora_B.weight") {
+                var.set(&rand_tensor(var.dims(), 17)).unwrap();
+            }
+        }
+        check_model(&m, 2, 1e-5);
+        // Nothing frozen gets a gradient.
+        let batch = batch_for(&m, 3);
+        let logits = m.forward(&batch, &mut Ctx::eval()).unwrap();
+        let grads = m.loss(&logits, &batch).unwrap().backward().unwrap();
+        for (name, p) in &m.weights.params {
+            if !p.is_trainable() {
+                assert!(
+                    grads.get(p.tensor()).is_none(),
+                    "frozen {name} got a gradient"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_gradients() {
+    let x = Var::from_tensor(&(rand_tensor(&[40], 21) * 3.0).unwrap()).unwrap();
+    check(&x, &|| weighted_sum(&nn::gelu_erf(&x).unwrap(), 9), 1e-8);
+    check(&x, &|| weighted_sum(&nn::gelu_tanh(&x).unwrap(), 9), 1e-8);
+    check(&x, &|| weighted_sum(&x.silu().unwrap(), 9), 1e-6);
+    check(&x, &|| weighted_sum(&x.tanh().unwrap(), 9), 1e-6);
+}
