@@ -380,3 +380,42 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(Model, LoadReport)>
     let model = build_model(arch, raw, tensors, opts, &mut report)?;
     Ok((model, report))
 }
+
+/// Writes a copy of a checkpoint folder cut to its first `n` layers (quick tests on real
+/// weights). Tokenizer files are copied along.
+pub fn write_first_layers(dir: &Path, n: usize, out: &Path) -> Result<()> {
+    let (arch, mut raw) = read_config(dir)?;
+    let (tensors, _, _) = read_tensors(dir, arch)?;
+    let layer_of = |name: &str| -> Option<usize> {
+        let rest = name
+            .split(".layer.")
+            .nth(1)
+            .or_else(|| name.split(".layers.").nth(1))?;
+        rest.split('.').next()?.parse().ok()
+    };
+    let kept: BTreeMap<String, Tensor> = tensors
+        .into_iter()
+        .filter(|(k, _)| layer_of(k).is_none_or(|l| l < n))
+        .collect();
+    raw["num_hidden_layers"] = n.into();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let p = out.join("config.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(&raw).expect("json"))
+        .map_err(|e| Error::io(&p, e))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    crate::artifact::write_safetensors(&kept, Some(meta), &out.join("model.safetensors"))?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "chat_template.jinja",
+    ] {
+        let src = dir.join(f);
+        if src.exists() {
+            std::fs::copy(&src, out.join(f)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod pipeline;
 pub mod rng;
 pub mod testing;
 pub mod train;

@@ -84,3 +84,66 @@ pub fn tiny_model(arch: Arch, task: Task, dtype: DType, seed: u64) -> Result<Mod
     let mut report = LoadReport::default();
     build_model(arch, cfg, tensors, &opts, &mut report)
 }
+
+/// Words of the tiny test vocabulary (ids follow the five special tokens).
+pub const TINY_WORDS: &[&str] = &[
+    "good", "bad", "great", "awful", "fine", "movie", "film", "plot", "acting", "the", "a", "is",
+    "was", "not", "very", "really", "boring", "fun", "love", "hate", "hello", "how", "are", "you",
+    "i", "am", "well", "thanks", "what", "time", "it", "now", "yes", "no", "maybe", "story",
+    "ending", "music", "cast", "and", "but", "so", "too", "much", "little",
+];
+
+/// A WordLevel `tokenizer.json` over `[CLS] [PAD] [SEP] [UNK] <eos>` + [`TINY_WORDS`]
+/// (BERT-style `[CLS] … [SEP]` for encoders, nothing added for LLaMA).
+pub fn tiny_tokenizer_json(arch: Arch) -> serde_json::Value {
+    let specials = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "<eos>"];
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in specials.iter().chain(TINY_WORDS.iter()).enumerate() {
+        vocab.insert(t.to_string(), json!(i));
+    }
+    let added: Vec<_> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let post = match arch {
+        Arch::Llama => serde_json::Value::Null,
+        _ => json!({"type": "BertProcessing", "sep": ["[SEP]", 2], "cls": ["[CLS]", 0]}),
+    };
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": post, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    })
+}
+
+/// Writes a complete tiny model folder (config, random weights without a task head,
+/// tokenizer) so the whole pipeline can run in milliseconds.
+pub fn write_tiny_model_dir(dir: &std::path::Path, arch: Arch, seed: u64) -> Result<()> {
+    let mut cfg = tiny_config(arch);
+    cfg["vocab_size"] = json!(5 + TINY_WORDS.len());
+    cfg["pad_token_id"] = json!(1);
+    if arch == Arch::Llama {
+        cfg["eos_token_id"] = json!(4);
+    }
+    let task = match arch {
+        Arch::Llama => Task::CausalLm,
+        _ => Task::Classification { num_labels: 2 },
+    };
+    let mut tensors = random_tensors(arch, &cfg, &task, 0.3, seed)?;
+    tensors.retain(|k, _| !k.starts_with("classifier") && !k.contains("pooler"));
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    let w = |name: &str, v: &serde_json::Value| -> Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, serde_json::to_vec_pretty(v).expect("json"))
+            .map_err(|e| crate::Error::io(&p, e))
+    };
+    w("config.json", &cfg)?;
+    w("tokenizer.json", &tiny_tokenizer_json(arch))?;
+    w(
+        "tokenizer_config.json",
+        &json!({"eos_token": "<eos>", "pad_token": "[PAD]"}),
+    )?;
+    crate::artifact::write_safetensors(&tensors, None, &dir.join("model.safetensors"))
+}

@@ -1,0 +1,418 @@
+//! The whole pipeline on tiny models written to disk: checkpoint/resume equivalence, merge ==
+//! in-memory model, artifact round trip, prediction.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use sparsegrad_engine::artifact::{merge, Artifact};
+use sparsegrad_engine::checkpoint::{load_model, LoadOptions};
+use sparsegrad_engine::data::{collate, Example};
+use sparsegrad_engine::methods::{LoraConfig, LoraTargets, MethodSpec};
+use sparsegrad_engine::models::{Arch, Model, Task};
+use sparsegrad_engine::nn::Ctx;
+use sparsegrad_engine::optim::Schedule;
+use sparsegrad_engine::pipeline::{load_for_inference, run_job, JobSpec};
+use sparsegrad_engine::testing::{write_tiny_model_dir, TINY_WORDS};
+use sparsegrad_engine::train::{Event, PredictInput, Prediction, TrainConfig, TrainIo};
+
+fn sentence(rng: &mut impl Rng, n: usize) -> String {
+    (0..n)
+        .map(|_| TINY_WORDS[rng.random_range(0..TINY_WORDS.len())])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Classification rows whose label is whether "good" appears (learnable), or SFT rows.
+fn write_data(dir: &Path, arch: Arch, rows: usize, seed: u64) -> PathBuf {
+    let mut rng = sparsegrad_engine::rng::stream(seed, "data", 0);
+    let mut s = String::new();
+    for _ in 0..rows {
+        let n = rng.random_range(3..9);
+        let text = sentence(&mut rng, n);
+        let row = match arch {
+            Arch::Llama => serde_json::json!({"prompt": text, "completion": sentence(&mut rng, 4)}),
+            _ => {
+                let label = if text.contains("good") { "pos" } else { "neg" };
+                serde_json::json!({"text": text, "label": label})
+            }
+        };
+        s.push_str(&row.to_string());
+        s.push('\n');
+    }
+    let p = dir.join(format!("data-{seed}.jsonl"));
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn spec(model: &Path, data: &Path, method: MethodSpec, max_steps: usize) -> JobSpec {
+    JobSpec {
+        model_dir: model.to_path_buf(),
+        model_name: None,
+        train_file: data.to_path_buf(),
+        valid_file: None,
+        task: None,
+        method,
+        train: TrainConfig {
+            max_steps: Some(max_steps),
+            batch_size: 4,
+            grad_accum: 2,
+            lr: 1e-2,
+            schedule: Schedule::Cosine,
+            warmup_steps: 2,
+            weight_decay: 0.01,
+            seed: 7,
+            dropout: true,
+            ..TrainConfig::default()
+        },
+        max_seq_len: 16,
+        dtype: None,
+        limit_train: None,
+        limit_valid: None,
+    }
+}
+
+fn lora() -> MethodSpec {
+    MethodSpec::Lora(LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.1,
+        targets: LoraTargets::All,
+    })
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    a.sub(b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn resume_from_checkpoint_equals_uninterrupted_run() {
+    for (arch, method) in [
+        (Arch::Bert, MethodSpec::Full),
+        (Arch::Roberta, lora()),
+        (Arch::Llama, lora()),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mdir = tmp.path().join("model");
+        write_tiny_model_dir(&mdir, arch, 1).unwrap();
+        let data = write_data(tmp.path(), arch, 40, 2);
+        let mut s = spec(&mdir, &data, method, 12);
+        s.train.checkpoint_every = Some(5);
+
+        let cancel = AtomicBool::new(false);
+        let full = run_job(
+            &s,
+            &Device::Cpu,
+            TrainIo {
+                on_event: &mut |_| {},
+                cancel: &cancel,
+                checkpoint_dir: None,
+                resume_from: None,
+            },
+        )
+        .unwrap();
+
+        // Interrupted: cancel after step 7, which leaves the step-5 checkpoint.
+        let ck = tmp.path().join("ck");
+        let cancel2 = AtomicBool::new(false);
+        let mut on_event = |e: &Event| {
+            if let Event::Step(p) = e {
+                if p.step == 7 {
+                    cancel2.store(true, Ordering::SeqCst);
+                }
+            }
+        };
+        let r = run_job(
+            &s,
+            &Device::Cpu,
+            TrainIo {
+                on_event: &mut on_event,
+                cancel: &cancel2,
+                checkpoint_dir: Some(ck.clone()),
+                resume_from: None,
+            },
+        );
+        assert!(matches!(r, Err(sparsegrad_engine::Error::Cancelled)));
+        assert!(ck.join("step-5").exists());
+
+        let resumed = run_job(
+            &s,
+            &Device::Cpu,
+            TrainIo {
+                on_event: &mut |_| {},
+                cancel: &cancel,
+                checkpoint_dir: None,
+                resume_from: Some(ck.join("step-5")),
+            },
+        )
+        .unwrap();
+        let (a, b) = (&full.artifact.tensors, &resumed.artifact.tensors);
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (k, t) in a {
+            let d = max_abs_diff(t, &b[k]);
+            assert!(d <= 1e-6, "{arch:?}: {k} differs by {d} after resume");
+        }
+        // And training moved the weights at all.
+        let base = load_model(
+            &mdir,
+            &LoadOptions {
+                task: full.model.task.clone(),
+                dtype: DType::F32,
+                device: Device::Cpu,
+                seed: 7,
+            },
+        )
+        .unwrap()
+        .0;
+        let moved = a
+            .iter()
+            .filter(|(k, _)| k.contains("lora_B") || k.ends_with("intermediate.dense.weight"))
+            .any(|(k, t)| {
+                base.weights
+                    .get_opt(k)
+                    .map(|b| max_abs_diff(t, b) > 1e-4)
+                    .unwrap_or(max_abs_diff(t, &t.zeros_like().unwrap()) > 1e-4)
+            });
+        assert!(moved, "{arch:?}: nothing was trained");
+    }
+}
+
+fn probe_batch(model: &Model) -> sparsegrad_engine::models::Batch {
+    let mut rng = sparsegrad_engine::rng::stream(3, "probe", 0);
+    let ex: Vec<Example> = [6usize, 9, 4]
+        .iter()
+        .map(|&n| Example {
+            ids: std::iter::once(0)
+                .chain((1..n).map(|_| rng.random_range(5..50)))
+                .collect(),
+            type_ids: vec![0; n],
+            target: sparsegrad_engine::data::Target::Class(0),
+            line: 0,
+        })
+        .collect();
+    let refs: Vec<&Example> = ex.iter().collect();
+    collate(&refs, 1, model.dtype(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn merged_model_equals_in_memory_fine_tuned_model() {
+    for (arch, method) in [
+        (Arch::Bert, lora()),
+        (Arch::Bert, MethodSpec::Full),
+        (Arch::Roberta, lora()),
+        (Arch::Llama, lora()),
+        (Arch::Llama, MethodSpec::Full),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mdir = tmp.path().join("model");
+        write_tiny_model_dir(&mdir, arch, 1).unwrap();
+        let data = write_data(tmp.path(), arch, 24, 2);
+        let cancel = AtomicBool::new(false);
+        let out = run_job(
+            &spec(&mdir, &data, method, 6),
+            &Device::Cpu,
+            TrainIo {
+                on_event: &mut |_| {},
+                cancel: &cancel,
+                checkpoint_dir: None,
+                resume_from: None,
+            },
+        )
+        .unwrap();
+        let batch = probe_batch(&out.model);
+        let trained = out.model.forward(&batch, &mut Ctx::eval()).unwrap();
+
+        // Artifact round trip: what is loaded is what was saved.
+        let adir = tmp.path().join("artifact");
+        out.artifact.save(&adir).unwrap();
+        let loaded = Artifact::load(&adir).unwrap();
+        assert_eq!(loaded.descriptor, out.artifact.descriptor);
+        for (k, t) in &out.artifact.tensors {
+            assert_eq!(
+                max_abs_diff(t, &loaded.tensors[k]),
+                0.0,
+                "{k} changed in the round trip"
+            );
+        }
+
+        // base + delta in memory
+        let (applied, _, _) =
+            load_for_inference(&mdir, Some(&loaded), None, DType::F32, &Device::Cpu).unwrap();
+        let d_apply = max_abs_diff(
+            &trained,
+            &applied.forward(&batch, &mut Ctx::eval()).unwrap(),
+        );
+        assert!(
+            d_apply <= 1e-5,
+            "{arch:?}: applied artifact differs by {d_apply}"
+        );
+
+        // merged folder loads as an ordinary checkpoint
+        let merged = tmp.path().join("merged");
+        merge(&mdir, &loaded, &merged, 0).unwrap();
+        let opts = LoadOptions {
+            task: out.model.task.clone(),
+            dtype: DType::F32,
+            device: Device::Cpu,
+            seed: 99,
+        };
+        let (m2, report) = load_model(&merged, &opts).unwrap();
+        assert!(
+            report.initialised.is_empty(),
+            "merged model lacks {:?}",
+            report.initialised
+        );
+        let d_merge = max_abs_diff(&trained, &m2.forward(&batch, &mut Ctx::eval()).unwrap());
+        assert!(
+            d_merge <= 1e-5,
+            "{arch:?}: merged model differs by {d_merge}"
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(merged.join("config.json")).unwrap()).unwrap();
+        if arch != Arch::Llama {
+            assert_eq!(cfg["id2label"]["0"], "neg");
+        }
+    }
+}
+
+#[test]
+fn merge_refuses_a_different_base_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m1, m2) = (tmp.path().join("m1"), tmp.path().join("m2"));
+    write_tiny_model_dir(&m1, Arch::Bert, 1).unwrap();
+    write_tiny_model_dir(&m2, Arch::Bert, 2).unwrap();
+    let data = write_data(tmp.path(), Arch::Bert, 24, 2);
+    let cancel = AtomicBool::new(false);
+    let out = run_job(
+        &spec(&m1, &data, lora(), 1),
+        &Device::Cpu,
+        TrainIo {
+            on_event: &mut |_| {},
+            cancel: &cancel,
+            checkpoint_dir: None,
+            resume_from: None,
+        },
+    )
+    .unwrap();
+    let err = merge(&m2, &out.artifact, &tmp.path().join("x"), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("base model mismatch"), "{err}");
+}
+
+#[test]
+fn training_learns_a_simple_rule_and_predicts_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("model");
+    write_tiny_model_dir(&mdir, Arch::Bert, 1).unwrap();
+    let data = write_data(tmp.path(), Arch::Bert, 200, 2);
+    let valid = write_data(tmp.path(), Arch::Bert, 100, 3);
+    let mut s = spec(&mdir, &data, MethodSpec::Full, 150);
+    s.valid_file = Some(valid);
+    s.train.lr = 3e-3;
+    s.train.dropout = false;
+    let cancel = AtomicBool::new(false);
+    let mut steps = 0;
+    let out = run_job(
+        &s,
+        &Device::Cpu,
+        TrainIo {
+            on_event: &mut |e| {
+                if matches!(e, Event::Step(_)) {
+                    steps += 1
+                }
+            },
+            cancel: &cancel,
+            checkpoint_dir: None,
+            resume_from: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(steps, 150);
+    let eval = out.summary.eval.clone().unwrap();
+    assert!(eval.accuracy.unwrap() > 0.9, "{eval:?}");
+    let first: f64 = out.summary.losses[..10].iter().map(|l| l.1).sum::<f64>() / 10.0;
+    let last: f64 = out.summary.losses[140..].iter().map(|l| l.1).sum::<f64>() / 10.0;
+    assert!(last < first * 0.5, "loss {first} → {last}");
+    let tok = sparsegrad_engine::data::TextTokenizer::from_dir(&mdir).unwrap();
+    let preds = sparsegrad_engine::train::predict(
+        &out.model,
+        &tok,
+        out.artifact.descriptor.labels.as_ref(),
+        &[
+            PredictInput::Text {
+                text: "a good movie".into(),
+            },
+            PredictInput::Text {
+                text: "a boring plot".into(),
+            },
+        ],
+        16,
+        0,
+    )
+    .unwrap();
+    match (&preds[0], &preds[1]) {
+        (
+            Prediction::Class {
+                label: a,
+                probabilities,
+                ..
+            },
+            Prediction::Class { label: b, .. },
+        ) => {
+            assert_eq!((a.as_str(), b.as_str()), ("pos", "neg"));
+            assert!((probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn causal_lm_generates_and_bf16_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("model");
+    write_tiny_model_dir(&mdir, Arch::Llama, 1).unwrap();
+    let data = write_data(tmp.path(), Arch::Llama, 16, 2);
+    let mut s = spec(&mdir, &data, MethodSpec::Full, 3);
+    s.dtype = Some("bf16".into());
+    let cancel = AtomicBool::new(false);
+    let out = run_job(
+        &s,
+        &Device::Cpu,
+        TrainIo {
+            on_event: &mut |_| {},
+            cancel: &cancel,
+            checkpoint_dir: None,
+            resume_from: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(out.model.dtype(), DType::BF16);
+    assert!(out.summary.final_loss.is_finite());
+    let tok = sparsegrad_engine::data::TextTokenizer::from_dir(&mdir).unwrap();
+    let p = sparsegrad_engine::train::predict(
+        &out.model,
+        &tok,
+        None,
+        &[PredictInput::Prompt {
+            prompt: "hello how are".into(),
+        }],
+        32,
+        5,
+    )
+    .unwrap();
+    assert!(matches!(&p[0], Prediction::Text { .. }));
+    assert_eq!(out.model.task, Task::CausalLm);
+}
