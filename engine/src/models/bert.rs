@@ -162,6 +162,21 @@ pub fn encoder(
     Ok(h)
 }
 
+/// Last hidden states `(B, T, H)`.
+pub fn hidden_states(
+    cfg: &EncoderConfig,
+    w: &Weights,
+    batch: &Batch,
+    ctx: &mut Ctx,
+) -> Result<Tensor> {
+    let (b, t) = batch.input_ids.dims2()?;
+    let pos: Vec<u32> = (0..t as u32).collect();
+    let pos = Tensor::from_vec(pos, (1, t), batch.input_ids.device())?
+        .broadcast_as((b, t))?
+        .contiguous()?;
+    encoder(cfg, w, "bert", batch, &pos, ctx)
+}
+
 /// Classification logits `(B, C)`, or `(B,)` for regression.
 pub fn forward(
     cfg: &EncoderConfig,

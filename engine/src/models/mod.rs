@@ -147,6 +147,17 @@ impl Model {
         }
     }
 
+    /// The encoder's last hidden states `(B, T, H)` (BERT / RoBERTa).
+    pub fn hidden_states(&self, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
+        match (&self.config, self.arch) {
+            (Config::Encoder(c), Arch::Bert) => bert::hidden_states(c, &self.weights, batch, ctx),
+            (Config::Encoder(c), Arch::Roberta) => {
+                roberta::hidden_states(c, &self.weights, batch, ctx)
+            }
+            _ => Err(Error::Model("hidden_states is for encoder models".into())),
+        }
+    }
+
     pub fn loss(&self, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
         match &batch.labels {
             Labels::Class(y) => {

@@ -27,6 +27,17 @@ pub fn position_ids(input_ids: &Tensor, padding_idx: u32) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, (b, t), input_ids.device())?.to_dtype(DType::U32)?)
 }
 
+/// Last hidden states `(B, T, H)`.
+pub fn hidden_states(
+    cfg: &EncoderConfig,
+    w: &Weights,
+    batch: &Batch,
+    ctx: &mut Ctx,
+) -> Result<Tensor> {
+    let pos = position_ids(&batch.input_ids, cfg.pad_token_id)?;
+    encoder(cfg, w, "roberta", batch, &pos, ctx)
+}
+
 pub fn forward(
     cfg: &EncoderConfig,
     w: &Weights,
@@ -34,8 +45,7 @@ pub fn forward(
     batch: &Batch,
     ctx: &mut Ctx,
 ) -> Result<Tensor> {
-    let pos = position_ids(&batch.input_ids, cfg.pad_token_id)?;
-    let h = encoder(cfg, w, "roberta", batch, &pos, ctx)?;
+    let h = hidden_states(cfg, w, batch, ctx)?;
     let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
     let x = ctx.dropout(&cls, cfg.head_dropout())?;
     let x = w.linear("classifier.dense", &x, ctx)?.tanh()?;
