@@ -107,15 +107,22 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = collate(&refs, 0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
     let mut times = Vec::new();
+    let mut phases = [0f64; 3];
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
         let logits = model.forward(&batch, &mut Ctx::eval())?;
         let loss = model.loss(&logits, &batch)?;
+        loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
         let grads = loss.backward()?;
         method.accumulate(&model, grads)?;
+        let t2 = Instant::now();
         method.step(&mut model, 1e-5, Some(1.0))?;
         if step >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
+            phases[0] += (t1 - t0).as_secs_f64();
+            phases[1] += (t2 - t1).as_secs_f64();
+            phases[2] += t2.elapsed().as_secs_f64();
         }
     }
     times.sort_by(f64::total_cmp);
@@ -132,6 +139,9 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         "step_ms_median": median * 1e3,
         "tokens_per_sec": (a.batch_size * a.seq_len) as f64 / median,
         "peak_rss_mb": sparsegrad_engine::train::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        "forward_ms": phases[0] * 1e3 / a.steps as f64,
+        "backward_ms": phases[1] * 1e3 / a.steps as f64,
+        "optimizer_ms": phases[2] * 1e3 / a.steps as f64,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });
     println!("{out}");
