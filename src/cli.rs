@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Fine-tune a model on a dataset and write the artifact and metrics.json.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a base model (optionally with an artifact applied) on a dataset.
     Eval(EvalArgs),
     /// Predict for a few inputs with a base model plus an artifact.
@@ -238,7 +238,7 @@ pub fn main() -> ExitCode {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::Predict(a) => predict(a),
         Command::Merge(a) => {

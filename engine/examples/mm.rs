@@ -10,9 +10,15 @@ fn main() {
         for (name, b) in [("W.t() view", &wt), ("contiguous", &wtc)] {
             let _ = a.matmul(b).unwrap();
             let t = Instant::now();
-            for _ in 0..20 { let _ = a.matmul(b).unwrap(); }
+            for _ in 0..20 {
+                let _ = a.matmul(b).unwrap();
+            }
             let s = t.elapsed().as_secs_f64() / 20.0;
-            println!("{m}x{k}x{n} {name}: {:.2} ms, {:.1} GFLOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
+            println!(
+                "{m}x{k}x{n} {name}: {:.2} ms, {:.1} GFLOP/s",
+                s * 1e3,
+                2.0 * (m * k * n) as f64 / s / 1e9
+            );
         }
     }
 }

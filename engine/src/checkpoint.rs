@@ -346,11 +346,11 @@ pub fn build_model(
     })
 }
 
+/// Canonical tensors, the names of ignored tensors, and the weight files read.
+pub type CheckpointTensors = (BTreeMap<String, Tensor>, Vec<String>, Vec<PathBuf>);
+
 /// Reads every tensor of a checkpoint folder under its canonical name.
-pub fn read_tensors(
-    dir: &Path,
-    arch: Arch,
-) -> Result<(BTreeMap<String, Tensor>, Vec<String>, Vec<PathBuf>)> {
+pub fn read_tensors(dir: &Path, arch: Arch) -> Result<CheckpointTensors> {
     let files = weight_files(dir)?;
     let mut out = BTreeMap::new();
     let mut ignored = Vec::new();

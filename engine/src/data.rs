@@ -64,7 +64,17 @@ fn get_str(
     line: usize,
     field: &str,
 ) -> Result<Option<String>> {
-    match obj.get(field) {
+    get_str_named(obj, field, line, field)
+}
+
+/// Reads `key`, reporting problems under the (possibly qualified) name `field`.
+fn get_str_named(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    line: usize,
+    field: &str,
+) -> Result<Option<String>> {
+    match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(Error::data(
@@ -157,7 +167,7 @@ pub fn parse_json_record(obj: &serde_json::Map<String, Value>, line: usize) -> R
                     "expected an object with `role` and `content`",
                 )
             })?;
-            let role = get_str(mo, line, &format!("{field}.role"))?
+            let role = get_str_named(mo, "role", line, &format!("{field}.role"))?
                 .ok_or_else(|| Error::data(line, Some(&format!("{field}.role")), "missing"))?;
             if !matches!(role.as_str(), "system" | "user" | "assistant") {
                 return Err(Error::data(
