@@ -5,7 +5,8 @@ use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{Batch, Task};
-use crate::nn::{softmax_last_dim, Ctx, Weights};
+use crate::nn::fused::{scaled_masked_softmax, MaskRows};
+use crate::nn::{Ctx, Weights};
 use crate::{Error, Result};
 
 fn default_eps() -> f64 {
@@ -88,15 +89,14 @@ pub fn apply_activation(a: Activation, x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// `(B, T)` 0/1 mask → additive `(B, 1, 1, T)` bias: 0 for keys to attend, a large negative
-/// number for padding.
+/// `(B, T)` 0/1 mask → additive `(B, T)` bias: 0 for keys to attend, a large negative number
+/// for padding.
 pub fn additive_key_mask(mask: &Tensor) -> Result<Tensor> {
-    let (b, t) = mask.dims2()?;
     let neg = match mask.dtype() {
         DType::F16 => -6e4,
         _ => -1e9,
     };
-    Ok(((mask.ones_like()? - mask)? * neg)?.reshape((b, 1, 1, t))?)
+    Ok(((mask.ones_like()? - mask)? * neg)?)
 }
 
 /// The shared encoder: returns the last hidden states `(B, T, H)`.
@@ -138,8 +138,7 @@ pub fn encoder(
         let q = split(w.linear(&format!("{l}.attention.self.query"), &h, ctx)?)?;
         let k = split(w.linear(&format!("{l}.attention.self.key"), &h, ctx)?)?;
         let v = split(w.linear(&format!("{l}.attention.self.value"), &h, ctx)?)?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-        let probs = softmax_last_dim(&scores)?;
+        let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerBatch)?;
         let probs = ctx.dropout(&probs, cfg.attention_probs_dropout_prob)?;
         let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))?;
         let a = w.linear(&format!("{l}.attention.output.dense"), &a, ctx)?;

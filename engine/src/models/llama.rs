@@ -6,7 +6,8 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::Batch;
-use crate::nn::{rope, rope_tables, softmax_last_dim, Ctx, Param, Weights};
+use crate::nn::fused::{scaled_masked_softmax, MaskRows};
+use crate::nn::{rope, rope_tables, Ctx, Param, Weights};
 use crate::{Error, Result};
 
 fn default_eps() -> f64 {
@@ -122,8 +123,7 @@ pub fn forward(cfg: &LlamaConfig, w: &Weights, batch: &Batch, ctx: &mut Ctx) -> 
         let k = rope(&k, &cos, &sin)?;
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-        let probs = softmax_last_dim(&scores)?;
+        let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
         let a = probs
             .matmul(&v)?
             .transpose(1, 2)?

@@ -3,6 +3,7 @@
 //! from primitive ops whose backward candle implements, and checked against finite differences.
 //! Frozen weights never get a weight gradient: see [`linear::frozen_linear`].
 
+pub mod fused;
 pub mod linear;
 pub mod ops;
 pub mod weights;

@@ -5,6 +5,14 @@ use crate::Result;
 
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::fused::applies(x) && x.dtype() == w.dtype() {
+        return Ok(super::fused::layer_norm(x, w, b, eps)?);
+    }
+    layer_norm_composed(x, w, b, eps)
+}
+
+/// The composed reference (any device or dtype).
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -21,6 +29,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Softmax over the last dimension. The max is detached: subtracting any constant leaves
 /// softmax unchanged, so its gradient through the max is exactly zero.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if super::fused::applies(x) {
+        return Ok(super::fused::softmax_last_dim(x)?);
+    }
+    softmax_composed(x)
+}
+
+/// The composed reference (any device or dtype).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
@@ -77,6 +93,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Exact GELU, `x·Φ(x)`. candle's fused `gelu_erf` backward uses a 6-digit constant
 /// (relative gradient error ~1e-6), so this is composed from ops with exact derivatives.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if super::fused::applies(x) {
+        return Ok(super::fused::gelu_erf(x)?);
+    }
+    gelu_erf_composed(x)
+}
+
+/// The composed reference (any device or dtype).
+pub fn gelu_erf_composed(x: &Tensor) -> Result<Tensor> {
     let phi = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
     Ok(x.mul(&phi?)?)
 }

@@ -152,7 +152,7 @@ impl Weights {
             y = (y + (delta * *scale)?)?;
         }
         if let Some(b) = self.get_opt(&format!("{prefix}.bias")) {
-            y = y.broadcast_add(b)?;
+            y = super::fused::bias_add(&y, b)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
