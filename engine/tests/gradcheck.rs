@@ -309,26 +309,64 @@ fn activation_gradients() {
 /// used on other devices, forward and backward, in f32.
 #[test]
 fn fused_kernels_match_composed_reference() {
-    let x = Var::from_tensor(&(rand_tensor(&[3, 7, 24], 31) * 4.0).unwrap().to_dtype(DType::F32).unwrap()).unwrap();
+    let x = Var::from_tensor(
+        &(rand_tensor(&[3, 7, 24], 31) * 4.0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap(),
+    )
+    .unwrap();
     let w = Var::from_tensor(&rand_tensor(&[24], 32).to_dtype(DType::F32).unwrap()).unwrap();
     let b = Var::from_tensor(&rand_tensor(&[24], 33).to_dtype(DType::F32).unwrap()).unwrap();
     let wt = rand_tensor(&[3, 7, 24], 34).to_dtype(DType::F32).unwrap();
     type Op<'a> = Box<dyn Fn() -> Tensor + 'a>;
     let pairs: Vec<(&str, Op, Op)> = vec![
-        ("layer_norm", Box::new(|| nn::layer_norm(&x, &w, &b, 1e-5).unwrap()), Box::new(|| nn::layer_norm_composed(&x, &w, &b, 1e-5).unwrap())),
-        ("softmax", Box::new(|| nn::softmax_last_dim(&x).unwrap()), Box::new(|| nn::softmax_composed(&x).unwrap())),
-        ("gelu", Box::new(|| nn::gelu_erf(&x).unwrap()), Box::new(|| nn::gelu_erf_composed(&x).unwrap())),
+        (
+            "layer_norm",
+            Box::new(|| nn::layer_norm(&x, &w, &b, 1e-5).unwrap()),
+            Box::new(|| nn::layer_norm_composed(&x, &w, &b, 1e-5).unwrap()),
+        ),
+        (
+            "softmax",
+            Box::new(|| nn::softmax_last_dim(&x).unwrap()),
+            Box::new(|| nn::softmax_composed(&x).unwrap()),
+        ),
+        (
+            "gelu",
+            Box::new(|| nn::gelu_erf(&x).unwrap()),
+            Box::new(|| nn::gelu_erf_composed(&x).unwrap()),
+        ),
     ];
     for (name, fused, composed) in pairs {
         let (yf, yc) = (fused(), composed());
-        let d: f32 = yf.sub(&yc).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let d: f32 = yf
+            .sub(&yc)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(d < 1e-5, "{name} forward differs by {d}");
         let gf = yf.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
         let gc = yc.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
         for (vn, v) in [("x", &x), ("w", &w), ("b", &b)] {
             match (gf.get(v.as_tensor()), gc.get(v.as_tensor())) {
                 (Some(a), Some(c)) => {
-                    let d: f32 = a.sub(c).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+                    let d: f32 = a
+                        .sub(c)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
                     assert!(d < 1e-4, "{name}: gradient of {vn} differs by {d}");
                 }
                 (None, None) => {}

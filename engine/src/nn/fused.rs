@@ -4,7 +4,9 @@
 //! zero-initialised gradient slots) of the composed versions in `ops.rs`, which remain the
 //! reference, the path for other devices and dtypes, and what these are tested against.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 /// f32 uses branch-free `exp`/`erf` that the compiler vectorises (libm's are scalar calls,
@@ -47,7 +49,10 @@ pub fn exp_f32(x: f32) -> f32 {
     let t = x * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let e = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     p * f32::from_bits(((e + 127) << 23) as u32)
 }
@@ -120,19 +125,29 @@ struct LayerNorm {
     eps: f64,
 }
 
-fn ln_fwd<T: Real>(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, b: &CpuStorage, lb: &Layout, eps: f64) -> candle_core::Result<CpuStorage> {
+fn ln_fwd<T: Real>(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    eps: f64,
+) -> candle_core::Result<CpuStorage> {
     let (x, w, b) = (slice::<T>(x, lx)?, slice::<T>(w, lw)?, slice::<T>(b, lb)?);
     let h = last_dim(lx);
     let mut out = vec![T::zero(); x.len()];
     let c = h * rows_per_task(h);
-    out.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(oc, xc)| {
-        for (o, r) in oc.chunks_mut(h).zip(xc.chunks(h)) {
-            let (mean, rstd) = row_stats(r, eps);
-            for i in 0..h {
-                o[i] = (r[i] - mean) * rstd * w[i] + b[i];
+    out.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .for_each(|(oc, xc)| {
+            for (o, r) in oc.chunks_mut(h).zip(xc.chunks(h)) {
+                let (mean, rstd) = row_stats(r, eps);
+                for i in 0..h {
+                    o[i] = (r[i] - mean) * rstd * w[i] + b[i];
+                }
             }
-        }
-    });
+        });
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -140,13 +155,32 @@ impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "fused-layer-norm"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, b: &CpuStorage, lb: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = dispatch1!(x, ln_fwd, x, lx, w, lw, b, lb, self.eps)?;
         Ok((s, lx.shape().clone()))
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let gx = if x.track_op() { Some(x.apply_op3_no_bwd(w, &g, &LayerNormBwdX { eps: self.eps })?) } else { None };
+        let gx = if x.track_op() {
+            Some(x.apply_op3_no_bwd(w, &g, &LayerNormBwdX { eps: self.eps })?)
+        } else {
+            None
+        };
         let (gw, gb) = if w.track_op() || b.track_op() {
             let both = x.apply_op2_no_bwd(&g, &LayerNormBwdWB { eps: self.eps })?;
             (Some(both.get(0)?), Some(both.get(1)?))
@@ -168,23 +202,33 @@ fn row_stats<T: Real>(r: &[T], eps: f64) -> (T, T) {
     (mean, T::one() / (var + T::lit(eps)).sqrt())
 }
 
-fn ln_bwd_x<T: Real>(x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, g: &CpuStorage, lg: &Layout, eps: f64) -> candle_core::Result<CpuStorage> {
+fn ln_bwd_x<T: Real>(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+    eps: f64,
+) -> candle_core::Result<CpuStorage> {
     let (x, w, g) = (slice::<T>(x, lx)?, slice::<T>(w, lw)?, slice::<T>(g, lg)?);
     let h = last_dim(lx);
     let n = T::lit(h as f64);
     let mut out = vec![T::zero(); x.len()];
     let c = h * rows_per_task(h);
-    out.par_chunks_mut(c).zip(x.par_chunks(c).zip(g.par_chunks(c))).for_each(|(oc, (xc, gc))| {
-        for (o, (r, gr)) in oc.chunks_mut(h).zip(xc.chunks(h).zip(gc.chunks(h))) {
-            let (mean, rstd) = row_stats(r, eps);
-            let m1 = sum((0..h).map(|i| gr[i] * w[i])) / n;
-            let m2 = sum((0..h).map(|i| gr[i] * w[i] * (r[i] - mean) * rstd)) / n;
-            for i in 0..h {
-                let xh = (r[i] - mean) * rstd;
-                o[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
+    out.par_chunks_mut(c)
+        .zip(x.par_chunks(c).zip(g.par_chunks(c)))
+        .for_each(|(oc, (xc, gc))| {
+            for (o, (r, gr)) in oc.chunks_mut(h).zip(xc.chunks(h).zip(gc.chunks(h))) {
+                let (mean, rstd) = row_stats(r, eps);
+                let m1 = sum((0..h).map(|i| gr[i] * w[i])) / n;
+                let m2 = sum((0..h).map(|i| gr[i] * w[i] * (r[i] - mean) * rstd)) / n;
+                for i in 0..h {
+                    let xh = (r[i] - mean) * rstd;
+                    o[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
+                }
             }
-        }
-    });
+        });
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -192,7 +236,15 @@ impl CustomOp3 for LayerNormBwdX {
     fn name(&self) -> &'static str {
         "fused-layer-norm-bwd-x"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, g: &CpuStorage, lg: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = dispatch1!(x, ln_bwd_x, x, lx, w, lw, g, lg, self.eps)?;
         Ok((s, lx.shape().clone()))
     }
@@ -202,11 +254,19 @@ struct LayerNormBwdWB {
     eps: f64,
 }
 
-fn ln_bwd_wb<T: Real>(x: &CpuStorage, lx: &Layout, g: &CpuStorage, lg: &Layout, eps: f64) -> candle_core::Result<CpuStorage> {
+fn ln_bwd_wb<T: Real>(
+    x: &CpuStorage,
+    lx: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+    eps: f64,
+) -> candle_core::Result<CpuStorage> {
     let (x, g) = (slice::<T>(x, lx)?, slice::<T>(g, lg)?);
     let h = last_dim(lx);
     let rows = x.len() / h;
-    let chunk = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let chunk = rows
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1);
     let sums = x
         .par_chunks(h * chunk)
         .zip(g.par_chunks(h * chunk))
@@ -221,7 +281,10 @@ fn ln_bwd_wb<T: Real>(x: &CpuStorage, lx: &Layout, g: &CpuStorage, lg: &Layout, 
             }
             acc
         })
-        .reduce(|| vec![T::zero(); 2 * h], |a, b| a.iter().zip(&b).map(|(x, y)| *x + *y).collect());
+        .reduce(
+            || vec![T::zero(); 2 * h],
+            |a, b| a.iter().zip(&b).map(|(x, y)| *x + *y).collect(),
+        );
     Ok(T::to_cpu_storage_owned(sums))
 }
 
@@ -229,14 +292,21 @@ impl CustomOp2 for LayerNormBwdWB {
     fn name(&self) -> &'static str {
         "fused-layer-norm-bwd-wb"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, g: &CpuStorage, lg: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = dispatch1!(x, ln_bwd_wb, x, lx, g, lg, self.eps)?;
         Ok((s, Shape::from((2, last_dim(lx)))))
     }
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
 }
 
 // ---------------------------------------------------------------- softmax
@@ -248,16 +318,20 @@ fn softmax_fwd<T: Real>(x: &CpuStorage, l: &Layout) -> candle_core::Result<CpuSt
     let h = last_dim(l);
     let mut out = vec![T::zero(); x.len()];
     let c = h * rows_per_task(h);
-    out.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(oc, xc)| {
-        for (o, r) in oc.chunks_mut(h).zip(xc.chunks(h)) {
-            let max = r.iter().fold(T::neg_infinity(), |a, &v| num_traits::Float::max(a, v));
-            for i in 0..h {
-                o[i] = (r[i] - max).exp_();
+    out.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .for_each(|(oc, xc)| {
+            for (o, r) in oc.chunks_mut(h).zip(xc.chunks(h)) {
+                let max = r
+                    .iter()
+                    .fold(T::neg_infinity(), |a, &v| num_traits::Float::max(a, v));
+                for i in 0..h {
+                    o[i] = (r[i] - max).exp_();
+                }
+                let inv = T::one() / sum(o.iter().copied());
+                o.iter_mut().for_each(|v| *v = *v * inv);
             }
-            let inv = T::one() / sum(o.iter().copied());
-            o.iter_mut().for_each(|v| *v = *v * inv);
-        }
-    });
+        });
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -275,19 +349,26 @@ impl CustomOp1 for Softmax {
 
 struct SoftmaxBwd;
 
-fn softmax_bwd<T: Real>(y: &CpuStorage, ly: &Layout, g: &CpuStorage, lg: &Layout) -> candle_core::Result<CpuStorage> {
+fn softmax_bwd<T: Real>(
+    y: &CpuStorage,
+    ly: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+) -> candle_core::Result<CpuStorage> {
     let (y, g) = (slice::<T>(y, ly)?, slice::<T>(g, lg)?);
     let h = last_dim(ly);
     let mut out = vec![T::zero(); y.len()];
     let c = h * rows_per_task(h);
-    out.par_chunks_mut(c).zip(y.par_chunks(c).zip(g.par_chunks(c))).for_each(|(oc, (yc, gc))| {
-        for (o, (yr, gr)) in oc.chunks_mut(h).zip(yc.chunks(h).zip(gc.chunks(h))) {
-            let dot = sum(yr.iter().zip(gr).map(|(&y, &g)| y * g));
-            for i in 0..h {
-                o[i] = yr[i] * (gr[i] - dot);
+    out.par_chunks_mut(c)
+        .zip(y.par_chunks(c).zip(g.par_chunks(c)))
+        .for_each(|(oc, (yc, gc))| {
+            for (o, (yr, gr)) in oc.chunks_mut(h).zip(yc.chunks(h).zip(gc.chunks(h))) {
+                let dot = sum(yr.iter().zip(gr).map(|(&y, &g)| y * g));
+                for i in 0..h {
+                    o[i] = yr[i] * (gr[i] - dot);
+                }
             }
-        }
-    });
+        });
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -295,8 +376,17 @@ impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
         "fused-softmax-bwd"
     }
-    fn cpu_fwd(&self, y: &CpuStorage, ly: &Layout, g: &CpuStorage, lg: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((dispatch1!(y, softmax_bwd, y, ly, g, lg)?, ly.shape().clone()))
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        ly: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((
+            dispatch1!(y, softmax_bwd, y, ly, g, lg)?,
+            ly.shape().clone(),
+        ))
     }
 }
 
@@ -312,11 +402,13 @@ fn gelu_fwd<T: Real>(x: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStora
     let x = slice::<T>(x, l)?;
     let mut out = vec![T::zero(); x.len()];
     let (half, r2) = (T::lit(0.5), T::lit(std::f64::consts::FRAC_1_SQRT_2));
-    out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, r)| {
-        for (o, &v) in o.iter_mut().zip(r) {
-            *o = half * v * (T::one() + (v * r2).erf_());
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(o, r)| {
+            for (o, &v) in o.iter_mut().zip(r) {
+                *o = half * v * (T::one() + (v * r2).erf_());
+            }
+        });
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -334,19 +426,26 @@ impl CustomOp1 for Gelu {
 
 struct GeluBwd;
 
-fn gelu_bwd<T: Real>(x: &CpuStorage, lx: &Layout, g: &CpuStorage, lg: &Layout) -> candle_core::Result<CpuStorage> {
+fn gelu_bwd<T: Real>(
+    x: &CpuStorage,
+    lx: &Layout,
+    g: &CpuStorage,
+    lg: &Layout,
+) -> candle_core::Result<CpuStorage> {
     let (x, g) = (slice::<T>(x, lx)?, slice::<T>(g, lg)?);
     let mut out = vec![T::zero(); x.len()];
     let (half, r2) = (T::lit(0.5), T::lit(std::f64::consts::FRAC_1_SQRT_2));
     let inv_sqrt_2pi = T::lit(1.0 / (2.0 * std::f64::consts::PI).sqrt());
-    out.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(g.par_chunks(4096))).for_each(|(o, (xr, gr))| {
-        for i in 0..o.len() {
-            let v = xr[i];
-            let cdf = half * (T::one() + (v * r2).erf_());
-            let pdf = inv_sqrt_2pi * (-half * v * v).exp_();
-            o[i] = gr[i] * (cdf + v * pdf);
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
+        .for_each(|(o, (xr, gr))| {
+            for i in 0..o.len() {
+                let v = xr[i];
+                let cdf = half * (T::one() + (v * r2).erf_());
+                let pdf = inv_sqrt_2pi * (-half * v * v).exp_();
+                o[i] = gr[i] * (cdf + v * pdf);
+            }
+        });
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -354,7 +453,13 @@ impl CustomOp2 for GeluBwd {
     fn name(&self) -> &'static str {
         "fused-gelu-erf-bwd"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, g: &CpuStorage, lg: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         Ok((dispatch1!(x, gelu_bwd, x, lx, g, lg)?, lx.shape().clone()))
     }
 }
@@ -370,31 +475,70 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 /// passed through and the bias gradient is one column sum, only when the bias trains.
 struct BiasAdd;
 
-fn bias_add_fwd<T: Real>(y: &CpuStorage, ly: &Layout, b: &CpuStorage, lb: &Layout) -> candle_core::Result<CpuStorage> {
+fn bias_add_fwd<T: Real>(
+    y: &CpuStorage,
+    ly: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+) -> candle_core::Result<CpuStorage> {
     let (y, b) = (slice::<T>(y, ly)?, slice::<T>(b, lb)?);
     let h = b.len();
     let mut out = vec![T::zero(); y.len()];
     let c = h * rows_per_task(h);
-    out.par_chunks_mut(c).zip(y.par_chunks(c)).for_each(|(oc, yc)| {
-        for (o, r) in oc.chunks_mut(h).zip(yc.chunks(h)) {
-            for i in 0..h {
-                o[i] = r[i] + b[i];
+    out.par_chunks_mut(c)
+        .zip(y.par_chunks(c))
+        .for_each(|(oc, yc)| {
+            for (o, r) in oc.chunks_mut(h).zip(yc.chunks(h)) {
+                for i in 0..h {
+                    o[i] = r[i] + b[i];
+                }
             }
-        }
-    });
+        });
     Ok(T::to_cpu_storage_owned(out))
+}
+
+/// The bias-add kernel for callers holding CPU storages (the frozen-linear tap).
+pub fn bias_add_cpu(
+    y: &CpuStorage,
+    ly: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    Ok((
+        dispatch1!(y, bias_add_fwd, y, ly, b, lb)?,
+        ly.shape().clone(),
+    ))
 }
 
 impl CustomOp2 for BiasAdd {
     fn name(&self) -> &'static str {
         "fused-bias-add"
     }
-    fn cpu_fwd(&self, y: &CpuStorage, ly: &Layout, b: &CpuStorage, lb: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((dispatch1!(y, bias_add_fwd, y, ly, b, lb)?, ly.shape().clone()))
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        ly: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((
+            dispatch1!(y, bias_add_fwd, y, ly, b, lb)?,
+            ly.shape().clone(),
+        ))
     }
-    fn bwd(&self, y: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let gy = y.track_op().then(|| g.clone());
-        let gb = if b.track_op() { Some(g.contiguous()?.apply_op1_no_bwd(&ColumnSum)?) } else { None };
+        let gb = if b.track_op() {
+            Some(g.contiguous()?.apply_op1_no_bwd(&ColumnSum)?)
+        } else {
+            None
+        };
         Ok((gy, gb))
     }
 }
@@ -406,7 +550,9 @@ fn column_sum<T: Real>(g: &CpuStorage, l: &Layout) -> candle_core::Result<CpuSto
     let g = slice::<T>(g, l)?;
     let h = last_dim(l);
     let rows = g.len() / h.max(1);
-    let chunk = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let chunk = rows
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1);
     let sums = g
         .par_chunks(h * chunk)
         .map(|gc| {
@@ -418,7 +564,10 @@ fn column_sum<T: Real>(g: &CpuStorage, l: &Layout) -> candle_core::Result<CpuSto
             }
             acc
         })
-        .reduce(|| vec![T::zero(); h], |a, b| a.iter().zip(&b).map(|(x, y)| *x + *y).collect());
+        .reduce(
+            || vec![T::zero(); h],
+            |a, b| a.iter().zip(&b).map(|(x, y)| *x + *y).collect(),
+        );
     Ok(T::to_cpu_storage_owned(sums))
 }
 
@@ -460,34 +609,43 @@ struct ScaledMaskedSoftmax {
     tq: usize,
 }
 
-fn sms_fwd<T: Real>(s: &CpuStorage, ls: &Layout, m: &CpuStorage, lm: &Layout, op: &ScaledMaskedSoftmax) -> candle_core::Result<CpuStorage> {
+fn sms_fwd<T: Real>(
+    s: &CpuStorage,
+    ls: &Layout,
+    m: &CpuStorage,
+    lm: &Layout,
+    op: &ScaledMaskedSoftmax,
+) -> candle_core::Result<CpuStorage> {
     let (s, m) = (slice::<T>(s, ls)?, slice::<T>(m, lm)?);
     let tk = last_dim(ls);
     let scale = T::lit(op.scale);
     let mut out = vec![T::zero(); s.len()];
     let c = tk * rows_per_task(tk);
     let per_task = c / tk;
-    out.par_chunks_mut(c).zip(s.par_chunks(c)).enumerate().for_each(|(ti, (oc, sc))| {
-        for (ri, (o, r)) in oc.chunks_mut(tk).zip(sc.chunks(tk)).enumerate() {
-            let row = ti * per_task + ri;
-            let q = row % op.tq;
-            let bidx = row / (op.tq * op.heads);
-            let mr = match op.rows {
-                MaskRows::PerBatch => &m[bidx * tk..(bidx + 1) * tk],
-                MaskRows::PerQuery => &m[q * tk..(q + 1) * tk],
-            };
-            let mut max = T::neg_infinity();
-            for i in 0..tk {
-                o[i] = r[i] * scale + mr[i];
-                max = num_traits::Float::max(max, o[i]);
+    out.par_chunks_mut(c)
+        .zip(s.par_chunks(c))
+        .enumerate()
+        .for_each(|(ti, (oc, sc))| {
+            for (ri, (o, r)) in oc.chunks_mut(tk).zip(sc.chunks(tk)).enumerate() {
+                let row = ti * per_task + ri;
+                let q = row % op.tq;
+                let bidx = row / (op.tq * op.heads);
+                let mr = match op.rows {
+                    MaskRows::PerBatch => &m[bidx * tk..(bidx + 1) * tk],
+                    MaskRows::PerQuery => &m[q * tk..(q + 1) * tk],
+                };
+                let mut max = T::neg_infinity();
+                for i in 0..tk {
+                    o[i] = r[i] * scale + mr[i];
+                    max = num_traits::Float::max(max, o[i]);
+                }
+                for v in o.iter_mut() {
+                    *v = (*v - max).exp_();
+                }
+                let inv = T::one() / sum(o.iter().copied());
+                o.iter_mut().for_each(|v| *v = *v * inv);
             }
-            for v in o.iter_mut() {
-                *v = (*v - max).exp_();
-            }
-            let inv = T::one() / sum(o.iter().copied());
-            o.iter_mut().for_each(|v| *v = *v * inv);
-        }
-    });
+        });
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -495,10 +653,25 @@ impl CustomOp2 for ScaledMaskedSoftmax {
     fn name(&self) -> &'static str {
         "fused-scaled-masked-softmax"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, ls: &Layout, m: &CpuStorage, lm: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((dispatch1!(s, sms_fwd, s, ls, m, lm, self)?, ls.shape().clone()))
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        ls: &Layout,
+        m: &CpuStorage,
+        lm: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((
+            dispatch1!(s, sms_fwd, s, ls, m, lm, self)?,
+            ls.shape().clone(),
+        ))
     }
-    fn bwd(&self, _s: &Tensor, _m: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _m: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let gs = res.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?;
         Ok((Some((gs * self.scale)?), None))
     }
@@ -506,10 +679,20 @@ impl CustomOp2 for ScaledMaskedSoftmax {
 
 /// `softmax(scale · scores + mask)`: scores `(B, H, Tq, Tk)`, mask `(B, Tk)` (per batch) or
 /// `(Tq, Tk)` (per query), additive.
-pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: &Tensor, rows: MaskRows) -> crate::Result<Tensor> {
+pub fn scaled_masked_softmax(
+    scores: &Tensor,
+    scale: f64,
+    mask: &Tensor,
+    rows: MaskRows,
+) -> crate::Result<Tensor> {
     let (b, h, tq, tk) = scores.dims4()?;
     if applies(scores) && mask.dtype() == scores.dtype() {
-        let op = ScaledMaskedSoftmax { scale, rows, heads: h, tq };
+        let op = ScaledMaskedSoftmax {
+            scale,
+            rows,
+            heads: h,
+            tq,
+        };
         return Ok(scores.contiguous()?.apply_op2(&mask.contiguous()?, op)?);
     }
     let m = match rows {

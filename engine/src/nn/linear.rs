@@ -17,6 +17,8 @@ pub trait WeightGradHook: Send + Sync {
 /// compute (and keep) for the frozen weight is never formed.
 struct GradTap {
     weight: Tensor,
+    /// A frozen bias added in the same pass (CPU f32/f64 only).
+    bias: Option<Tensor>,
     hook: Option<Arc<dyn WeightGradHook>>,
 }
 
@@ -40,6 +42,12 @@ impl CustomOp2 for GradTap {
         _l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         check_plain(l1)?;
+        if let Some(b) = &self.bias {
+            let (st, lb) = b.storage_and_layout();
+            if let candle_core::Storage::Cpu(bs) = &*st {
+                return super::fused::bias_add_cpu(s1, l1, bs, lb);
+            }
+        }
         Ok((s1.try_clone(l1)?, l1.shape().clone()))
     }
 
@@ -80,15 +88,36 @@ pub fn frozen_linear(
     weight: &Tensor,
     hook: Option<Arc<dyn WeightGradHook>>,
 ) -> candle_core::Result<Tensor> {
+    frozen_linear_bias(x, weight, None, hook)
+}
+
+/// [`frozen_linear`] plus a frozen bias, added in the tap's own pass where the fused path
+/// applies (otherwise as a separate op).
+pub fn frozen_linear_bias(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    hook: Option<Arc<dyn WeightGradHook>>,
+) -> candle_core::Result<Tensor> {
     let y = x.detach().matmul(&weight.t()?)?;
+    let fold =
+        bias.filter(|b| super::fused::applies(&y) && b.dtype() == y.dtype() && !b.track_op());
     if !x.track_op() && hook.is_none() {
-        return Ok(y);
+        return match bias {
+            Some(b) => super::fused::bias_add(&y, b),
+            None => Ok(y),
+        };
     }
-    y.apply_op2(
+    let out = y.apply_op2(
         x,
         GradTap {
             weight: weight.detach(),
+            bias: fold.map(|b| b.contiguous()).transpose()?,
             hook,
         },
-    )
+    )?;
+    match (bias, fold) {
+        (Some(b), None) => super::fused::bias_add(&out, b),
+        _ => Ok(out),
+    }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
-use super::linear::{frozen_linear, WeightGradHook};
+use super::linear::WeightGradHook;
 use crate::{Error, Result};
 
 /// A named parameter: frozen tensors take part in forward and input gradients only;
@@ -136,10 +136,20 @@ impl Weights {
         let in_dim = *dims.last().unwrap();
         let x2 = x.reshape(((), in_dim))?;
         let adapter = self.adapters.get(prefix);
-        let mut y = match (w, adapter) {
-            (Param::Trainable(v), _) => x2.matmul(&v.as_tensor().t()?)?,
-            (Param::Frozen(t), Some(Adapter::Hook(h))) => frozen_linear(&x2, t, Some(h.clone()))?,
-            (Param::Frozen(t), _) => frozen_linear(&x2, t, None)?,
+        let bias = self.get_opt(&format!("{prefix}.bias"));
+        let hook = match adapter {
+            Some(Adapter::Hook(h)) => Some(h.clone()),
+            _ => None,
+        };
+        let mut y = match w {
+            Param::Trainable(v) => {
+                let y = x2.matmul(&v.as_tensor().t()?)?;
+                match bias {
+                    Some(b) => super::fused::bias_add(&y, b)?,
+                    None => y,
+                }
+            }
+            Param::Frozen(t) => super::linear::frozen_linear_bias(&x2, t, bias, hook)?,
         };
         if let Some(Adapter::Lora { scale, dropout }) = adapter {
             let a = self.get(&format!("{prefix}.lora_A.weight"))?;
@@ -148,11 +158,9 @@ impl Weights {
                 Some(rng) => super::dropout(&x2, *dropout, rng)?,
                 None => x2.clone(),
             };
-            let delta = xd.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            y = (y + (delta * *scale)?)?;
-        }
-        if let Some(b) = self.get_opt(&format!("{prefix}.bias")) {
-            y = super::fused::bias_add(&y, b)?;
+            // Scale the rank-r product, not the full-width one.
+            let delta = (xd.matmul(&a.t()?)? * *scale)?.matmul(&b.t()?)?;
+            y = (y + delta)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
