@@ -83,7 +83,7 @@ pub fn erf_f32(x: f32) -> f32 {
 fn sum<T: Real>(xs: impl Iterator<Item = T>) -> T {
     let mut acc = [T::zero(); 8];
     for (i, v) in xs.enumerate() {
-        acc[i & 7] = acc[i & 7] + v;
+        acc[i & 7] += v;
     }
     acc.iter().fold(T::zero(), |a, &b| a + b)
 }
@@ -275,8 +275,8 @@ fn ln_bwd_wb<T: Real>(
             for (r, gr) in xc.chunks(h).zip(gc.chunks(h)) {
                 let (mean, rstd) = row_stats(r, eps);
                 for i in 0..h {
-                    acc[i] = acc[i] + gr[i] * (r[i] - mean) * rstd;
-                    acc[h + i] = acc[h + i] + gr[i];
+                    acc[i] += gr[i] * (r[i] - mean) * rstd;
+                    acc[h + i] += gr[i];
                 }
             }
             acc
@@ -329,7 +329,7 @@ fn softmax_fwd<T: Real>(x: &CpuStorage, l: &Layout) -> candle_core::Result<CpuSt
                     o[i] = (r[i] - max).exp_();
                 }
                 let inv = T::one() / sum(o.iter().copied());
-                o.iter_mut().for_each(|v| *v = *v * inv);
+                o.iter_mut().for_each(|v| *v *= inv);
             }
         });
     Ok(T::to_cpu_storage_owned(out))
@@ -559,7 +559,7 @@ fn column_sum<T: Real>(g: &CpuStorage, l: &Layout) -> candle_core::Result<CpuSto
             let mut acc = vec![T::zero(); h];
             for r in gc.chunks(h) {
                 for i in 0..h {
-                    acc[i] = acc[i] + r[i];
+                    acc[i] += r[i];
                 }
             }
             acc
@@ -643,7 +643,7 @@ fn sms_fwd<T: Real>(
                     *v = (*v - max).exp_();
                 }
                 let inv = T::one() / sum(o.iter().copied());
-                o.iter_mut().for_each(|v| *v = *v * inv);
+                o.iter_mut().for_each(|v| *v *= inv);
             }
         });
     Ok(T::to_cpu_storage_owned(out))
