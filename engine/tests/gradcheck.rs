@@ -375,3 +375,29 @@ fn fused_kernels_match_composed_reference() {
         }
     }
 }
+
+#[test]
+fn fast_exp_and_erf_are_accurate_and_flush_to_zero() {
+    use sparsegrad_engine::nn::fused::{erf_f32, exp_f32};
+    let mut worst_exp = 0f64;
+    let mut worst_erf = 0f64;
+    for i in 0..200_000 {
+        let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+        let e = (exp_f32(x) as f64 - (x as f64).exp()).abs() / (x as f64).exp();
+        worst_exp = worst_exp.max(e);
+        let y = -6.0 + 12.0 * i as f32 / 200_000.0;
+        worst_erf = worst_erf.max((erf_f32(y) as f64 - libm::erf(y as f64)).abs());
+    }
+    assert!(worst_exp < 5e-7, "exp relative error {worst_exp:e}");
+    assert!(worst_erf < 5e-7, "erf absolute error {worst_erf:e}");
+    // Masked attention scores must give exact zeros, not subnormals (which slow matmuls ~100x).
+    assert_eq!(exp_f32(-1e9), 0.0);
+    assert_eq!(exp_f32(-88.0), 0.0);
+    let s = Tensor::new(&[[[[1.0f32, 2.0, 3.0]]]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[0.0f32, 0.0, -1e9]], &Device::Cpu).unwrap();
+    let p =
+        nn::fused::scaled_masked_softmax(&s, 1.0, &mask, nn::fused::MaskRows::PerBatch).unwrap();
+    let p: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(p[2], 0.0);
+    assert!((p[0] + p[1] - 1.0).abs() < 1e-6);
+}

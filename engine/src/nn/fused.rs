@@ -41,11 +41,16 @@ impl Real for f64 {
 }
 
 /// `exp` for f32: round-to-nearest by the 1.5·2²³ trick, Cody-Waite reduction, degree-6
-/// polynomial, exponent by bit shift. Relative error ≲ 2e-7 on [-87, 88].
+/// polynomial, exponent by bit shift. Relative error ≲ 2e-7 on [-87, 88]; 0 below -87.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
+    // Below -87 the result is (nearly) subnormal; masked attention scores land there, and
+    // subnormal probabilities make every later matmul crawl. Flush them to exactly 0.
+    if x < -87.0 {
+        return 0.0;
+    }
+    let x = x.min(88.0);
     let t = x * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
