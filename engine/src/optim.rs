@@ -2,8 +2,10 @@
 //! Moments (and, for bf16 parameters, an f32 master copy) are kept in f32.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -33,6 +35,67 @@ struct Slot {
     m: Tensor,
     v: Tensor,
     master: Option<Tensor>,
+    /// CPU f32 parameters keep their moments here instead (updated in place by [`FusedAdam`]);
+    /// `m`/`v` are then only materialised for checkpoints.
+    cpu: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// One fused pass of AdamW over a CPU f32 parameter, updated in place; the moments are
+/// updated in place too (their tensors are never shared while the optimizer owns them).
+struct FusedAdam<'a> {
+    g: &'a [f32],
+    m: Mutex<&'a mut [f32]>,
+    v: Mutex<&'a mut [f32]>,
+    lr: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    bc1: f32,
+    bc2: f32,
+    decay: f32,
+    gscale: f32,
+}
+
+impl InplaceOp1 for FusedAdam<'_> {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(p) = storage else {
+            candle_core::bail!("fused AdamW is for f32")
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused AdamW needs a contiguous parameter")
+        };
+        let p = &mut p[a..b];
+        let mut m = self.m.lock().expect("not poisoned");
+        let mut v = self.v.lock().expect("not poisoned");
+        const C: usize = 16384;
+        p.par_chunks_mut(C)
+            .zip(m.par_chunks_mut(C))
+            .zip(v.par_chunks_mut(C))
+            .zip(self.g.par_chunks(C))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let gi = g[i] * self.gscale;
+                    m[i] = self.b1 * m[i] + (1.0 - self.b1) * gi;
+                    v[i] = self.b2 * v[i] + (1.0 - self.b2) * gi * gi;
+                    let upd = (m[i] / self.bc1) / ((v[i] / self.bc2).sqrt() + self.eps);
+                    p[i] = p[i] * self.decay - self.lr * upd;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// A contiguous CPU f32 tensor's data, for read-only use while `f` runs.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (st, l) = t.storage_and_layout();
+    let (a, b) = l.contiguous_offsets()?;
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(d)) => Some(f(&d[a..b])),
+        _ => None,
+    }
 }
 
 /// AdamW as in PyTorch (decoupled decay, bias-corrected moments). Biases and norm weights —
@@ -59,6 +122,9 @@ impl AdamW {
             } else {
                 None
             };
+            // CPU f32 parameters take the fused in-place path with moments in plain vectors.
+            let cpu = (master.is_none() && t.device().is_cpu() && t.dtype() == DType::F32)
+                .then(|| (vec![0f32; t.elem_count()], vec![0f32; t.elem_count()]));
             slots.insert(
                 name.clone(),
                 Slot {
@@ -67,6 +133,7 @@ impl AdamW {
                     m,
                     master,
                     var,
+                    cpu,
                 },
             );
         }
@@ -79,11 +146,89 @@ impl AdamW {
 
     /// One update with gradients by name (missing = zero gradient, parameter still decays).
     pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `gscale` (gradient clipping).
+    pub fn step_scaled(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+        gscale: f64,
+    ) -> Result<()> {
         self.t += 1;
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (name, s) in self.slots.iter_mut() {
+            if let (Some((m, v)), Some(g)) = (s.cpu.as_mut(), grads.get(name)) {
+                let g = g.to_dtype(DType::F32)?.contiguous()?;
+                let decay = if s.decay {
+                    1.0 - lr * c.weight_decay
+                } else {
+                    1.0
+                };
+                let var = s.var.clone();
+                let done = with_f32(&g, |g| {
+                    let op = FusedAdam {
+                        g,
+                        m: Mutex::new(m.as_mut_slice()),
+                        v: Mutex::new(v.as_mut_slice()),
+                        lr: lr as f32,
+                        b1: c.beta1 as f32,
+                        b2: c.beta2 as f32,
+                        eps: c.eps as f32,
+                        bc1: bc1 as f32,
+                        bc2: bc2 as f32,
+                        decay: decay as f32,
+                        gscale: gscale as f32,
+                    };
+                    var.as_tensor().inplace_op1(&op)
+                });
+                match done {
+                    Some(r) => {
+                        r?;
+                        continue;
+                    }
+                    None => {
+                        return Err(Error::Other(format!(
+                            "gradient of `{name}` is not a CPU f32 tensor"
+                        )))
+                    }
+                }
+            }
+            if let (Some((m, v)), None) = (s.cpu.as_mut(), grads.get(name)) {
+                // No gradient this step: moments decay, the parameter still decays.
+                m.iter_mut().for_each(|x| *x *= c.beta1 as f32);
+                v.iter_mut().for_each(|x| *x *= c.beta2 as f32);
+                let mhat: Vec<f32> = m.iter().map(|x| x / bc1 as f32).collect();
+                let p = s.var.as_tensor().detach();
+                let mut p = if s.decay && c.weight_decay > 0.0 {
+                    (&p * (1.0 - lr * c.weight_decay))?
+                } else {
+                    p
+                };
+                let denom: Vec<f32> = v
+                    .iter()
+                    .map(|x| (x / bc2 as f32).sqrt() + c.eps as f32)
+                    .collect();
+                let upd: Vec<f32> = mhat
+                    .iter()
+                    .zip(&denom)
+                    .map(|(a, b)| a / b * lr as f32)
+                    .collect();
+                let upd = Tensor::from_vec(upd, p.shape(), p.device())?;
+                p = (p - upd)?;
+                s.var.set(&p)?;
+                continue;
+            }
+            let scaled;
+            let grads = if gscale != 1.0 {
+                scaled = grads.get(name).map(|g| g * gscale).transpose()?;
+                scaled.as_ref()
+            } else {
+                grads.get(name)
+            };
             let p32 = match &s.master {
                 Some(m) => m.clone(),
                 None => s.var.as_tensor().detach(),
@@ -92,7 +237,7 @@ impl AdamW {
             if s.decay && c.weight_decay > 0.0 {
                 p = (&p * (1.0 - lr * c.weight_decay))?;
             }
-            if let Some(g) = grads.get(name) {
+            if let Some(g) = grads {
                 let g = g.to_dtype(DType::F32)?;
                 s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                 s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -118,8 +263,19 @@ impl AdamW {
     pub fn state(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for (n, s) in &self.slots {
-            out.insert(format!("{n}.exp_avg"), s.m.clone());
-            out.insert(format!("{n}.exp_avg_sq"), s.v.clone());
+            let (m, v) = match &s.cpu {
+                Some((m, v)) => {
+                    let shape = s.var.shape();
+                    let dev = s.var.device();
+                    (
+                        Tensor::from_slice(m, shape, dev).expect("same element count"),
+                        Tensor::from_slice(v, shape, dev).expect("same element count"),
+                    )
+                }
+                None => (s.m.clone(), s.v.clone()),
+            };
+            out.insert(format!("{n}.exp_avg"), m);
+            out.insert(format!("{n}.exp_avg_sq"), v);
             if let Some(m) = &s.master {
                 out.insert(format!("{n}.master"), m.clone());
             }
@@ -137,6 +293,10 @@ impl AdamW {
             let dev = s.m.device().clone();
             s.m = get("exp_avg")?.to_device(&dev)?;
             s.v = get("exp_avg_sq")?.to_device(&dev)?;
+            if let Some((m, v)) = s.cpu.as_mut() {
+                *m = s.m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                *v = s.v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            }
             if s.master.is_some() {
                 let m = get("master")?.to_device(&dev)?;
                 s.var.set(&m.to_dtype(s.var.dtype())?)?;
@@ -148,17 +308,38 @@ impl AdamW {
     }
 }
 
-/// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: Option<f64>) -> Result<f64> {
+/// The global L2 norm of the gradients.
+pub fn grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.values() {
-        total += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+        let fast = with_f32(g, |d| {
+            d.par_chunks(16384)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum::<f64>()
+        });
+        total += match fast {
+            Some(t) => t,
+            None => g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?,
+        };
     }
-    let norm = total.sqrt();
+    Ok(total.sqrt())
+}
+
+/// The factor that brings the global norm to at most `max_norm`.
+pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(max) if norm > max && norm.is_finite() => max / (norm + 1e-6),
+        _ => 1.0,
+    }
+}
+
+/// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: Option<f64>) -> Result<f64> {
+    let norm = grad_norm(grads)?;
     if let Some(max) = max_norm {
         if norm > max && norm.is_finite() {
             let scale = max / (norm + 1e-6);

@@ -147,3 +147,14 @@ pub fn write_tiny_model_dir(dir: &std::path::Path, arch: Arch, seed: u64) -> Res
     )?;
     crate::artifact::write_safetensors(&tensors, None, &dir.join("model.safetensors"))
 }
+
+/// Largest absolute difference between two tensors of the same shape, as f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    a.sub(b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_dtype(DType::F64))
+        .and_then(|d| d.to_scalar::<f64>())
+        .expect("tensors of the same shape and device")
+}

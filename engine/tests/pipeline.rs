@@ -14,7 +14,7 @@ use sparsegrad_engine::models::{Arch, Model, Task};
 use sparsegrad_engine::nn::Ctx;
 use sparsegrad_engine::optim::Schedule;
 use sparsegrad_engine::pipeline::{load_for_inference, run_job, JobSpec};
-use sparsegrad_engine::testing::{write_tiny_model_dir, TINY_WORDS};
+use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir, TINY_WORDS};
 use sparsegrad_engine::train::{Event, PredictInput, Prediction, TrainConfig, TrainIo};
 
 fn sentence(rng: &mut impl Rng, n: usize) -> String {
@@ -80,21 +80,6 @@ fn lora() -> MethodSpec {
         dropout: 0.1,
         targets: LoraTargets::All,
     })
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

@@ -24,17 +24,5 @@ pub fn fixtures() -> Option<Fixtures> {
     }
 }
 
-pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+#[allow(unused_imports)]
+pub use sparsegrad_engine::testing::max_abs_diff;

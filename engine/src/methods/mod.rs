@@ -11,7 +11,7 @@ use candle_core::{backprop::GradStore, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::models::Model;
-use crate::optim::{clip_grad_norm, AdamConfig, AdamW};
+use crate::optim::{clip_scale, grad_norm, AdamConfig, AdamW};
 use crate::{Error, Result};
 
 pub use full::Full;
@@ -89,12 +89,12 @@ impl DenseTrainer {
     }
 
     pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
-        let mut grads = std::mem::take(&mut self.acc);
-        let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
+        let grads = std::mem::take(&mut self.acc);
+        let norm = grad_norm(&grads)?;
         self.opt
             .as_mut()
             .ok_or_else(|| Error::Other("optimizer used before prepare".into()))?
-            .step(&grads, lr)?;
+            .step_scaled(&grads, lr, clip_scale(norm, max_grad_norm))?;
         Ok(norm)
     }
 
