@@ -12,7 +12,10 @@ fn time(name: &str, f: &dyn Fn()) {
     for _ in 0..20 {
         f();
     }
-    println!("{name:45} {:8.3} ms", t.elapsed().as_secs_f64() / 20.0 * 1e3);
+    println!(
+        "{name:45} {:8.3} ms",
+        t.elapsed().as_secs_f64() / 20.0 * 1e3
+    );
 }
 
 fn main() {
@@ -42,10 +45,20 @@ fn main() {
     let fb = |t: Tensor| {
         t.sum_all().unwrap().backward().unwrap();
     };
-    time("layer norm fused fwd+bwd", &|| fb(nn::layer_norm(&x, &w, &b, 1e-12).unwrap()));
-    time("layer norm composed fwd+bwd", &|| fb(nn::layer_norm_composed(&x, &w, &b, 1e-12).unwrap()));
-    time("softmax fused fwd+bwd", &|| fb(nn::softmax_last_dim(&s).unwrap()));
-    time("softmax composed fwd+bwd", &|| fb(nn::softmax_composed(&s).unwrap()));
+    time("layer norm fused fwd+bwd", &|| {
+        fb(nn::layer_norm(&x, &w, &b, 1e-12).unwrap())
+    });
+    time("layer norm composed fwd+bwd", &|| {
+        fb(nn::layer_norm_composed(&x, &w, &b, 1e-12).unwrap())
+    });
+    time("softmax fused fwd+bwd", &|| {
+        fb(nn::softmax_last_dim(&s).unwrap())
+    });
+    time("softmax composed fwd+bwd", &|| {
+        fb(nn::softmax_composed(&s).unwrap())
+    });
     time("gelu fused fwd+bwd", &|| fb(nn::gelu_erf(&g).unwrap()));
-    time("gelu composed fwd+bwd", &|| fb(nn::gelu_erf_composed(&g).unwrap()));
+    time("gelu composed fwd+bwd", &|| {
+        fb(nn::gelu_erf_composed(&g).unwrap())
+    });
 }
