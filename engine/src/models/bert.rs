@@ -184,12 +184,7 @@ pub fn forward(
     batch: &Batch,
     ctx: &mut Ctx,
 ) -> Result<Tensor> {
-    let (b, t) = batch.input_ids.dims2()?;
-    let pos: Vec<u32> = (0..t as u32).collect();
-    let pos = Tensor::from_vec(pos, (1, t), batch.input_ids.device())?
-        .broadcast_as((b, t))?
-        .contiguous()?;
-    let h = encoder(cfg, w, "bert", batch, &pos, ctx)?;
+    let h = hidden_states(cfg, w, batch, ctx)?;
     let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
     let pooled = w.linear("bert.pooler.dense", &cls, ctx)?.tanh()?;
     let pooled = ctx.dropout(&pooled, cfg.head_dropout())?;
