@@ -4,6 +4,7 @@
 
 pub mod full;
 pub mod lora;
+pub mod sparsegrad;
 
 use std::collections::BTreeMap;
 
