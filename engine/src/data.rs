@@ -3,7 +3,7 @@
 //! tokenisation with truncation; seeded shuffling and dynamically padded batches.
 //! Every rejected row names its line, its field and the reason.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -1005,14 +1005,4 @@ pub fn collate(examples: &[&Example], pad_id: u32, dtype: DType, device: &Device
         num_tokens,
         batch_size: b,
     })
-}
-
-/// Summary of a dataset file for listings: rows and the shape they have.
-pub fn summarize(recs: &[(usize, Record)]) -> BTreeMap<String, Value> {
-    let mut m = BTreeMap::new();
-    m.insert("rows".into(), Value::from(recs.len()));
-    if let Some((_, r)) = recs.first() {
-        m.insert("shape".into(), Value::from(kind_of(r)));
-    }
-    m
 }

@@ -29,15 +29,19 @@ impl Default for AdamConfig {
     }
 }
 
+/// Adam's first and second moments, f32.
+enum Moments {
+    /// CPU f32 parameters: plain vectors updated in place by [`FusedAdam`].
+    Cpu { m: Vec<f32>, v: Vec<f32> },
+    /// Everything else (other devices, bf16 parameters with an f32 master copy): tensor ops.
+    Tensors { m: Tensor, v: Tensor },
+}
+
 struct Slot {
     var: Var,
     decay: bool,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
     master: Option<Tensor>,
-    /// CPU f32 parameters keep their moments here instead (updated in place by [`FusedAdam`]);
-    /// `m`/`v` are then only materialised for checkpoints.
-    cpu: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// One fused pass of AdamW over a CPU f32 parameter, updated in place; the moments are
@@ -116,24 +120,28 @@ impl AdamW {
         let mut slots = BTreeMap::new();
         for (name, var) in params {
             let t = var.as_tensor();
-            let m = Tensor::zeros(t.shape(), DType::F32, t.device())?;
             let master = if t.dtype() != DType::F32 {
                 Some(t.to_dtype(DType::F32)?)
             } else {
                 None
             };
-            // CPU f32 parameters take the fused in-place path with moments in plain vectors.
-            let cpu = (master.is_none() && t.device().is_cpu() && t.dtype() == DType::F32)
-                .then(|| (vec![0f32; t.elem_count()], vec![0f32; t.elem_count()]));
+            let moments = if t.dtype() == DType::F32 && t.device().is_cpu() {
+                let n = t.elem_count();
+                Moments::Cpu {
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }
+            } else {
+                let m = Tensor::zeros(t.shape(), DType::F32, t.device())?;
+                Moments::Tensors { v: m.clone(), m }
+            };
             slots.insert(
                 name.clone(),
                 Slot {
                     decay: decays(&name, t),
-                    v: m.clone(),
-                    m,
+                    moments,
                     master,
                     var,
-                    cpu,
                 },
             );
         }
@@ -161,97 +169,67 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (name, s) in self.slots.iter_mut() {
-            if let (Some((m, v)), Some(g)) = (s.cpu.as_mut(), grads.get(name)) {
-                let g = g.to_dtype(DType::F32)?.contiguous()?;
-                let decay = if s.decay {
-                    1.0 - lr * c.weight_decay
-                } else {
-                    1.0
-                };
-                let var = s.var.clone();
-                let done = with_f32(&g, |g| {
-                    let op = FusedAdam {
-                        g,
-                        m: Mutex::new(m.as_mut_slice()),
-                        v: Mutex::new(v.as_mut_slice()),
-                        lr: lr as f32,
-                        b1: c.beta1 as f32,
-                        b2: c.beta2 as f32,
-                        eps: c.eps as f32,
-                        bc1: bc1 as f32,
-                        bc2: bc2 as f32,
-                        decay: decay as f32,
-                        gscale: gscale as f32,
-                    };
-                    var.as_tensor().inplace_op1(&op)
-                });
-                match done {
-                    Some(r) => {
-                        r?;
-                        continue;
-                    }
-                    None => {
-                        return Err(Error::Other(format!(
-                            "gradient of `{name}` is not a CPU f32 tensor"
-                        )))
-                    }
-                }
-            }
-            if let (Some((m, v)), None) = (s.cpu.as_mut(), grads.get(name)) {
-                // No gradient this step: moments decay, the parameter still decays.
-                m.iter_mut().for_each(|x| *x *= c.beta1 as f32);
-                v.iter_mut().for_each(|x| *x *= c.beta2 as f32);
-                let mhat: Vec<f32> = m.iter().map(|x| x / bc1 as f32).collect();
-                let p = s.var.as_tensor().detach();
-                let mut p = if s.decay && c.weight_decay > 0.0 {
-                    (&p * (1.0 - lr * c.weight_decay))?
-                } else {
-                    p
-                };
-                let denom: Vec<f32> = v
-                    .iter()
-                    .map(|x| (x / bc2 as f32).sqrt() + c.eps as f32)
-                    .collect();
-                let upd: Vec<f32> = mhat
-                    .iter()
-                    .zip(&denom)
-                    .map(|(a, b)| a / b * lr as f32)
-                    .collect();
-                let upd = Tensor::from_vec(upd, p.shape(), p.device())?;
-                p = (p - upd)?;
-                s.var.set(&p)?;
-                continue;
-            }
-            let scaled;
-            let grads = if gscale != 1.0 {
-                scaled = grads.get(name).map(|g| g * gscale).transpose()?;
-                scaled.as_ref()
+            let decay = if s.decay {
+                1.0 - lr * c.weight_decay
             } else {
-                grads.get(name)
+                1.0
             };
-            let p32 = match &s.master {
-                Some(m) => m.clone(),
+            let (m, v) = match &mut s.moments {
+                Moments::Cpu { m, v } => {
+                    // A parameter without a gradient this step sees a zero gradient.
+                    let g = match grads.get(name) {
+                        Some(g) => g.to_dtype(DType::F32)?.contiguous()?,
+                        None => Tensor::zeros(s.var.shape(), DType::F32, s.var.device())?,
+                    };
+                    let var = s.var.clone();
+                    let done = with_f32(&g, |g| {
+                        let op = FusedAdam {
+                            g,
+                            m: Mutex::new(m.as_mut_slice()),
+                            v: Mutex::new(v.as_mut_slice()),
+                            lr: lr as f32,
+                            b1: c.beta1 as f32,
+                            b2: c.beta2 as f32,
+                            eps: c.eps as f32,
+                            bc1: bc1 as f32,
+                            bc2: bc2 as f32,
+                            decay: decay as f32,
+                            gscale: gscale as f32,
+                        };
+                        var.as_tensor().inplace_op1(&op)
+                    });
+                    done.ok_or_else(|| {
+                        Error::Other(format!("gradient of `{name}` is not on the CPU"))
+                    })??;
+                    continue;
+                }
+                Moments::Tensors { m, v } => (m, v),
+            };
+            let mut p = match &s.master {
+                Some(master) => master.clone(),
                 None => s.var.as_tensor().detach(),
             };
-            let mut p = p32;
-            if s.decay && c.weight_decay > 0.0 {
-                p = (&p * (1.0 - lr * c.weight_decay))?;
+            if decay != 1.0 {
+                p = (&p * decay)?;
             }
-            if let Some(g) = grads {
-                let g = g.to_dtype(DType::F32)?;
-                s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-                s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            } else {
-                s.m = (&s.m * c.beta1)?;
-                s.v = (&s.v * c.beta2)?;
+            match grads.get(name) {
+                Some(g) => {
+                    let g = (g.to_dtype(DType::F32)? * gscale)?;
+                    *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+                    *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                }
+                None => {
+                    *m = (&*m * c.beta1)?;
+                    *v = (&*v * c.beta2)?;
+                }
             }
-            let mhat = (&s.m / bc1)?;
-            let denom = ((&s.v / bc2)?.sqrt()? + c.eps)?;
+            let mhat = (&*m / bc1)?;
+            let denom = ((&*v / bc2)?.sqrt()? + c.eps)?;
             p = (p - (mhat.div(&denom)? * lr)?)?;
             match &mut s.master {
-                Some(m) => {
+                Some(master) => {
                     s.var.set(&p.to_dtype(s.var.dtype())?)?;
-                    *m = p;
+                    *master = p;
                 }
                 None => s.var.set(&p)?,
             }
@@ -263,16 +241,15 @@ impl AdamW {
     pub fn state(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for (n, s) in &self.slots {
-            let (m, v) = match &s.cpu {
-                Some((m, v)) => {
-                    let shape = s.var.shape();
-                    let dev = s.var.device();
+            let (m, v) = match &s.moments {
+                Moments::Cpu { m, v } => {
+                    let (shape, dev) = (s.var.shape(), s.var.device());
                     (
                         Tensor::from_slice(m, shape, dev).expect("same element count"),
                         Tensor::from_slice(v, shape, dev).expect("same element count"),
                     )
                 }
-                None => (s.m.clone(), s.v.clone()),
+                Moments::Tensors { m, v } => (m.clone(), v.clone()),
             };
             out.insert(format!("{n}.exp_avg"), m);
             out.insert(format!("{n}.exp_avg_sq"), v);
@@ -290,13 +267,18 @@ impl AdamW {
                     Error::Artifact(format!("checkpoint lacks optimizer state `{n}.{k}`"))
                 })
             };
-            let dev = s.m.device().clone();
-            s.m = get("exp_avg")?.to_device(&dev)?;
-            s.v = get("exp_avg_sq")?.to_device(&dev)?;
-            if let Some((m, v)) = s.cpu.as_mut() {
-                *m = s.m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                *v = s.v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            }
+            let dev = s.var.device().clone();
+            let (m_new, v_new) = (get("exp_avg")?, get("exp_avg_sq")?);
+            s.moments = match s.moments {
+                Moments::Cpu { .. } => Moments::Cpu {
+                    m: m_new.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                    v: v_new.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                },
+                Moments::Tensors { .. } => Moments::Tensors {
+                    m: m_new.to_device(&dev)?,
+                    v: v_new.to_device(&dev)?,
+                },
+            };
             if s.master.is_some() {
                 let m = get("master")?.to_device(&dev)?;
                 s.var.set(&m.to_dtype(s.var.dtype())?)?;
@@ -335,20 +317,6 @@ pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f64 {
         Some(max) if norm > max && norm.is_finite() => max / (norm + 1e-6),
         _ => 1.0,
     }
-}
-
-/// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: Option<f64>) -> Result<f64> {
-    let norm = grad_norm(grads)?;
-    if let Some(max) = max_norm {
-        if norm > max && norm.is_finite() {
-            let scale = max / (norm + 1e-6);
-            for g in grads.values_mut() {
-                *g = (&*g * scale)?;
-            }
-        }
-    }
-    Ok(norm)
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -9,7 +9,6 @@ use sparsegrad_engine::artifact::write_safetensors;
 use sparsegrad_engine::checkpoint::{load_model, LoadOptions};
 use sparsegrad_engine::methods::MethodSpec;
 use sparsegrad_engine::models::{Arch, Task};
-use sparsegrad_engine::nn::Ctx;
 use sparsegrad_engine::optim::{lr_at, AdamConfig, AdamW, Schedule};
 use sparsegrad_engine::pipeline::{run_job, JobSpec};
 use sparsegrad_engine::testing::{write_tiny_model_dir, TINY_WORDS};
@@ -291,7 +290,6 @@ fn gradient_accumulation_equals_the_larger_batch() {
             .unwrap()
             > 0.0
     );
-    let _ = Ctx::eval();
 }
 
 #[test]

@@ -66,13 +66,11 @@ pub fn rope_tables(
     let mut cos = Vec::with_capacity(positions * head_dim);
     let mut sin = Vec::with_capacity(positions * head_dim);
     for p in 0..positions {
-        for rep in 0..2 {
-            let _ = rep;
-            for f in &inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
+        // Both halves of the head dimension use the same frequencies.
+        for f in inv_freq.iter().chain(&inv_freq) {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
         }
     }
     let cos = Tensor::from_vec(cos, (positions, head_dim), device)?.to_dtype(dtype)?;
