@@ -1,5 +1,7 @@
 //! `sparsegrad bench train`: step time, tokens/s and peak RSS for fixed shapes on real weights,
 //! printed as JSON lines (compare with `scripts/bench_torch.py` on the same machine).
+//! `sparsegrad bench compare`: the method comparison on real data (each run its own process,
+//! so peak RSS is per run).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,6 +25,10 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Training step time for a model folder at a fixed batch shape.
     Train(BenchTrainArgs),
+    /// Fine-tune with each method on the same model, data, steps and seeds; print dev metric
+    /// (mean ± sd), step time, peak RSS, trainable parameters, optimizer state and artifact
+    /// size as a Markdown table and draw the loss curves (SVG).
+    Compare(Box<BenchCompareArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -48,6 +54,7 @@ pub struct BenchTrainArgs {
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Train(t) => bench_train(t),
+        BenchWhat::Compare(c) => bench_compare(*c),
     }
 }
 
@@ -146,4 +153,296 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCompareArgs {
+    /// Model folder (default: the MiniLM-L6 fixture).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training file (default: the rt_polarity fixture's train split).
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// Validation file (default: the rt_polarity fixture's dev split).
+    #[arg(long)]
+    pub valid: Option<PathBuf>,
+    /// Comma-separated: full, lora, meprop, sparsegrad-fixed, sparsegrad-dynamic,
+    /// sparsegrad-refreshed.
+    #[arg(
+        long,
+        default_value = "full,lora,meprop,sparsegrad-fixed,sparsegrad-dynamic,sparsegrad-refreshed"
+    )]
+    pub methods: String,
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    #[arg(long)]
+    pub limit_valid: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_seq_len: usize,
+    /// mlp | paper: what the sparse methods (and LoRA's head) train besides the MLP.
+    #[arg(long, default_value = "mlp")]
+    pub scope: String,
+    #[arg(long, default_value_t = 0.01)]
+    pub density: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr_full: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr_lora: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr_sparse: f64,
+    /// Where runs, the Markdown table and the loss-curve SVG go.
+    #[arg(long, default_value = "bench-compare")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub fixtures: crate::cli::FixturesArgs,
+}
+
+struct RunResult {
+    metric: f64,
+    step_secs: f64,
+    peak_rss: f64,
+    trainable: f64,
+    opt_state: f64,
+    artifact_bytes: f64,
+    touched: Option<f64>,
+    losses: Vec<(usize, f64)>,
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let sd = if v.len() > 1 {
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (m, sd)
+}
+
+fn bench_compare(a: BenchCompareArgs) -> Result<()> {
+    let fx = crate::fixtures::ensure(&a.fixtures.root())?;
+    let model = a.model.clone().unwrap_or(fx.minilm.clone());
+    let train = a.train.clone().unwrap_or(fx.rt_polarity_train.clone());
+    let valid = a.valid.clone().unwrap_or(fx.rt_polarity_dev.clone());
+    let (_, cfg) = sparsegrad_engine::checkpoint::read_config(&model)?;
+    let h = cfg["hidden_size"].as_u64().unwrap_or(768) as f64;
+    let i = cfg["intermediate_size"].as_u64().unwrap_or(3072) as f64;
+    // LoRA rank with SparseGrad's trainable count per matrix: r (in + out) ≈ k.
+    let lora_r = ((a.density * h * i / (h + i)).round() as usize).max(1);
+    std::fs::create_dir_all(&a.out)?;
+    let exe = std::env::current_exe()?;
+    let methods: Vec<String> = a.methods.split(',').map(|s| s.trim().to_string()).collect();
+    let mut results: Vec<(String, Vec<RunResult>)> = Vec::new();
+    for m in &methods {
+        let mut runs = Vec::new();
+        for seed in 0..a.seeds {
+            let dir = a.out.join(format!("{m}-seed{seed}"));
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("train")
+                .arg("--model")
+                .arg(&model)
+                .arg("--train")
+                .arg(&train)
+                .arg("--valid")
+                .arg(&valid)
+                .args(["--epochs", &a.epochs.to_string()])
+                .args(["--batch-size", &a.batch_size.to_string()])
+                .args(["--max-seq-len", &a.max_seq_len.to_string()])
+                .args(["--seed", &seed.to_string()])
+                .args(["--schedule", "constant"])
+                .arg("--out")
+                .arg(&dir);
+            if let Some(s) = a.max_steps {
+                cmd.args(["--max-steps", &s.to_string()]);
+            }
+            if let Some(l) = a.limit_train {
+                cmd.args(["--limit-train", &l.to_string()]);
+            }
+            if let Some(l) = a.limit_valid {
+                cmd.args(["--limit-valid", &l.to_string()]);
+            }
+            let dens = a.density.to_string();
+            match m.as_str() {
+                "full" => {
+                    cmd.args(["--method", "full", "--lr", &a.lr_full.to_string()]);
+                }
+                "lora" => {
+                    cmd.args(["--method", "lora", "--lr", &a.lr_lora.to_string()])
+                        .args(["--lora-r", &lora_r.to_string()])
+                        .args(["--lora-alpha", &(2 * lora_r).to_string()]);
+                }
+                "meprop" => {
+                    cmd.args(["--method", "meprop", "--lr", &a.lr_sparse.to_string()])
+                        .args(["--density", &dens, "--scope", &a.scope]);
+                }
+                s if s.starts_with("sparsegrad-") => {
+                    let support = &s["sparsegrad-".len()..];
+                    cmd.args(["--method", "sparsegrad", "--lr", &a.lr_sparse.to_string()])
+                        .args(["--density", &dens, "--scope", &a.scope])
+                        .args(["--support", support]);
+                }
+                o => anyhow::bail!("unknown method `{o}`"),
+            }
+            eprintln!("bench compare: {m} seed {seed}");
+            let status = cmd.stdout(std::process::Stdio::null()).status()?;
+            anyhow::ensure!(status.success(), "{m} seed {seed} failed");
+            let j: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("metrics.json"))?)?;
+            let eval = &j["eval"];
+            let metric = eval["accuracy"]
+                .as_f64()
+                .or(eval["pearson"].as_f64())
+                .unwrap_or(eval["loss"].as_f64().unwrap_or(f64::NAN));
+            let losses: Vec<(usize, f64)> = serde_json::from_value(j["losses"].clone())?;
+            runs.push(RunResult {
+                metric,
+                step_secs: j["step_secs"].as_f64().unwrap_or(f64::NAN),
+                peak_rss: j["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN),
+                trainable: j["trainable_params"].as_f64().unwrap_or(f64::NAN),
+                opt_state: j["optimizer_state"].as_f64().unwrap_or(f64::NAN),
+                artifact_bytes: std::fs::metadata(dir.join("delta.safetensors"))?.len() as f64,
+                touched: j["method_stats"]["touched_fraction"].as_f64(),
+                losses,
+            });
+        }
+        results.push((m.clone(), runs));
+    }
+    let mut md = String::new();
+    md.push_str(&format!(
+        "model `{}`, train `{}`{}, dev `{}`, {} epoch(s), batch {}, seq ≤ {}, seeds 0..{}, scope {}, density {}, LoRA r {lora_r}, lr full {} / lora {} / sparse {}, {} threads\n\n",
+        model.display(),
+        train.display(),
+        a.limit_train.map(|l| format!(" (first {l} rows)")).unwrap_or_default(),
+        valid.display(),
+        a.epochs,
+        a.batch_size,
+        a.max_seq_len,
+        a.seeds,
+        a.scope,
+        a.density,
+        a.lr_full,
+        a.lr_lora,
+        a.lr_sparse,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    ));
+    md.push_str("| method | dev metric (mean ± sd) | step ms | peak RSS MiB | trainable params | optimizer state | artifact | touched |\n|---|---|---|---|---|---|---|---|\n");
+    for (m, runs) in &results {
+        let f = |g: &dyn Fn(&RunResult) -> f64| mean_sd(&runs.iter().map(g).collect::<Vec<_>>());
+        let (acc, sd) = f(&|r| r.metric);
+        let (step, _) = f(&|r| r.step_secs * 1e3);
+        let (rss, _) = f(&|r| r.peak_rss / 1048576.0);
+        let (tr, _) = f(&|r| r.trainable);
+        let (os, _) = f(&|r| r.opt_state);
+        let (ab, _) = f(&|r| r.artifact_bytes / 1048576.0);
+        let touched = runs
+            .iter()
+            .filter_map(|r| r.touched)
+            .map(|t| format!("{:.1}%", 100.0 * t))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        md.push_str(&format!(
+            "| {m} | {acc:.4} ± {sd:.4} | {step:.0} | {rss:.0} | {tr:.0} | {os:.0} | {ab:.2} MiB | {touched} |\n"
+        ));
+    }
+    println!("{md}");
+    std::fs::write(a.out.join("compare.md"), &md)?;
+    std::fs::write(a.out.join("loss_curves.svg"), loss_svg(&results))?;
+    eprintln!(
+        "wrote {} and {}",
+        a.out.join("compare.md").display(),
+        a.out.join("loss_curves.svg").display()
+    );
+    Ok(())
+}
+
+/// Training loss per method (mean over seeds, moving average over 20 steps) as an SVG.
+fn loss_svg(results: &[(String, Vec<RunResult>)]) -> String {
+    const W: f64 = 800.0;
+    const H: f64 = 450.0;
+    const PAD: f64 = 50.0;
+    let colors = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    ];
+    let curves: Vec<(String, Vec<(f64, f64)>)> = results
+        .iter()
+        .map(|(m, runs)| {
+            let n = runs.iter().map(|r| r.losses.len()).min().unwrap_or(0);
+            let mean: Vec<f64> = (0..n)
+                .map(|i| runs.iter().map(|r| r.losses[i].1).sum::<f64>() / runs.len() as f64)
+                .collect();
+            let pts = (0..n)
+                .map(|i| {
+                    let lo = i.saturating_sub(19);
+                    let w = &mean[lo..=i];
+                    (
+                        runs[0].losses[i].0 as f64,
+                        w.iter().sum::<f64>() / w.len() as f64,
+                    )
+                })
+                .collect();
+            (m.clone(), pts)
+        })
+        .collect();
+    let all = curves.iter().flat_map(|(_, p)| p.iter());
+    let (mut x1, mut y0, mut y1) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in all {
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !y0.is_finite() {
+        (y0, y1) = (0.0, 1.0);
+    }
+    let sx = |x: f64| PAD + (x / x1) * (W - 2.0 * PAD);
+    let sy = |y: f64| H - PAD - (y - y0) / (y1 - y0).max(1e-9) * (H - 2.0 * PAD);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    s.push_str(&format!(
+        "<line x1=\"{PAD}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{PAD}\" y1=\"{PAD}\" x2=\"{PAD}\" y2=\"{}\" stroke=\"black\"/>\n",
+        H - PAD, W - PAD, H - PAD, H - PAD
+    ));
+    s.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text><text x=\"12\" y=\"{}\" transform=\"rotate(-90 12 {})\" text-anchor=\"middle\">training loss (20-step mean)</text>\n",
+        W / 2.0, H - 12.0, H / 2.0, H / 2.0
+    ));
+    for k in 0..=4 {
+        let y = y0 + (y1 - y0) * k as f64 / 4.0;
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.3}</text>\n",
+            PAD - 4.0,
+            sy(y) + 4.0
+        ));
+    }
+    s.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x1:.0}</text>\n",
+        W - PAD,
+        H - PAD + 16.0
+    ));
+    for (i, (m, pts)) in curves.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        s.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+            path.join(" ")
+        ));
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" fill=\"{c}\">{m}</text>\n",
+            W - PAD - 150.0,
+            PAD + 16.0 * i as f64
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
 }

@@ -10,7 +10,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sparsegrad_engine::artifact::Artifact;
 use sparsegrad_engine::device::parse_device;
-use sparsegrad_engine::methods::{LoraConfig, LoraTargets, MethodSpec};
+use sparsegrad_engine::methods::{
+    LoraConfig, LoraTargets, MePropConfig, MethodSpec, Scope, SparseGradConfig,
+};
 use sparsegrad_engine::models::Task;
 use sparsegrad_engine::optim::Schedule;
 use sparsegrad_engine::pipeline::{self, JobSpec};
@@ -37,6 +39,8 @@ pub enum Command {
     Predict(PredictArgs),
     /// Write base + delta as a Hugging Face-layout folder.
     Merge(MergeArgs),
+    /// Print what an artifact holds: descriptor, tensors by role, sizes.
+    Inspect(InspectArgs),
     /// Convert a LLaMA-architecture GGUF file into a Hugging Face-layout folder.
     ImportGguf(ImportArgs),
     /// Fetch the pinned real models and data used by tests and benchmarks; print where they are.
@@ -66,9 +70,39 @@ impl FixturesArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct MethodArgs {
-    /// full | lora
+    /// full | lora | sparsegrad | meprop
     #[arg(long, default_value = "lora")]
     pub method: String,
+    /// sparsegrad / meprop: fraction of each MLP matrix updated.
+    #[arg(long, default_value_t = 0.01)]
+    pub density: f64,
+    /// sparsegrad / meprop: entries updated per MLP matrix (overrides --density).
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// sparsegrad: fixed | dynamic | refreshed
+    #[arg(long, default_value = "fixed")]
+    pub support: String,
+    /// sparsegrad: re-select a refreshed support every N steps.
+    #[arg(long, default_value_t = 100)]
+    pub refresh_every: usize,
+    /// sparsegrad: micro-batches of gradients that define the bases.
+    #[arg(long, default_value_t = 10)]
+    pub basis_steps: usize,
+    /// sparsegrad: update the weights during the basis phase (the paper's code does).
+    #[arg(long)]
+    pub basis_update: bool,
+    /// sparsegrad: f32 | bf16 bases in the artifact.
+    #[arg(long, default_value = "f32")]
+    pub basis_dtype: String,
+    /// sparsegrad / meprop: mlp (MLP sparse + head) | paper (all else dense)
+    #[arg(long, default_value = "mlp")]
+    pub scope: String,
+    /// sparsegrad / meprop: train the MLP of every n-th block only.
+    #[arg(long, default_value_t = 1)]
+    pub block_stride: usize,
+    /// sparsegrad / meprop: learning-rate multiplier for densely trained parameters.
+    #[arg(long)]
+    pub dense_lr_scale: Option<f64>,
     #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
@@ -90,8 +124,34 @@ impl MethodArgs {
                 dropout: self.lora_dropout,
                 targets: self.lora_targets.parse::<LoraTargets>()?,
             }),
-            other => anyhow::bail!("unknown method `{other}` (full, lora)"),
+            "sparsegrad" => MethodSpec::Sparsegrad(SparseGradConfig {
+                density: self.density,
+                k: self.k,
+                support: serde_json::from_value(self.support.clone().into())
+                    .map_err(|_| anyhow::anyhow!("--support: fixed, dynamic or refreshed"))?,
+                refresh_every: self.refresh_every,
+                basis_steps: self.basis_steps,
+                basis_update: self.basis_update,
+                scope: self.scope()?,
+                block_stride: self.block_stride,
+                basis_dtype: serde_json::from_value(self.basis_dtype.clone().into())
+                    .map_err(|_| anyhow::anyhow!("--basis-dtype: f32 or bf16"))?,
+                dense_lr_scale: self.dense_lr_scale,
+            }),
+            "meprop" => MethodSpec::Meprop(MePropConfig {
+                density: self.density,
+                k: self.k,
+                scope: self.scope()?,
+                block_stride: self.block_stride,
+                dense_lr_scale: self.dense_lr_scale,
+            }),
+            other => anyhow::bail!("unknown method `{other}` (full, lora, sparsegrad, meprop)"),
         })
+    }
+
+    fn scope(&self) -> Result<Scope> {
+        serde_json::from_value(self.scope.clone().into())
+            .map_err(|_| anyhow::anyhow!("--scope: mlp or paper"))
     }
 }
 
@@ -117,7 +177,7 @@ pub struct TrainArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    /// Learning rate (default 5e-5 for full, 5e-4 for LoRA).
+    /// Learning rate (default 5e-5 for full, 5e-4 for LoRA, 1e-3 for sparsegrad and meprop).
     #[arg(long)]
     pub lr: Option<f64>,
     /// constant | linear | cosine
@@ -155,6 +215,9 @@ pub struct TrainArgs {
     pub limit_train: Option<usize>,
     #[arg(long)]
     pub limit_valid: Option<usize>,
+    /// Cache SparseGrad bases here, keyed by base model, data and settings.
+    #[arg(long)]
+    pub basis_cache: Option<PathBuf>,
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -210,6 +273,15 @@ pub struct MergeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// An artifact folder or its delta.safetensors.
+    pub artifact: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct ImportArgs {
     pub gguf: PathBuf,
     #[arg(long)]
@@ -247,6 +319,16 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", a.out.display());
             Ok(())
         }
+        Command::Inspect(a) => {
+            let art = Artifact::load(&a.artifact)?;
+            let s = art.summary();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", s.to_text());
+            }
+            Ok(())
+        }
         Command::ImportGguf(a) => {
             let dtype = pipeline::parse_dtype(Some(&a.dtype))?;
             let r = sparsegrad_engine::gguf::import_gguf(&a.gguf, &a.out, dtype)?;
@@ -265,10 +347,7 @@ pub fn run(cli: Cli) -> Result<()> {
 fn train(a: TrainArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let method = a.method.spec()?;
-    let lr = a.lr.unwrap_or(match method {
-        MethodSpec::Full => 5e-5,
-        _ => 5e-4,
-    });
+    let lr = a.lr.unwrap_or(method.default_lr());
     let spec = JobSpec {
         model_dir: a.model.clone(),
         model_name: None,
@@ -355,6 +434,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let io = TrainIo {
         on_event: &mut on_event,
         cancel: &cancel,
+        cache_dir: a.basis_cache.clone(),
         checkpoint_dir: Some(a.out.join("checkpoints")),
         resume_from: a.resume.clone(),
     };
@@ -371,6 +451,11 @@ fn train(a: TrainArgs) -> Result<()> {
         "final_loss": out.summary.final_loss,
         "peak_rss_bytes": out.summary.peak_rss_bytes,
         "losses": out.summary.losses,
+        "trainable_params": out.summary.trainable_params,
+        "optimizer_state": out.summary.optimizer_state,
+        "step_secs": out.summary.step_secs,
+        "calibration_secs": out.summary.calibration_secs,
+        "method_stats": out.summary.method_stats,
         "initialised": out.load_report.initialised,
         "train_rows": out.train_stats.rows,
         "truncated_rows": out.train_stats.truncated,

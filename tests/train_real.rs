@@ -180,6 +180,7 @@ fn smollm2_first_layers_sft_lowers_validation_loss() {
             TrainIo {
                 on_event: &mut |_| {},
                 cancel: &cancel,
+                cache_dir: None,
                 checkpoint_dir: None,
                 resume_from: None,
             },

@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{read_config, read_tensors};
 use crate::data::LabelMap;
-use crate::methods::DeltaEntry;
-use crate::models::{Arch, Model, Task};
+use crate::methods::sparsegrad::basis::Basis;
+use crate::methods::sparsegrad::basis_tensor_name;
+use crate::methods::sparsegrad::core::{expand_plain, HostBasis};
+use crate::methods::{BasisSide, DeltaEntry};
+use crate::models::{Arch, MlpKind, Model, Task};
 use crate::nn::Param;
 use crate::{Error, Result};
 
@@ -106,6 +109,8 @@ impl Artifact {
         let w = &mut model.weights;
         let (dev, dtype) = (w.device.clone(), w.dtype);
         let mut lora: BTreeMap<String, (Option<Tensor>, Option<Tensor>, f64)> = BTreeMap::new();
+        let mut sparse: BTreeMap<String, Option<MlpKind>> = BTreeMap::new();
+        let mut adds: Vec<(String, Tensor)> = Vec::new();
         for (name, entry) in &self.descriptor.entries {
             let t = self.tensors.get(name).ok_or_else(|| {
                 Error::Artifact(format!("descriptor names `{name}` but the file lacks it"))
@@ -125,6 +130,11 @@ impl Artifact {
                         Param::Frozen(t.to_device(&dev)?.to_dtype(dtype)?),
                     );
                 }
+                DeltaEntry::Sparse { param, basis } => {
+                    sparse.insert(param.clone(), *basis);
+                }
+                DeltaEntry::Basis { .. } => {}
+                DeltaEntry::Add { param } => adds.push((param.clone(), t.clone())),
                 DeltaEntry::Lora { linear, scale } => {
                     let e = lora.entry(linear.clone()).or_insert((None, None, *scale));
                     if name.ends_with("lora_A.weight") {
@@ -152,7 +162,112 @@ impl Artifact {
             let merged = (base + delta)?.to_dtype(dtype)?.to_device(&dev)?;
             w.insert(wn, Param::Frozen(merged));
         }
+        // Dense additions and sparse updates both add to the base weight: sum them in f32,
+        // round once.
+        let mut add_to: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (param, t) in adds {
+            let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            let e = match add_to.remove(&param) {
+                Some(prev) => (prev + t)?,
+                None => t,
+            };
+            add_to.insert(param, e);
+        }
+        let mut bases: BTreeMap<MlpKind, HostBasis> = BTreeMap::new();
+        for (param, kind) in sparse {
+            let base = w.get(&param)?;
+            let (out, inp) = base.dims2()?;
+            let (idx, vals) = self.sparse_entries(&param, out, inp)?;
+            let d = match kind {
+                None => expand_plain(out, inp, &idx, &vals, &Device::Cpu)?,
+                Some(kind) => {
+                    if !bases.contains_key(&kind) {
+                        bases.insert(kind, self.basis(kind, out, inp)?);
+                    }
+                    bases[&kind].expand(out, inp, &idx, &vals)?
+                }
+            };
+            let e = match add_to.remove(&param) {
+                Some(prev) => (prev + d)?,
+                None => d,
+            };
+            add_to.insert(param, e);
+        }
+        for (param, d) in add_to {
+            let base = w.get(&param)?;
+            if base.dims() != d.dims() {
+                return Err(Error::Artifact(format!(
+                    "delta for `{param}` has shape {:?} but the weight {:?}",
+                    d.dims(),
+                    base.dims()
+                )));
+            }
+            let merged = (base.to_dtype(DType::F32)?.to_device(&Device::Cpu)? + d)?
+                .to_dtype(dtype)?
+                .to_device(&dev)?;
+            w.insert(param, Param::Frozen(merged));
+        }
         Ok(())
+    }
+
+    /// A sparse entry's flat indices and values, checked against the weight's shape.
+    pub fn sparse_entries(
+        &self,
+        param: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let get = |suffix: &str| {
+            self.tensors
+                .get(&format!("{param}.{suffix}"))
+                .ok_or_else(|| {
+                    Error::Artifact(format!("sparse delta for `{param}` lacks `{suffix}`"))
+                })
+        };
+        let rc = get("sparse_indices")?.to_dtype(DType::I64)?;
+        let vals: Vec<f32> = get("sparse_values")?.to_dtype(DType::F32)?.to_vec1()?;
+        let (two, k) = rc.dims2()?;
+        if two != 2 || k != vals.len() {
+            return Err(Error::Artifact(format!(
+                "`{param}.sparse_indices` must be (2, {}) but is ({two}, {k})",
+                vals.len()
+            )));
+        }
+        let rc: Vec<Vec<i64>> = rc.to_vec2()?;
+        let mut idx = Vec::with_capacity(k);
+        for (&r, &c) in rc[0].iter().zip(&rc[1]) {
+            if r < 0 || c < 0 || r as usize >= out || c as usize >= inp {
+                return Err(Error::Artifact(format!(
+                    "`{param}` has an index ({r}, {c}) outside its {out}×{inp} weight"
+                )));
+            }
+            idx.push((r as usize * inp + c as usize) as u32);
+        }
+        Ok((idx, vals))
+    }
+
+    fn basis(&self, kind: MlpKind, out: usize, inp: usize) -> Result<HostBasis> {
+        let get = |side| {
+            let n = basis_tensor_name(kind, side);
+            self.tensors
+                .get(&n)
+                .ok_or_else(|| Error::Artifact(format!("artifact lacks basis `{n}`")))
+                .and_then(|t| Ok(t.to_dtype(DType::F32)?))
+        };
+        let (p, q) = (get(BasisSide::P)?, get(BasisSide::Q)?);
+        if p.dims() != [out, out] || q.dims() != [inp, inp] {
+            return Err(Error::Artifact(format!(
+                "basis of `{}` does not fit a {out}×{inp} weight",
+                kind.as_str()
+            )));
+        }
+        HostBasis::new(Basis {
+            p,
+            q,
+            eig_p: Vec::new(),
+            eig_q: Vec::new(),
+            samples: 0,
+        })
     }
 }
 
@@ -243,4 +358,208 @@ pub fn merge(base_dir: &Path, artifact: &Artifact, out: &Path, seed: u64) -> Res
         }
     }
     Ok(())
+}
+
+/// What `sparsegrad inspect` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub format: String,
+    pub format_version: u32,
+    pub method: String,
+    pub hyperparameters: serde_json::Value,
+    pub arch: String,
+    pub task: String,
+    pub labels: Option<Vec<String>>,
+    pub base_model: Option<String>,
+    pub base_model_sha256: String,
+    pub total_bytes: usize,
+    pub roles: BTreeMap<String, RoleSummary>,
+    pub sparse: Vec<SparseSummary>,
+    pub tensors: Vec<TensorSummary>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RoleSummary {
+    pub tensors: usize,
+    pub elements: usize,
+    pub bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SparseSummary {
+    pub param: String,
+    pub entries: usize,
+    /// `(out, in)` when the artifact's basis tells it.
+    pub shape: Option<(usize, usize)>,
+    pub density: Option<f64>,
+    pub basis: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorSummary {
+    pub name: String,
+    pub role: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+fn role(e: &DeltaEntry) -> &'static str {
+    match e {
+        DeltaEntry::Dense { .. } => "dense",
+        DeltaEntry::Lora { .. } => "lora",
+        DeltaEntry::Sparse { .. } => "sparse",
+        DeltaEntry::Basis { .. } => "basis",
+        DeltaEntry::Add { .. } => "dense_add",
+    }
+}
+
+fn human(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= 1048576.0 {
+        format!("{:.2} MiB", b / 1048576.0)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+impl Artifact {
+    pub fn summary(&self) -> Summary {
+        let d = &self.descriptor;
+        let mut roles: BTreeMap<String, RoleSummary> = BTreeMap::new();
+        let mut tensors = Vec::new();
+        let mut total = 0;
+        for (name, t) in &self.tensors {
+            let r = d.entries.get(name).map(role).unwrap_or("unlisted");
+            let bytes = t.elem_count() * t.dtype().size_in_bytes();
+            total += bytes;
+            let e = roles.entry(r.to_string()).or_default();
+            e.tensors += 1;
+            e.elements += t.elem_count();
+            e.bytes += bytes;
+            tensors.push(TensorSummary {
+                name: name.clone(),
+                role: r.into(),
+                dtype: format!("{:?}", t.dtype()).to_lowercase(),
+                shape: t.dims().to_vec(),
+                bytes,
+            });
+        }
+        let mut sparse = Vec::new();
+        for (name, e) in &d.entries {
+            let DeltaEntry::Sparse { param, basis } = e else {
+                continue;
+            };
+            if !name.ends_with(".sparse_values") {
+                continue;
+            }
+            let entries = self.tensors.get(name).map(|t| t.elem_count()).unwrap_or(0);
+            let shape = basis.and_then(|k| {
+                let p = self.tensors.get(&basis_tensor_name(k, BasisSide::P))?;
+                let q = self.tensors.get(&basis_tensor_name(k, BasisSide::Q))?;
+                Some((p.dim(0).ok()?, q.dim(0).ok()?))
+            });
+            sparse.push(SparseSummary {
+                param: param.clone(),
+                entries,
+                shape,
+                density: shape.map(|(o, i)| entries as f64 / (o * i) as f64),
+                basis: basis.map(|k| k.as_str().to_string()),
+            });
+        }
+        Summary {
+            format: d.format.clone(),
+            format_version: d.format_version,
+            method: d.method.clone(),
+            hyperparameters: d.hyperparameters.clone(),
+            arch: d.arch.as_str().into(),
+            task: d.task.name().into(),
+            labels: d.labels.as_ref().map(|l| l.names.clone()),
+            base_model: d.base_model.clone(),
+            base_model_sha256: d.base_model_sha256.clone(),
+            total_bytes: total,
+            roles,
+            sparse,
+            tensors,
+        }
+    }
+}
+
+impl Summary {
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} v{} · method {} · {} {}",
+            self.format, self.format_version, self.method, self.arch, self.task
+        );
+        if let Some(l) = &self.labels {
+            let _ = writeln!(s, "labels: {}", l.join(", "));
+        }
+        let _ = writeln!(
+            s,
+            "base model: {} (sha256 {})",
+            self.base_model.as_deref().unwrap_or("?"),
+            self.base_model_sha256
+        );
+        let _ = writeln!(s, "hyperparameters: {}", self.hyperparameters);
+        let _ = writeln!(
+            s,
+            "\n{:<10} {:>8} {:>12} {:>12}",
+            "role", "tensors", "elements", "size"
+        );
+        for (r, x) in &self.roles {
+            let _ = writeln!(
+                s,
+                "{r:<10} {:>8} {:>12} {:>12}",
+                x.tensors,
+                x.elements,
+                human(x.bytes)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<10} {:>8} {:>12} {:>12}",
+            "total",
+            self.tensors.len(),
+            "",
+            human(self.total_bytes)
+        );
+        if !self.sparse.is_empty() {
+            let _ = writeln!(s, "\nsparse matrices:");
+            for m in &self.sparse {
+                let shape = m
+                    .shape
+                    .map(|(o, i)| {
+                        format!(
+                            " of {o}×{i} ({:.3}%)",
+                            100.0 * m.entries as f64 / (o * i) as f64
+                        )
+                    })
+                    .unwrap_or_default();
+                let basis = m
+                    .basis
+                    .as_deref()
+                    .map(|b| format!(", basis {b}"))
+                    .unwrap_or_else(|| ", original basis".into());
+                let _ = writeln!(s, "  {}: {} entries{shape}{basis}", m.param, m.entries);
+            }
+        }
+        let _ = writeln!(s, "\ntensors:");
+        for t in &self.tensors {
+            let _ = writeln!(
+                s,
+                "  {:<64} {:<6} {:<10} {:>9} {:?}",
+                t.name,
+                t.role,
+                t.dtype,
+                human(t.bytes),
+                t.shape
+            );
+        }
+        s
+    }
 }

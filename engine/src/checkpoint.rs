@@ -74,6 +74,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )))
 }
 
+pub fn sha256_bytes(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
 pub fn sha256_files(files: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     for f in files {
@@ -343,6 +347,7 @@ pub fn build_model(
         config,
         raw_config,
         weights: Weights::new(params, opts.device.clone(), opts.dtype),
+        fingerprint: None,
     })
 }
 
@@ -377,7 +382,8 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(Model, LoadReport)>
         base_sha256: sha256_files(&files)?,
         ..Default::default()
     };
-    let model = build_model(arch, raw, tensors, opts, &mut report)?;
+    let mut model = build_model(arch, raw, tensors, opts, &mut report)?;
+    model.fingerprint = Some(report.base_sha256.clone());
     Ok((model, report))
 }
 

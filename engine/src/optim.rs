@@ -148,6 +148,17 @@ impl AdamW {
         Ok(AdamW { cfg, slots, t: 0 })
     }
 
+    /// Numbers of optimizer state held (moments and master copies), for memory reports.
+    pub fn state_len(&self) -> usize {
+        self.slots
+            .values()
+            .map(|s| {
+                let n = s.var.elem_count();
+                2 * n + s.master.as_ref().map_or(0, |_| n)
+            })
+            .sum()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.slots.keys()
     }

@@ -175,6 +175,15 @@ pub struct TrainSummary {
     pub eval: Option<EvalMetrics>,
     pub peak_rss_bytes: Option<u64>,
     pub losses: Vec<(usize, f64)>,
+    /// Parameters the method trains and numbers of optimizer state it holds.
+    pub trainable_params: usize,
+    pub optimizer_state: usize,
+    /// Mean wall time of an optimizer step (forward, backward and update), seconds.
+    pub step_secs: f64,
+    /// Wall time of the method's calibration (SparseGrad's basis phase), seconds.
+    pub calibration_secs: f64,
+    #[serde(default)]
+    pub method_stats: serde_json::Value,
 }
 
 /// What the trainer reads back from a checkpoint folder besides tensors.
@@ -191,6 +200,9 @@ pub struct CheckpointMeta {
 pub struct TrainIo<'a> {
     pub on_event: &'a mut dyn FnMut(&Event),
     pub cancel: &'a AtomicBool,
+    /// Where methods may cache what they derive from the base model and data (SparseGrad
+    /// bases); `None` disables caching.
+    pub cache_dir: Option<PathBuf>,
     /// Where periodic checkpoints go (`step-N/` folders).
     pub checkpoint_dir: Option<PathBuf>,
     /// A `step-N/` folder to resume from.
@@ -303,10 +315,42 @@ pub fn train(
         start_step = meta.step;
         tokens = meta.tokens;
     }
+    let calibration_started = Instant::now();
+    if io.resume_from.is_none() {
+        let order0 = epoch_order(n, cfg.seed, 0, true);
+        let mut backward = |m: &Model, i: usize| -> Result<candle_core::backprop::GradStore> {
+            let idx = i % per_epoch;
+            let sel: Vec<&Example> = order0
+                [idx * cfg.batch_size..((idx + 1) * cfg.batch_size).min(n)]
+                .iter()
+                .map(|&j| &train_set.examples[j])
+                .collect();
+            let batch = collate(&sel, pad, dtype, &device)?;
+            let mut ctx = Ctx::train(
+                crate::rng::stream(cfg.seed, "calibration", i as u64),
+                cfg.dropout,
+            );
+            let logits = m.forward(&batch, &mut ctx)?;
+            Ok(m.loss(&logits, &batch)?.backward()?)
+        };
+        let cache = io
+            .cache_dir
+            .clone()
+            .map(|d| (d, data_key(train_set, cfg, dtype)));
+        method.calibrate(
+            model,
+            crate::methods::Calibration {
+                lr: cfg.lr,
+                cache,
+                backward: &mut backward,
+            },
+        )?;
+    }
+    let calibration_secs = calibration_started.elapsed().as_secs_f64();
     (io.on_event)(&Event::Started {
         total_steps: total,
         start_step,
-        trainable_params: model.weights.num_params(true),
+        trainable_params: method.trainable_count(model),
         total_params: model.weights.num_params(false),
         examples: n,
     });
@@ -317,12 +361,20 @@ pub fn train(
     let mut losses = Vec::new();
     let mut last_loss = f64::NAN;
     let mut last_eval = None;
+    let mut step_time = 0.0;
     for step in start_step..total {
         if io.cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
+        let step_started = Instant::now();
         let mut step_loss = 0.0;
         let mut micro_count = 0;
+        let micro_planned = (0..cfg.grad_accum)
+            .filter(|micro| {
+                cfg.max_steps.is_some() || (step * cfg.grad_accum + micro) / per_epoch < cfg.epochs
+            })
+            .count();
+        method.begin_step(step, micro_planned)?;
         for micro in 0..cfg.grad_accum {
             let mb = step * cfg.grad_accum + micro;
             let epoch = mb / per_epoch;
@@ -365,6 +417,7 @@ pub fn train(
         orders.retain(|&e, _| e + 1 >= (step * cfg.grad_accum) / per_epoch);
         let lr = lr_at(cfg.lr, cfg.schedule, cfg.warmup_steps, total, step);
         let grad_norm = method.step(model, lr, cfg.max_grad_norm)?;
+        step_time += step_started.elapsed().as_secs_f64();
         last_loss = step_loss / micro_count.max(1) as f64;
         losses.push((step + 1, last_loss));
         let elapsed = started.elapsed().as_secs_f64();
@@ -425,7 +478,27 @@ pub fn train(
         eval: last_eval,
         peak_rss_bytes: peak_rss_bytes(),
         losses,
+        trainable_params: method.trainable_count(model),
+        optimizer_state: method.optimizer_state_len(),
+        step_secs: step_time / (total - start_step).max(1) as f64,
+        calibration_secs,
+        method_stats: method.stats(),
     })
+}
+
+/// Names the calibration data: every example's tokens and target, plus what shapes the
+/// batches (seed, batch size, dropout, dtype).
+fn data_key(data: &Dataset, cfg: &TrainConfig, dtype: DType) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for e in &data.examples {
+        for id in &e.ids {
+            h.update(id.to_le_bytes());
+        }
+        h.update(format!("|{:?}|", e.target).as_bytes());
+    }
+    h.update(format!("{}:{}:{}:{dtype:?}", cfg.seed, cfg.batch_size, cfg.dropout).as_bytes());
+    hex::encode(h.finalize())
 }
 
 /// Loss and task metrics over a dataset, in order, without dropout.

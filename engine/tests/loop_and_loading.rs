@@ -257,6 +257,7 @@ fn gradient_accumulation_equals_the_larger_batch() {
             TrainIo {
                 on_event: &mut |_| {},
                 cancel: &cancel,
+                cache_dir: None,
                 checkpoint_dir: None,
                 resume_from: None,
             },

@@ -9,7 +9,9 @@ use rand::Rng;
 use sparsegrad_engine::artifact::{merge, Artifact};
 use sparsegrad_engine::checkpoint::{load_model, LoadOptions};
 use sparsegrad_engine::data::{collate, Example};
-use sparsegrad_engine::methods::{LoraConfig, LoraTargets, MethodSpec};
+use sparsegrad_engine::methods::{
+    LoraConfig, LoraTargets, MePropConfig, MethodSpec, Scope, SparseGradConfig, Support,
+};
 use sparsegrad_engine::models::{Arch, Model, Task};
 use sparsegrad_engine::nn::Ctx;
 use sparsegrad_engine::optim::Schedule;
@@ -73,6 +75,24 @@ fn spec(model: &Path, data: &Path, method: MethodSpec, max_steps: usize) -> JobS
     }
 }
 
+fn sparsegrad(support: Support, scope: Scope) -> MethodSpec {
+    MethodSpec::Sparsegrad(SparseGradConfig {
+        density: 0.1,
+        support,
+        scope,
+        basis_steps: 3,
+        refresh_every: 3,
+        ..Default::default()
+    })
+}
+
+fn meprop() -> MethodSpec {
+    MethodSpec::Meprop(MePropConfig {
+        density: 0.1,
+        ..Default::default()
+    })
+}
+
 fn lora() -> MethodSpec {
     MethodSpec::Lora(LoraConfig {
         r: 2,
@@ -88,6 +108,10 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
         (Arch::Bert, MethodSpec::Full),
         (Arch::Roberta, lora()),
         (Arch::Llama, lora()),
+        (Arch::Bert, sparsegrad(Support::Fixed, Scope::Mlp)),
+        (Arch::Roberta, sparsegrad(Support::Refreshed, Scope::Paper)),
+        (Arch::Llama, sparsegrad(Support::Dynamic, Scope::Mlp)),
+        (Arch::Bert, meprop()),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let mdir = tmp.path().join("model");
@@ -103,6 +127,7 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
             TrainIo {
                 on_event: &mut |_| {},
                 cancel: &cancel,
+                cache_dir: None,
                 checkpoint_dir: None,
                 resume_from: None,
             },
@@ -125,6 +150,7 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
             TrainIo {
                 on_event: &mut on_event,
                 cancel: &cancel2,
+                cache_dir: None,
                 checkpoint_dir: Some(ck.clone()),
                 resume_from: None,
             },
@@ -138,6 +164,7 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
             TrainIo {
                 on_event: &mut |_| {},
                 cancel: &cancel,
+                cache_dir: None,
                 checkpoint_dir: None,
                 resume_from: Some(ck.join("step-5")),
             },
@@ -163,7 +190,11 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
         .0;
         let moved = a
             .iter()
-            .filter(|(k, _)| k.contains("lora_B") || k.ends_with("intermediate.dense.weight"))
+            .filter(|(k, _)| {
+                k.contains("lora_B")
+                    || k.ends_with("intermediate.dense.weight")
+                    || k.ends_with("sparse_values")
+            })
             .any(|(k, t)| {
                 base.weights
                     .get_opt(k)
@@ -199,6 +230,10 @@ fn merged_model_equals_in_memory_fine_tuned_model() {
         (Arch::Roberta, lora()),
         (Arch::Llama, lora()),
         (Arch::Llama, MethodSpec::Full),
+        (Arch::Bert, sparsegrad(Support::Fixed, Scope::Mlp)),
+        (Arch::Roberta, sparsegrad(Support::Refreshed, Scope::Mlp)),
+        (Arch::Llama, sparsegrad(Support::Dynamic, Scope::Paper)),
+        (Arch::Bert, meprop()),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let mdir = tmp.path().join("model");
@@ -211,6 +246,7 @@ fn merged_model_equals_in_memory_fine_tuned_model() {
             TrainIo {
                 on_event: &mut |_| {},
                 cancel: &cancel,
+                cache_dir: None,
                 checkpoint_dir: None,
                 resume_from: None,
             },
@@ -286,6 +322,7 @@ fn merge_refuses_a_different_base_model() {
         TrainIo {
             on_event: &mut |_| {},
             cancel: &cancel,
+            cache_dir: None,
             checkpoint_dir: None,
             resume_from: None,
         },
@@ -320,6 +357,7 @@ fn training_learns_a_simple_rule_and_predicts_labels() {
                 }
             },
             cancel: &cancel,
+            cache_dir: None,
             checkpoint_dir: None,
             resume_from: None,
         },
@@ -379,6 +417,7 @@ fn causal_lm_generates_and_bf16_trains() {
         TrainIo {
             on_event: &mut |_| {},
             cancel: &cancel,
+            cache_dir: None,
             checkpoint_dir: None,
             resume_from: None,
         },

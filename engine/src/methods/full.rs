@@ -40,6 +40,9 @@ impl Method for Full {
     fn step(&mut self, _model: &mut Model, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
         self.dense.step(lr, max_grad_norm)
     }
+    fn optimizer_state_len(&self) -> usize {
+        self.dense.state_len()
+    }
     fn state(&self, model: &Model) -> Result<(BTreeMap<String, Tensor>, u64)> {
         self.dense.state(model)
     }

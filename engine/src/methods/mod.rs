@@ -17,6 +17,7 @@ use crate::{Error, Result};
 
 pub use full::Full;
 pub use lora::{Lora, LoraConfig, LoraTargets};
+pub use sparsegrad::{MePropConfig, Scope, SparseGradConfig, SparseMlp, Support};
 
 /// How an artifact tensor is applied to the base model.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -26,6 +27,41 @@ pub enum DeltaEntry {
     Dense { param: String },
     /// `W += scale · B · A` on the named linear.
     Lora { linear: String, scale: f64 },
+    /// A sparse update of `param` in a rotated basis: `W += P S Qᵀ`, `S` given by
+    /// `{param}.sparse_indices` (int32, `(2, k)`: row, col) and `{param}.sparse_values`
+    /// (`(k,)`); `P`, `Q` are the basis tensors of `basis` (absent for MeProp: `W += S`).
+    Sparse {
+        param: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        basis: Option<crate::models::MlpKind>,
+    },
+    /// One side of a SparseGrad basis: `P` (out×out) or `Q` (in×in) of a matrix type.
+    Basis {
+        mlp_kind: crate::models::MlpKind,
+        side: BasisSide,
+    },
+    /// The tensor is added to the base parameter (a dense change, e.g. SparseGrad's basis
+    /// phase when it updates the weights as the paper's code does).
+    Add { param: String },
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BasisSide {
+    P,
+    Q,
+}
+
+/// What the trainer gives a method's [`Method::calibrate`].
+pub struct Calibration<'a> {
+    /// The run's base learning rate.
+    pub lr: f64,
+    /// A cache folder and a key naming the data, order and settings the calibration batches
+    /// come from; `None` disables caching.
+    pub cache: Option<(std::path::PathBuf, String)>,
+    /// `backward(model, i)` runs the forward and backward pass of the `i`-th training
+    /// micro-batch (the first batches of the first epoch) and returns its gradients.
+    pub backward: &'a mut dyn FnMut(&Model, usize) -> Result<GradStore>,
 }
 
 pub trait Method: Send {
@@ -34,6 +70,15 @@ pub trait Method: Send {
     fn hyperparameters(&self) -> serde_json::Value;
     /// Freezes, unfreezes and attaches adapters. `seed` drives any new initialisation.
     fn prepare(&mut self, model: &mut Model, seed: u64) -> Result<()>;
+    /// Runs once before the first step of a fresh (not resumed) run, for methods that need
+    /// gradient statistics first (SparseGrad's basis phase).
+    fn calibrate(&mut self, _model: &mut Model, _cal: Calibration<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// Called before each optimizer step's micro-batches run (0-based step).
+    fn begin_step(&mut self, _step: usize, _micro_batches: usize) -> Result<()> {
+        Ok(())
+    }
     /// Adds one micro-batch's gradients to the running sums.
     fn accumulate(&mut self, model: &Model, grads: GradStore) -> Result<()>;
     /// Applies the accumulated update at learning rate `lr`; returns the pre-clipping norm.
@@ -46,6 +91,16 @@ pub trait Method: Send {
         state: &BTreeMap<String, Tensor>,
         t: u64,
     ) -> Result<()>;
+    /// Parameters this method trains (SparseGrad counts k per sparse matrix).
+    fn trainable_count(&self, model: &Model) -> usize {
+        model.weights.num_params(true)
+    }
+    /// Numbers of optimizer state held (moments, master copies).
+    fn optimizer_state_len(&self) -> usize;
+    /// Method-specific figures for the run summary (e.g. how much a dynamic support touched).
+    fn stats(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// Artifact tensors and how each applies to the base model.
     fn delta(
         &self,
@@ -90,13 +145,27 @@ impl DenseTrainer {
     }
 
     pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
-        let grads = std::mem::take(&mut self.acc);
+        let grads = self.take();
         let norm = grad_norm(&grads)?;
+        self.apply(&grads, lr, clip_scale(norm, max_grad_norm))?;
+        Ok(norm)
+    }
+
+    /// The accumulated gradients, leaving the sums empty (for methods that clip jointly with
+    /// gradients of their own).
+    pub fn take(&mut self) -> BTreeMap<String, Tensor> {
+        std::mem::take(&mut self.acc)
+    }
+
+    pub fn apply(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, gscale: f64) -> Result<()> {
         self.opt
             .as_mut()
             .ok_or_else(|| Error::Other("optimizer used before prepare".into()))?
-            .step_scaled(&grads, lr, clip_scale(norm, max_grad_norm))?;
-        Ok(norm)
+            .step_scaled(grads, lr, gscale)
+    }
+
+    pub fn state_len(&self) -> usize {
+        self.opt.as_ref().map_or(0, AdamW::state_len)
     }
 
     pub fn state(&self, model: &Model) -> Result<(BTreeMap<String, Tensor>, u64)> {
@@ -147,6 +216,8 @@ impl DenseTrainer {
 pub enum MethodSpec {
     Full,
     Lora(LoraConfig),
+    Sparsegrad(SparseGradConfig),
+    Meprop(MePropConfig),
 }
 
 impl MethodSpec {
@@ -157,12 +228,33 @@ impl MethodSpec {
                 c.validate()?;
                 Box::new(Lora::new(c.clone(), adam))
             }
+            MethodSpec::Sparsegrad(c) => {
+                c.validate()?;
+                Box::new(SparseMlp::sparsegrad(c.clone(), adam))
+            }
+            MethodSpec::Meprop(c) => {
+                c.validate()?;
+                Box::new(SparseMlp::meprop(c.clone(), adam))
+            }
         })
     }
     pub fn name(&self) -> &'static str {
         match self {
             MethodSpec::Full => "full",
             MethodSpec::Lora(_) => "lora",
+            MethodSpec::Sparsegrad(_) => "sparsegrad",
+            MethodSpec::Meprop(_) => "meprop",
+        }
+    }
+
+    /// The learning rate a method works with when the job gives none: sparse methods update
+    /// ~1% of each MLP matrix and need about 10× full fine-tuning's rate (at 1e-4 a fixed
+    /// support did not learn at all in our PyTorch re-implementation).
+    pub fn default_lr(&self) -> f64 {
+        match self {
+            MethodSpec::Full => 5e-5,
+            MethodSpec::Lora(_) => 5e-4,
+            MethodSpec::Sparsegrad(_) | MethodSpec::Meprop(_) => 1e-3,
         }
     }
 }

@@ -114,6 +114,18 @@ pub enum MlpKind {
     Down,
 }
 
+impl MlpKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MlpKind::Intermediate => "intermediate",
+            MlpKind::Output => "output",
+            MlpKind::Gate => "gate",
+            MlpKind::Up => "up",
+            MlpKind::Down => "down",
+        }
+    }
+}
+
 pub enum Config {
     Encoder(bert::EncoderConfig),
     Llama(llama::LlamaConfig),
@@ -126,6 +138,9 @@ pub struct Model {
     /// The checkpoint's config.json, kept so merged models are written with it.
     pub raw_config: serde_json::Value,
     pub weights: Weights,
+    /// Identity of the base weights (sha256 of the weight files) when loaded from disk; keys
+    /// caches of things derived from the base model (SparseGrad bases).
+    pub fingerprint: Option<String>,
 }
 
 impl Model {

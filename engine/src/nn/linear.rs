@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor,
+    backend::BackendStorage, CpuStorage, CudaStorage, CustomOp3, Layout, Shape, Tensor,
 };
 
 /// Receives a frozen linear layer's input and upstream gradient during backward, so a method
@@ -10,6 +10,10 @@ use candle_core::{
 pub trait WeightGradHook: Send + Sync {
     /// `x`: the layer input as `(tokens, in)`; `grad_out`: `∂L/∂y` as `(tokens, out)`.
     fn on_backward(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<()>;
+    /// A variable the tap's output depends on, so that backward reaches the layer even when
+    /// nothing below it is trained (SparseGrad's `mlp` scope freezes every other weight).
+    /// Its gradient is never formed.
+    fn anchor(&self) -> &Tensor;
 }
 
 /// Passes `y` through unchanged in the forward pass and, in the backward pass, sends `x` the
@@ -29,7 +33,7 @@ fn check_plain(l: &Layout) -> candle_core::Result<()> {
     Ok(())
 }
 
-impl CustomOp2 for GradTap {
+impl CustomOp3 for GradTap {
     fn name(&self) -> &'static str {
         "frozen-linear-grad-tap"
     }
@@ -40,6 +44,8 @@ impl CustomOp2 for GradTap {
         l1: &Layout,
         _s2: &CpuStorage,
         _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         check_plain(l1)?;
         if let Some(b) = &self.bias {
@@ -57,6 +63,8 @@ impl CustomOp2 for GradTap {
         l1: &Layout,
         _s2: &CudaStorage,
         _l2: &Layout,
+        _s3: &CudaStorage,
+        _l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         check_plain(l1)?;
         Ok((s1.try_clone(l1)?, l1.shape().clone()))
@@ -66,9 +74,10 @@ impl CustomOp2 for GradTap {
         &self,
         _y: &Tensor,
         x: &Tensor,
+        _anchor: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if let Some(hook) = &self.hook {
             hook.on_backward(&x.detach(), grad)?;
         }
@@ -77,7 +86,7 @@ impl CustomOp2 for GradTap {
         } else {
             None
         };
-        Ok((None, gx))
+        Ok((None, gx, None))
     }
 }
 
@@ -108,8 +117,14 @@ pub fn frozen_linear_bias(
             None => Ok(y),
         };
     }
-    let out = y.apply_op2(
+    // Without a hook the input itself carries the tracking; with one, the hook's anchor does.
+    let anchor = match &hook {
+        Some(h) => h.anchor().clone(),
+        None => x.clone(),
+    };
+    let out = y.apply_op3(
         x,
+        &anchor,
         GradTap {
             weight: weight.detach(),
             bias: fold.map(|b| b.contiguous()).transpose()?,

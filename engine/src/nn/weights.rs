@@ -138,7 +138,8 @@ impl Weights {
         let adapter = self.adapters.get(prefix);
         let bias = self.get_opt(&format!("{prefix}.bias"));
         let hook = match adapter {
-            Some(Adapter::Hook(h)) => Some(h.clone()),
+            // Hooks collect weight gradients: only while training.
+            Some(Adapter::Hook(h)) if ctx.rng.is_some() => Some(h.clone()),
             _ => None,
         };
         let mut y = match w {

@@ -1,0 +1,339 @@
+//! What the sparse methods keep per MLP matrix and the hook that feeds it during backward.
+//!
+//! The hook sees a layer's input `x (T×in)` and upstream gradient `g (T×out)` inside the
+//! layer's own backward, forms the weight gradient, rotates it (SparseGrad) and reduces it
+//! to what the step needs — k values — before the next layer's backward runs, so no more
+//! than one matrix's dense gradient is alive at a time.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::adam::{SparseAdam, SparseValues};
+use super::basis::{Basis, GramAccumulator};
+use super::topk::topk_abs_fast;
+use crate::models::MlpKind;
+use crate::nn::WeightGradHook;
+use crate::{Error, Result};
+
+/// What the hooks do with a gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not collecting (evaluation, or a method between phases).
+    Idle,
+    /// Basis phase: add `G Gᵀ`, `Gᵀ G` to the per-type Gram sums (and keep `G` when the
+    /// basis phase also updates the weights).
+    Gram { keep: bool },
+    /// Support selection: accumulate `|G̃|` per matrix.
+    Score,
+    /// Training. `select`: take this step's top-k (dynamic support, or a refresh step);
+    /// otherwise gather the gradient on the matrix's support.
+    Train { select: bool },
+}
+
+/// A basis with host copies of `Pᵀ` and `Qᵀ` (rows = basis vectors) for sparse expansion.
+pub struct HostBasis {
+    pub basis: Basis,
+    pt: Vec<f32>,
+    qt: Vec<f32>,
+}
+
+impl HostBasis {
+    pub fn new(basis: Basis) -> Result<Self> {
+        let host = |m: &Tensor| -> Result<Vec<f32>> {
+            Ok(m.to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .t()?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        Ok(HostBasis {
+            pt: host(&basis.p)?,
+            qt: host(&basis.q)?,
+            basis,
+        })
+    }
+
+    /// `G̃ = Pᵀ G Q`.
+    pub fn rotate(&self, g: &Tensor) -> Result<Tensor> {
+        Ok(self.basis.p.t()?.matmul(g)?.matmul(&self.basis.q)?)
+    }
+
+    /// `P S Qᵀ` for a sparse `S (out×in)` given by flat indices and values, as a dense f32
+    /// tensor on the basis' device. The sparse factor is multiplied first, with the larger
+    /// basis, so the one dense product costs `out·in·min(out, in)`.
+    pub fn expand(&self, out: usize, inp: usize, idx: &[u32], vals: &[f32]) -> Result<Tensor> {
+        let dev = self.basis.p.device();
+        if out >= inp {
+            // (P S)ᵀ (in×out): row c += v · P[:, r]
+            let rows = scatter_rows(
+                inp,
+                out,
+                idx,
+                vals,
+                |i| {
+                    let i = i as usize;
+                    (i % inp, i / inp)
+                },
+                &self.pt,
+            );
+            let m = Tensor::from_vec(rows, (inp, out), dev)?;
+            Ok(m.t()?.matmul(&self.basis.q.t()?)?)
+        } else {
+            // S Qᵀ (out×in): row r += v · Q[:, c]
+            let rows = scatter_rows(
+                out,
+                inp,
+                idx,
+                vals,
+                |i| {
+                    let i = i as usize;
+                    (i / inp, i % inp)
+                },
+                &self.qt,
+            );
+            let n = Tensor::from_vec(rows, (out, inp), dev)?;
+            Ok(self.basis.p.matmul(&n)?)
+        }
+    }
+}
+
+/// A dense `(n_rows × width)` buffer where, for each entry, row `dst` gets `v ·
+/// src_rows[src]` (`src_rows` is row-major with rows of length `width`). Rows are filled in
+/// parallel, each by the entries that target it.
+fn scatter_rows(
+    n_rows: usize,
+    width: usize,
+    idx: &[u32],
+    vals: &[f32],
+    split: impl Fn(u32) -> (usize, usize),
+    src_rows: &[f32],
+) -> Vec<f32> {
+    let mut by_row: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_rows];
+    for (&i, &v) in idx.iter().zip(vals) {
+        let (dst, src) = split(i);
+        by_row[dst].push((src, v));
+    }
+    let mut buf = vec![0f32; n_rows * width];
+    buf.par_chunks_mut(width)
+        .zip(by_row.par_iter())
+        .for_each(|(row, entries)| {
+            for &(src, v) in entries {
+                let s = &src_rows[src * width..(src + 1) * width];
+                row.iter_mut().zip(s).for_each(|(d, &x)| *d += v * x);
+            }
+        });
+    buf
+}
+
+/// `S` itself as a dense f32 tensor (MeProp: no rotation).
+pub fn expand_plain(
+    out: usize,
+    inp: usize,
+    idx: &[u32],
+    vals: &[f32],
+    dev: &Device,
+) -> Result<Tensor> {
+    let mut buf = vec![0f32; out * inp];
+    for (&i, &v) in idx.iter().zip(vals) {
+        buf[i as usize] += v;
+    }
+    Ok(Tensor::from_vec(buf, (out, inp), dev)?)
+}
+
+pub struct MatrixState {
+    /// The linear's prefix; the weight is `{prefix}.weight`.
+    pub prefix: String,
+    pub kind: MlpKind,
+    pub layer: usize,
+    pub out: usize,
+    pub inp: usize,
+    pub k: usize,
+    /// The current support, ascending (fixed and refreshed supports).
+    pub support: Option<Vec<u32>>,
+    support_t: Option<Tensor>,
+    pub adam: SparseAdam,
+    /// Accumulated `ΔW̃` on every entry ever updated.
+    pub delta: SparseValues,
+    /// The dense change of the basis phase, when it updates the weights.
+    pub warm: Option<Tensor>,
+    /// The weight as the sparse phase started (kept only for low-precision weights, which
+    /// are recomputed from it each step instead of accumulating rounding).
+    pub w0: Option<Tensor>,
+    /// This step's rotated gradient summed over micro-batches, until selection.
+    acc: Option<Tensor>,
+    /// This step's gradient: indices and values.
+    pub grad: Option<(Vec<u32>, Vec<f32>)>,
+    seen: usize,
+    /// Basis phase with updates: the dense gradient of this micro-batch.
+    pub dense_grad: Option<Tensor>,
+    pub score: Option<Tensor>,
+}
+
+impl MatrixState {
+    pub fn new(
+        prefix: String,
+        kind: MlpKind,
+        layer: usize,
+        out: usize,
+        inp: usize,
+        k: usize,
+    ) -> Self {
+        MatrixState {
+            prefix,
+            kind,
+            layer,
+            out,
+            inp,
+            k,
+            support: None,
+            support_t: None,
+            adam: SparseAdam::default(),
+            delta: SparseValues::default(),
+            warm: None,
+            w0: None,
+            acc: None,
+            grad: None,
+            seen: 0,
+            dense_grad: None,
+            score: None,
+        }
+    }
+
+    pub fn weight_name(&self) -> String {
+        format!("{}.weight", self.prefix)
+    }
+
+    pub fn set_support(&mut self, support: Vec<u32>, dev: &Device) -> Result<()> {
+        self.support_t = Some(Tensor::from_slice(&support, support.len(), dev)?);
+        self.support = Some(support);
+        Ok(())
+    }
+
+    pub fn reset_step(&mut self) {
+        self.acc = None;
+        self.grad = None;
+        self.seen = 0;
+    }
+}
+
+/// State shared by the method and the hooks of every sparse matrix.
+pub struct Core {
+    pub phase: Phase,
+    /// SparseGrad rotates; MeProp selects in the original basis.
+    pub rotate: bool,
+    pub micro_batches: usize,
+    pub matrices: Vec<MatrixState>,
+    pub bases: BTreeMap<MlpKind, HostBasis>,
+    pub gram: GramAccumulator,
+}
+
+impl Core {
+    pub fn new(rotate: bool) -> Self {
+        Core {
+            phase: Phase::Idle,
+            rotate,
+            micro_batches: 1,
+            matrices: Vec::new(),
+            bases: BTreeMap::new(),
+            gram: GramAccumulator::default(),
+        }
+    }
+
+    fn rotated(&self, kind: MlpKind, g: Tensor) -> Result<Tensor> {
+        if !self.rotate {
+            return Ok(g);
+        }
+        self.bases
+            .get(&kind)
+            .ok_or_else(|| Error::Other(format!("no basis for {kind:?}")))?
+            .rotate(&g)
+    }
+
+    fn on_grad(&mut self, id: usize, x: &Tensor, g: &Tensor) -> Result<()> {
+        let phase = self.phase;
+        if phase == Phase::Idle {
+            return Ok(());
+        }
+        let x = x.to_dtype(DType::F32)?;
+        let g = g.to_dtype(DType::F32)?;
+        // G = gᵀ x: (out, in)
+        let grad = g.t()?.matmul(&x)?;
+        let kind = self.matrices[id].kind;
+        match phase {
+            Phase::Idle => {}
+            Phase::Gram { keep } => {
+                self.gram.add(kind, &grad)?;
+                if keep {
+                    self.matrices[id].dense_grad = Some(grad);
+                }
+            }
+            Phase::Score => {
+                let a = self.rotated(kind, grad)?.abs()?;
+                let m = &mut self.matrices[id];
+                m.score = Some(match m.score.take() {
+                    Some(s) => (s + a)?,
+                    None => a,
+                });
+            }
+            Phase::Train { select } => {
+                let gt = self.rotated(kind, grad)?;
+                let last = {
+                    let m = &mut self.matrices[id];
+                    m.seen += 1;
+                    m.seen >= self.micro_batches
+                };
+                let m = &mut self.matrices[id];
+                if select || m.support.is_none() {
+                    // Top-k of the step's summed gradient: with accumulation the dense sum
+                    // lives until the last micro-batch.
+                    let acc = match m.acc.take() {
+                        Some(a) => (a + gt)?,
+                        None => gt,
+                    };
+                    if last {
+                        let host: Vec<f32> = acc.flatten_all()?.to_vec1()?;
+                        let idx = topk_abs_fast(&host, m.k);
+                        let vals = idx.iter().map(|&i| host[i as usize]).collect();
+                        m.grad = Some((idx, vals));
+                    } else {
+                        m.acc = Some(acc);
+                    }
+                } else {
+                    let sup = m.support_t.as_ref().expect("support set with support_t");
+                    let vals: Vec<f32> = gt.flatten_all()?.index_select(sup, 0)?.to_vec1()?;
+                    match &mut m.grad {
+                        Some((_, acc)) => acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v),
+                        None => {
+                            m.grad = Some((m.support.clone().unwrap_or_default(), vals));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The hook attached to one sparse matrix.
+pub struct Tap {
+    pub id: usize,
+    pub core: Arc<Mutex<Core>>,
+    pub anchor: Tensor,
+}
+
+impl WeightGradHook for Tap {
+    fn on_backward(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<()> {
+        self.core
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("sparse state poisoned".into()))?
+            .on_grad(self.id, x, grad_out)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+    fn anchor(&self) -> &Tensor {
+        &self.anchor
+    }
+}
