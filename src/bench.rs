@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use rand::Rng;
 use sparsegrad_engine::data::{collate, Example, Target};
-use sparsegrad_engine::methods::{LoraConfig, MethodSpec};
+use sparsegrad_engine::methods::{Calibration, LoraConfig, MethodSpec, SparseGradConfig, Support};
 use sparsegrad_engine::models::Task;
 use sparsegrad_engine::nn::Ctx;
 use sparsegrad_engine::optim::AdamConfig;
@@ -36,7 +36,8 @@ pub struct BenchTrainArgs {
     /// Model folder (default: the MiniLM-L6 fixture).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// full | lora | all (all runs each method in its own process so peak RSS is per method).
+    /// full | lora | sparsegrad | sparsegrad-dynamic | meprop | all (all runs each method in
+    /// its own process so peak RSS is per method).
     #[arg(long, default_value = "all")]
     pub method: String,
     #[arg(long, default_value_t = 16)]
@@ -65,7 +66,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     };
     if a.method == "all" {
         let exe = std::env::current_exe()?;
-        for m in ["full", "lora"] {
+        for m in ["full", "lora", "sparsegrad", "sparsegrad-dynamic", "meprop"] {
             let status = std::process::Command::new(&exe)
                 .args(["bench", "train", "--method", m, "--model"])
                 .arg(&model_dir)
@@ -89,6 +90,12 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let spec = match a.method.as_str() {
         "full" => MethodSpec::Full,
         "lora" => MethodSpec::Lora(LoraConfig::default()),
+        "sparsegrad" => MethodSpec::Sparsegrad(SparseGradConfig::default()),
+        "sparsegrad-dynamic" => MethodSpec::Sparsegrad(SparseGradConfig {
+            support: Support::Dynamic,
+            ..Default::default()
+        }),
+        "meprop" => MethodSpec::Meprop(Default::default()),
         o => anyhow::bail!("unknown method {o}"),
     };
     let opts = sparsegrad_engine::checkpoint::LoadOptions {
@@ -113,11 +120,27 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = collate(&refs, 0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let train_ctx = || Ctx::train(sparsegrad_engine::rng::stream(0, "bench", 1), false);
+    let mut backward = |m: &sparsegrad_engine::models::Model, _i: usize| {
+        let logits = m.forward(&batch, &mut train_ctx())?;
+        Ok(m.loss(&logits, &batch)?.backward()?)
+    };
+    let t_cal = Instant::now();
+    method.calibrate(
+        &mut model,
+        Calibration {
+            lr: 1e-5,
+            cache: None,
+            backward: &mut backward,
+        },
+    )?;
+    let calibration_ms = t_cal.elapsed().as_secs_f64() * 1e3;
     let mut times = Vec::new();
     let mut phases = [0f64; 3];
     for step in 0..a.warmup + a.steps {
+        method.begin_step(step, 1)?;
         let t0 = Instant::now();
-        let logits = model.forward(&batch, &mut Ctx::eval())?;
+        let logits = model.forward(&batch, &mut train_ctx())?;
         let loss = model.loss(&logits, &batch)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
@@ -149,6 +172,9 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         "forward_ms": phases[0] * 1e3 / a.steps as f64,
         "backward_ms": phases[1] * 1e3 / a.steps as f64,
         "optimizer_ms": phases[2] * 1e3 / a.steps as f64,
+        "calibration_ms": calibration_ms,
+        "optimizer_state": method.optimizer_state_len(),
+        "trainable_params": method.trainable_count(&model),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });
     println!("{out}");

@@ -144,6 +144,58 @@ pub fn expand_plain(
     Ok(Tensor::from_vec(buf, (out, inp), dev)?)
 }
 
+struct SupportBlock {
+    rows: Tensor,
+    cols: Tensor,
+    n_rows: usize,
+    n_cols: usize,
+    /// Position of each support entry (in support order) in the row-major block.
+    pos: Tensor,
+}
+
+impl SupportBlock {
+    fn new(support: &[u32], inp: usize, dev: &Device) -> Result<Self> {
+        let mut rows: Vec<u32> = support.iter().map(|&i| i / inp as u32).collect();
+        let mut cols: Vec<u32> = support.iter().map(|&i| i % inp as u32).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        cols.sort_unstable();
+        cols.dedup();
+        let nc = cols.len();
+        let pos: Vec<u32> = support
+            .iter()
+            .map(|&i| {
+                let r = rows.binary_search(&(i / inp as u32)).expect("own row");
+                let c = cols.binary_search(&(i % inp as u32)).expect("own col");
+                (r * nc + c) as u32
+            })
+            .collect();
+        Ok(SupportBlock {
+            n_rows: rows.len(),
+            n_cols: nc,
+            rows: Tensor::from_slice(&rows, rows.len(), dev)?,
+            cols: Tensor::from_slice(&cols, nc, dev)?,
+            pos: Tensor::from_slice(&pos, pos.len(), dev)?,
+        })
+    }
+
+    /// `(Pᵀ G Q)` on the block's rows and columns, `G = gᵀ x`, by whichever order of
+    /// products is cheaper for this many tokens.
+    fn rotated(&self, b: &Basis, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let pr = b.p.index_select(&self.rows, 1)?;
+        let qc = b.q.index_select(&self.cols, 1)?;
+        let (t, o, i) = (x.dim(0)?, g.dim(1)?, x.dim(1)?);
+        let (r, c) = (self.n_rows, self.n_cols);
+        let via_weight = t * o * i + r * o * i + r * i * c;
+        let via_tokens = t * o * r + t * i * c + r * t * c;
+        Ok(if via_weight <= via_tokens {
+            pr.t()?.matmul(&g.t()?.matmul(x)?)?.matmul(&qc)?
+        } else {
+            g.matmul(&pr)?.t()?.matmul(&x.matmul(&qc)?)?
+        })
+    }
+}
+
 pub struct MatrixState {
     /// The linear's prefix; the weight is `{prefix}.weight`.
     pub prefix: String,
@@ -154,7 +206,9 @@ pub struct MatrixState {
     pub k: usize,
     /// The current support, ascending (fixed and refreshed supports).
     pub support: Option<Vec<u32>>,
-    support_t: Option<Tensor>,
+    /// The support's distinct rows and columns, and its entries' positions in the
+    /// `rows × cols` block: the rotated gradient is only ever formed on that block.
+    block: Option<SupportBlock>,
     pub adam: SparseAdam,
     /// Accumulated `ΔW̃` on every entry ever updated.
     pub delta: SparseValues,
@@ -190,7 +244,7 @@ impl MatrixState {
             inp,
             k,
             support: None,
-            support_t: None,
+            block: None,
             adam: SparseAdam::default(),
             delta: SparseValues::default(),
             warm: None,
@@ -208,7 +262,7 @@ impl MatrixState {
     }
 
     pub fn set_support(&mut self, support: Vec<u32>, dev: &Device) -> Result<()> {
-        self.support_t = Some(Tensor::from_slice(&support, support.len(), dev)?);
+        self.block = Some(SupportBlock::new(&support, self.inp, dev)?);
         self.support = Some(support);
         Ok(())
     }
@@ -260,9 +314,32 @@ impl Core {
         }
         let x = x.to_dtype(DType::F32)?;
         let g = g.to_dtype(DType::F32)?;
+        let kind = self.matrices[id].kind;
+        if let Phase::Train { select: false } = phase {
+            if let Some(block) = &self.matrices[id].block {
+                // Fixed support: only the support's rows and columns of G̃ are formed.
+                let on_block = match self.bases.get(&kind) {
+                    Some(b) if self.rotate => block.rotated(&b.basis, &x, &g)?,
+                    _ => {
+                        let gr = g.index_select(&block.rows, 1)?;
+                        let xc = x.index_select(&block.cols, 1)?;
+                        gr.t()?.matmul(&xc)?
+                    }
+                };
+                let vals: Vec<f32> = on_block
+                    .flatten_all()?
+                    .index_select(&block.pos, 0)?
+                    .to_vec1()?;
+                let m = &mut self.matrices[id];
+                match &mut m.grad {
+                    Some((_, acc)) => acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v),
+                    None => m.grad = Some((m.support.clone().unwrap_or_default(), vals)),
+                }
+                return Ok(());
+            }
+        }
         // G = gᵀ x: (out, in)
         let grad = g.t()?.matmul(&x)?;
-        let kind = self.matrices[id].kind;
         match phase {
             Phase::Idle => {}
             Phase::Gram { keep } => {
@@ -279,38 +356,23 @@ impl Core {
                     None => a,
                 });
             }
-            Phase::Train { select } => {
+            Phase::Train { .. } => {
+                // Top-k of the step's summed gradient: with accumulation the dense sum lives
+                // until the last micro-batch.
                 let gt = self.rotated(kind, grad)?;
-                let last = {
-                    let m = &mut self.matrices[id];
-                    m.seen += 1;
-                    m.seen >= self.micro_batches
-                };
                 let m = &mut self.matrices[id];
-                if select || m.support.is_none() {
-                    // Top-k of the step's summed gradient: with accumulation the dense sum
-                    // lives until the last micro-batch.
-                    let acc = match m.acc.take() {
-                        Some(a) => (a + gt)?,
-                        None => gt,
-                    };
-                    if last {
-                        let host: Vec<f32> = acc.flatten_all()?.to_vec1()?;
-                        let idx = topk_abs_fast(&host, m.k);
-                        let vals = idx.iter().map(|&i| host[i as usize]).collect();
-                        m.grad = Some((idx, vals));
-                    } else {
-                        m.acc = Some(acc);
-                    }
+                m.seen += 1;
+                let acc = match m.acc.take() {
+                    Some(a) => (a + gt)?,
+                    None => gt,
+                };
+                if m.seen >= self.micro_batches {
+                    let host: Vec<f32> = acc.flatten_all()?.to_vec1()?;
+                    let idx = topk_abs_fast(&host, m.k);
+                    let vals = idx.iter().map(|&i| host[i as usize]).collect();
+                    m.grad = Some((idx, vals));
                 } else {
-                    let sup = m.support_t.as_ref().expect("support set with support_t");
-                    let vals: Vec<f32> = gt.flatten_all()?.index_select(sup, 0)?.to_vec1()?;
-                    match &mut m.grad {
-                        Some((_, acc)) => acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v),
-                        None => {
-                            m.grad = Some((m.support.clone().unwrap_or_default(), vals));
-                        }
-                    }
+                    m.acc = Some(acc);
                 }
             }
         }
