@@ -10,7 +10,7 @@ use sparsegrad_engine::artifact::{merge, Artifact};
 use sparsegrad_engine::checkpoint::{load_model, LoadOptions};
 use sparsegrad_engine::data::{collate, Example};
 use sparsegrad_engine::methods::{
-    LoraConfig, LoraTargets, MePropConfig, MethodSpec, Scope, SparseGradConfig, Support,
+    BasisDtype, LoraConfig, LoraTargets, MePropConfig, MethodSpec, Scope, SparseGradConfig, Support,
 };
 use sparsegrad_engine::models::{Arch, Model, Task};
 use sparsegrad_engine::nn::Ctx;
@@ -234,6 +234,15 @@ fn merged_model_equals_in_memory_fine_tuned_model() {
         (Arch::Roberta, sparsegrad(Support::Refreshed, Scope::Mlp)),
         (Arch::Llama, sparsegrad(Support::Dynamic, Scope::Paper)),
         (Arch::Bert, meprop()),
+        (
+            Arch::Bert,
+            MethodSpec::Sparsegrad(SparseGradConfig {
+                density: 0.1,
+                basis_steps: 3,
+                basis_update: true,
+                ..Default::default()
+            }),
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let mdir = tmp.path().join("model");
@@ -439,4 +448,82 @@ fn causal_lm_generates_and_bf16_trains() {
     .unwrap();
     assert!(matches!(&p[0], Prediction::Text { .. }));
     assert_eq!(out.model.task, Task::CausalLm);
+}
+
+#[test]
+fn sparsegrad_trains_bf16_weights_and_bf16_bases_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("model");
+    write_tiny_model_dir(&mdir, Arch::Llama, 1).unwrap();
+    let data = write_data(tmp.path(), Arch::Llama, 24, 2);
+    let mut s = spec(
+        &mdir,
+        &data,
+        MethodSpec::Sparsegrad(SparseGradConfig {
+            density: 0.2,
+            basis_steps: 3,
+            basis_dtype: BasisDtype::Bf16,
+            ..Default::default()
+        }),
+        5,
+    );
+    s.dtype = Some("bf16".into());
+    let cancel = AtomicBool::new(false);
+    let out = run_job(
+        &s,
+        &Device::Cpu,
+        TrainIo {
+            on_event: &mut |_| {},
+            cancel: &cancel,
+            cache_dir: None,
+            checkpoint_dir: None,
+            resume_from: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(out.model.dtype(), DType::BF16);
+    let p = &out.artifact.tensors["sparsegrad.basis.gate.P"];
+    assert_eq!(p.dtype(), DType::BF16);
+    // bf16 weights are W₀ + P ΔW̃ Qᵀ rounded once, so small updates survive: they moved.
+    let (base, _, _) =
+        load_for_inference(&mdir, None, Some(Task::CausalLm), DType::BF16, &Device::Cpu).unwrap();
+    let name = "model.layers.0.mlp.gate_proj.weight";
+    let moved = max_abs_diff(
+        &out.model
+            .weights
+            .get(name)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap(),
+        &base
+            .weights
+            .get(name)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap(),
+    );
+    assert!(moved > 1e-3, "bf16 weights did not move ({moved})");
+    // Applied with bf16 bases: equal up to bf16 rounding of P and Q.
+    let (applied, _, _) =
+        load_for_inference(&mdir, Some(&out.artifact), None, DType::F32, &Device::Cpu).unwrap();
+    let batch = probe_batch(&out.model);
+    let a = out
+        .model
+        .forward(&batch, &mut Ctx::eval())
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = applied.forward(&batch, &mut Ctx::eval()).unwrap();
+    let d = max_abs_diff(&a, &b);
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(
+        d <= 0.05 * scale,
+        "bf16 artifact output differs by {d} (scale {scale})"
+    );
 }

@@ -17,7 +17,7 @@ use crate::{Error, Result};
 
 pub use full::Full;
 pub use lora::{Lora, LoraConfig, LoraTargets};
-pub use sparsegrad::{MePropConfig, Scope, SparseGradConfig, SparseMlp, Support};
+pub use sparsegrad::{BasisDtype, MePropConfig, Scope, SparseGradConfig, SparseMlp, Support};
 
 /// How an artifact tensor is applied to the base model.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
