@@ -181,10 +181,13 @@ impl Artifact {
             let d = match kind {
                 None => expand_plain(out, inp, &idx, &vals, &Device::Cpu)?,
                 Some(kind) => {
-                    if !bases.contains_key(&kind) {
-                        bases.insert(kind, self.basis(kind, out, inp)?);
-                    }
-                    bases[&kind].expand(out, inp, &idx, &vals)?
+                    let b = match bases.entry(kind) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(self.basis(kind, out, inp)?)
+                        }
+                    };
+                    b.expand(out, inp, &idx, &vals)?
                 }
             };
             let e = match add_to.remove(&param) {

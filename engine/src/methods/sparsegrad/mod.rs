@@ -546,7 +546,7 @@ impl Method for SparseMlp {
         let select = match self.cfg.support {
             Support::Dynamic => true,
             Support::Fixed => false,
-            Support::Refreshed => step > 0 && step % self.cfg.refresh_every == 0,
+            Support::Refreshed => step > 0 && step.is_multiple_of(self.cfg.refresh_every),
         } || !self.rotates();
         self.refreshing = select && self.cfg.support == Support::Refreshed && self.rotates();
         let mut core = self.core()?;
