@@ -26,3 +26,34 @@ pub fn fixtures() -> Option<Fixtures> {
 
 #[allow(unused_imports)]
 pub use sparsegrad_engine::testing::max_abs_diff;
+
+/// The S3-compatible test server (`scripts/s3-test-server.sh`, started by `scripts/test.sh`):
+/// its endpoint, with a fresh bucket created for the caller. Skipped loudly outside CI when
+/// no server runs; a failure in CI.
+pub fn s3_bucket(name: &str) -> Option<String> {
+    let Some(endpoint) = std::env::var("SPARSEGRAD_TEST_S3_ENDPOINT").ok() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("SPARSEGRAD_TEST_S3_ENDPOINT is not set in CI");
+        }
+        eprintln!(
+            "\n*** SKIPPING: no S3 test server (run the tests through scripts/test.sh) ***\n"
+        );
+        return None;
+    };
+    // Bucket creation is a bare `PUT /bucket` (moto checks no signature).
+    use std::io::{Read, Write};
+    let hostport = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport).expect("S3 test server reachable");
+    write!(
+        s,
+        "PUT /{name} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "creating bucket {name}: {resp}"
+    );
+    Some(endpoint)
+}

@@ -1,0 +1,279 @@
+//! Object storage behind one handle, built from a URL:
+//! - `file:///abs/dir` (the embedded default, under the data dir),
+//! - `s3://bucket/prefix` (endpoint, region and static credentials from config; path-style
+//!   requests; plain http allowed for local servers; never the cloud metadata service),
+//! - `memory://` (unit tests).
+//!
+//! Keys are `/`-separated and relative to the URL's prefix; [`keys`] names where each kind of
+//! object lives. Large objects go up in parts.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use tokio::io::AsyncReadExt;
+
+/// Part size for multipart uploads (S3's minimum is 5 MiB).
+const PART: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object `{0}` not found")]
+    NotFound(String),
+    #[error("storage URL `{url}`: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("storage: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// S3 settings from the service config (unused for `file://` and `memory://`).
+#[derive(Clone, Default)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: bool,
+    /// Retries per request (object_store's default is 10 with long backoff; tests shorten it).
+    pub max_retries: Option<usize>,
+    pub retry_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").field("url", &self.url).finish()
+    }
+}
+
+fn bad(url: &str, reason: impl Into<String>) -> StorageError {
+    StorageError::BadUrl {
+        url: url.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Storage {
+    pub fn from_url(url: &str, s3: &S3Settings) -> Result<Storage> {
+        let store: Arc<dyn ObjectStore> = if let Some(dir) = url.strip_prefix("file://") {
+            if !dir.starts_with('/') {
+                return Err(bad(url, "file:// needs an absolute path"));
+            }
+            std::fs::create_dir_all(dir)?;
+            Arc::new(LocalFileSystem::new_with_prefix(dir)?)
+        } else if url == "memory://" || url.starts_with("memory://") {
+            Arc::new(InMemory::new())
+        } else if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad(url, "no bucket"));
+            }
+            let (Some(key), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) else {
+                // Without static credentials the S3 client would ask the instance metadata
+                // service; a service must say what is missing instead.
+                return Err(bad(
+                    url,
+                    "S3 needs an access key id and a secret access key",
+                ));
+            };
+            let mut retry = RetryConfig::default();
+            if let Some(n) = s3.max_retries {
+                retry.max_retries = n;
+            }
+            if let Some(t) = s3.retry_timeout {
+                retry.retry_timeout = t;
+            }
+            let mut b = AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_region(s3.region.clone().unwrap_or_else(|| "us-east-1".into()))
+                .with_access_key_id(key)
+                .with_secret_access_key(secret)
+                .with_virtual_hosted_style_request(false)
+                .with_allow_http(s3.allow_http)
+                .with_retry(retry);
+            if let Some(e) = &s3.endpoint {
+                b = b.with_endpoint(e);
+            }
+            let s3store = b.build()?;
+            let prefix = prefix.trim_matches('/');
+            if prefix.is_empty() {
+                Arc::new(s3store)
+            } else {
+                Arc::new(PrefixStore::new(s3store, prefix))
+            }
+        } else {
+            return Err(bad(url, "use file:///dir, s3://bucket/prefix or memory://"));
+        };
+        Ok(Storage {
+            store,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(key: &str) -> Result<ObjPath> {
+        ObjPath::parse(key).map_err(|e| StorageError::Store(e.into()))
+    }
+
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(&Self::path(key)?, PutPayload::from(bytes))
+            .await?;
+        Ok(())
+    }
+
+    /// Uploads a local file, in parts when it is large; a failed upload leaves no object.
+    pub async fn put_file(&self, key: &str, file: &Path) -> Result<u64> {
+        let mut f = tokio::fs::File::open(file).await?;
+        let len = f.metadata().await?.len();
+        if len as usize <= PART {
+            let mut buf = Vec::with_capacity(len as usize);
+            f.read_to_end(&mut buf).await?;
+            self.put(key, buf.into()).await?;
+            return Ok(len);
+        }
+        let upload = self.store.put_multipart(&Self::path(key)?).await?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match f.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(e.into());
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            w.wait_for_capacity(4).await?;
+            w.write(&buf[..n]);
+        }
+        w.finish().await?;
+        Ok(len)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        match self.store.get(&Self::path(key)?).await {
+            Ok(r) => Ok(r.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound(key.into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        match self.store.get_range(&Self::path(key)?, range).await {
+            Ok(b) => Ok(b),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound(key.into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Size in bytes, or `None` when absent.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>> {
+        match self.store.head(&Self::path(key)?).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes an object to a local file (through a temporary name, so a failure leaves none).
+    pub async fn download(&self, key: &str, to: &Path) -> Result<()> {
+        let bytes = self.get(key).await?;
+        if let Some(d) = to.parent() {
+            tokio::fs::create_dir_all(d).await?;
+        }
+        let tmp = to.with_extension("part");
+        tokio::fs::write(&tmp, &bytes).await?;
+        tokio::fs::rename(&tmp, to).await?;
+        Ok(())
+    }
+
+    /// Keys under a prefix, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let p = Self::path(prefix)?;
+        let mut keys: Vec<String> = self
+            .store
+            .list(Some(&p))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self.store.delete(&Self::path(key)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+        let keys = self.list(prefix).await?;
+        for k in &keys {
+            self.delete(k).await?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Reachability for `/readyz`: a list call that must answer.
+    pub async fn check(&self) -> Result<()> {
+        let p = Self::path("readyz")?;
+        let _ = self.store.list(Some(&p)).try_collect::<Vec<_>>().await?;
+        Ok(())
+    }
+}
+
+/// Where each kind of object lives.
+pub mod keys {
+    pub fn file(tenant: &str, file_id: &str) -> String {
+        format!("tenants/{tenant}/files/{file_id}")
+    }
+    pub fn job_prefix(job_id: &str) -> String {
+        format!("jobs/{job_id}")
+    }
+    pub fn artifact(job_id: &str, name: &str) -> String {
+        format!("jobs/{job_id}/artifact/{name}")
+    }
+    pub fn checkpoint(job_id: &str, step: usize, name: &str) -> String {
+        format!("jobs/{job_id}/checkpoints/step-{step}/{name}")
+    }
+}
