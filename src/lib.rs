@@ -7,3 +7,4 @@ pub mod cli;
 pub mod fixtures;
 pub mod queue;
 pub mod storage;
+pub mod worker;

@@ -1,0 +1,422 @@
+//! The worker against real Postgres and storage, on a tiny model: a job runs to success and
+//! its artifact is stored; bad data fails at once with the line; cancellation stops a running
+//! job; a storage outage is retried, not corrupted; a job whose lease was lost resumes from its
+//! last uploaded checkpoint on the next attempt and ends exactly where an uninterrupted run does.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rand::Rng;
+use sparsegrad_engine::artifact::Artifact;
+use sparsegrad_engine::methods::{MethodSpec, SparseGradConfig};
+use sparsegrad_engine::models::Arch;
+use sparsegrad_engine::optim::Schedule;
+use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir, TINY_WORDS};
+use sparsegrad_engine::train::TrainConfig;
+use sparsegrad_service::queue::{self, Cancelled, NewJob, QueueConfig};
+use sparsegrad_service::storage::{S3Settings, Storage};
+use sparsegrad_service::worker::{try_run_one, FileRef, JobSpec, Outcome, WorkerCtx};
+use sqlx::PgPool;
+
+fn rows(n: usize, seed: u64) -> String {
+    let mut rng = sparsegrad_engine::rng::stream(seed, "rows", 0);
+    let mut s = String::new();
+    for _ in 0..n {
+        let k = rng.random_range(3..8);
+        let text: Vec<&str> = (0..k)
+            .map(|_| TINY_WORDS[rng.random_range(0..TINY_WORDS.len())])
+            .collect();
+        let text = text.join(" ");
+        let label = if text.contains("good") { "pos" } else { "neg" };
+        s.push_str(&serde_json::json!({"text": text, "label": label}).to_string());
+        s.push('\n');
+    }
+    s
+}
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    ctx: WorkerCtx,
+    model: std::path::PathBuf,
+}
+
+async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    write_tiny_model_dir(&model, Arch::Bert, 1).unwrap();
+    let storage = storage.unwrap_or_else(|| {
+        let url = format!("file://{}", tmp.path().join("objects").display());
+        Storage::from_url(&url, &S3Settings::default()).unwrap()
+    });
+    sqlx::query("insert into tenants (id, name) values ('t1', 't1')")
+        .execute(db)
+        .await
+        .unwrap();
+    let ctx = WorkerCtx {
+        db: db.clone(),
+        storage,
+        queue: QueueConfig {
+            lease: Duration::from_secs(30),
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(60),
+        },
+        worker_id: "w1".into(),
+        work_dir: tmp.path().join("work"),
+        heartbeat: Duration::from_millis(50),
+        cache_dir: None,
+    };
+    Env {
+        _tmp: tmp,
+        ctx,
+        model,
+    }
+}
+
+fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: Option<usize>) -> JobSpec {
+    JobSpec {
+        model_dir: model.to_path_buf(),
+        model: "tiny-bert".into(),
+        training_file: FileRef {
+            id: "file_1".into(),
+            object_key: key.into(),
+        },
+        validation_file: None,
+        method: MethodSpec::Sparsegrad(SparseGradConfig {
+            density: 0.1,
+            basis_steps: 2,
+            ..Default::default()
+        }),
+        train: TrainConfig {
+            max_steps: Some(steps),
+            batch_size: 4,
+            lr: 1e-2,
+            schedule: Schedule::Constant,
+            seed: 5,
+            checkpoint_every,
+            ..TrainConfig::default()
+        },
+        max_seq_len: 16,
+        task: None,
+    }
+}
+
+async fn enqueue(db: &PgPool, id: &str, spec: &JobSpec) {
+    queue::enqueue(
+        db,
+        &NewJob {
+            id: id.into(),
+            tenant_id: "t1".into(),
+            spec: serde_json::to_value(spec).unwrap(),
+            idempotency_key: None,
+            priority: 0,
+            max_attempts: 3,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn job_row(
+    db: &PgPool,
+    id: &str,
+) -> (
+    String,
+    i32,
+    Option<serde_json::Value>,
+    Option<serde_json::Value>,
+) {
+    sqlx::query_as("select status, attempt, error, result from jobs where id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+async fn messages(db: &PgPool, id: &str) -> Vec<String> {
+    sqlx::query_as::<_, (String,)>("select message from job_events where job_id = $1 order by id")
+        .bind(id)
+        .fetch_all(db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.0)
+        .collect()
+}
+
+/// Waits (polling the database, bounded) until an event message containing `needle` exists.
+async fn wait_for_event(db: &PgPool, id: &str, needle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if messages(db, id).await.iter().any(|m| m.contains(needle)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no `{needle}` event"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_job_runs_to_success_and_its_artifact_is_stored(db: PgPool) {
+    let e = env(&db, None).await;
+    e.ctx
+        .storage
+        .put("in/train.jsonl", rows(40, 1).into())
+        .await
+        .unwrap();
+    enqueue(&db, "job_a", &spec(&e.model, "in/train.jsonl", 6, None)).await;
+    let out = try_run_one(&e.ctx).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_a".into(),
+            status: "succeeded".into()
+        }
+    );
+    let (status, attempt, error, result) = job_row(&db, "job_a").await;
+    assert_eq!((status.as_str(), attempt, error), ("succeeded", 1, None));
+    let result = result.unwrap();
+    assert_eq!(result["trained_steps"], 6);
+    let key = result["artifacts"][0].as_str().unwrap();
+    let bytes = e.ctx.storage.get(key).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("delta.safetensors"), &bytes).unwrap();
+    let art = Artifact::load(tmp.path()).unwrap();
+    assert_eq!(art.descriptor.method, "sparsegrad");
+    assert_eq!(art.descriptor.base_model.as_deref(), Some("tiny-bert"));
+    let msgs = messages(&db, "job_a").await;
+    assert_eq!(msgs.first().map(String::as_str), Some("running"));
+    assert_eq!(msgs.last().map(String::as_str), Some("succeeded"));
+    assert_eq!(msgs.iter().filter(|m| m.starts_with("step ")).count(), 6);
+    // Scratch space is cleaned up; nothing else is runnable.
+    assert!(!e.ctx.work_dir.join("job_a").join("attempt-1").exists());
+    assert_eq!(try_run_one(&e.ctx).await.unwrap(), Outcome::Empty);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn bad_data_fails_at_once_naming_the_line(db: PgPool) {
+    let e = env(&db, None).await;
+    let mut data = rows(5, 2);
+    data.push_str("{\"text\": \"fine\"}\n");
+    e.ctx
+        .storage
+        .put("in/bad.jsonl", data.into())
+        .await
+        .unwrap();
+    enqueue(&db, "job_b", &spec(&e.model, "in/bad.jsonl", 3, None)).await;
+    let out = try_run_one(&e.ctx).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_b".into(),
+            status: "failed".into()
+        }
+    );
+    let (status, attempt, error, _) = job_row(&db, "job_b").await;
+    assert_eq!((status.as_str(), attempt), ("failed", 1));
+    let error = error.unwrap();
+    assert!(
+        error["message"].as_str().unwrap().contains("line 6"),
+        "{error}"
+    );
+    assert_eq!(error["param"], "training_file");
+    assert!(e.ctx.storage.list("jobs/job_b").await.unwrap().is_empty());
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn cancelling_a_running_job_stops_it(db: PgPool) {
+    let e = env(&db, None).await;
+    e.ctx
+        .storage
+        .put("in/train.jsonl", rows(40, 3).into())
+        .await
+        .unwrap();
+    enqueue(
+        &db,
+        "job_c",
+        &spec(&e.model, "in/train.jsonl", 1_000_000, None),
+    )
+    .await;
+    let ctx = e.ctx.clone();
+    let run = tokio::spawn(async move { try_run_one(&ctx).await.unwrap() });
+    wait_for_event(&db, "job_c", "step 3/").await;
+    assert_eq!(
+        queue::cancel(&db, "t1", "job_c").await.unwrap(),
+        Cancelled::Requested
+    );
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_c".into(),
+            status: "cancelled".into()
+        }
+    );
+    assert_eq!(job_row(&db, "job_c").await.0, "cancelled");
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_storage_outage_is_retried_not_corrupted(db: PgPool) {
+    let Some(endpoint) = common::s3_bucket("worker-outage") else {
+        return;
+    };
+    let s3 = |endpoint: &str| S3Settings {
+        endpoint: Some(endpoint.into()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        allow_http: true,
+        max_retries: Some(0),
+        retry_timeout: Some(Duration::from_secs(1)),
+    };
+    let good = Storage::from_url("s3://worker-outage", &s3(&endpoint)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = Storage::from_url(
+        "s3://worker-outage",
+        &s3(&format!("http://127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let mut e = env(&db, Some(down)).await;
+    good.put("in/train.jsonl", rows(40, 4).into())
+        .await
+        .unwrap();
+    enqueue(&db, "job_d", &spec(&e.model, "in/train.jsonl", 4, None)).await;
+    let out = try_run_one(&e.ctx).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_d".into(),
+            status: "queued".into()
+        }
+    );
+    let (status, attempt, error, _) = job_row(&db, "job_d").await;
+    assert_eq!((status.as_str(), attempt), ("queued", 1));
+    assert_eq!(error.unwrap()["code"], "infrastructure_error");
+    // Storage is back: the retry (once its backoff has passed) succeeds.
+    e.ctx.storage = good.clone();
+    assert_eq!(
+        try_run_one(&e.ctx).await.unwrap(),
+        Outcome::Empty,
+        "backoff respected"
+    );
+    sqlx::query("update jobs set run_after = now() where id = 'job_d'")
+        .execute(&db)
+        .await
+        .unwrap();
+    let out = try_run_one(&e.ctx).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_d".into(),
+            status: "succeeded".into()
+        }
+    );
+    assert_eq!(job_row(&db, "job_d").await.1, 2);
+    assert_eq!(good.list("jobs/job_d/artifact").await.unwrap().len(), 2);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_lost_lease_resumes_from_the_last_checkpoint(db: PgPool) {
+    let e = env(&db, None).await;
+    e.ctx
+        .storage
+        .put("in/train.jsonl", rows(40, 5).into())
+        .await
+        .unwrap();
+    let steps = 400;
+    // The reference: the same job, uninterrupted.
+    enqueue(
+        &db,
+        "job_ref",
+        &spec(&e.model, "in/train.jsonl", steps, Some(3)),
+    )
+    .await;
+    assert!(matches!(
+        try_run_one(&e.ctx).await.unwrap(),
+        Outcome::Ran { .. }
+    ));
+    let reference = e
+        .ctx
+        .storage
+        .get("jobs/job_ref/artifact/delta.safetensors")
+        .await
+        .unwrap();
+
+    enqueue(
+        &db,
+        "job_e",
+        &spec(&e.model, "in/train.jsonl", steps, Some(3)),
+    )
+    .await;
+    let ctx = e.ctx.clone();
+    let first = tokio::spawn(async move { try_run_one(&ctx).await.unwrap() });
+    wait_for_event(&db, "job_e", "checkpoint at step 6").await;
+    // The worker is presumed dead: its lease expires and the reaper re-queues the job.
+    sqlx::query(
+        "update jobs set lease_expires_at = now() - interval '1 minute' where id = 'job_e'",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    queue::reap(&db, &e.ctx.queue).await.unwrap();
+    // The old worker notices at its next heartbeat and stops without writing anything more.
+    let out = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::LostLease {
+            job_id: "job_e".into()
+        }
+    );
+    sqlx::query("update jobs set run_after = now() where id = 'job_e'")
+        .execute(&db)
+        .await
+        .unwrap();
+    let second = WorkerCtx {
+        worker_id: "w2".into(),
+        ..e.ctx.clone()
+    };
+    let out = try_run_one(&second).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_e".into(),
+            status: "succeeded".into()
+        }
+    );
+    let msgs = messages(&db, "job_e").await;
+    assert!(
+        msgs.iter().any(|m| m.starts_with("resuming from step ")),
+        "{msgs:?}"
+    );
+    // Resumed = uninterrupted.
+    let resumed = e
+        .ctx
+        .storage
+        .get("jobs/job_e/artifact/delta.safetensors")
+        .await
+        .unwrap();
+    let load = |b: &[u8]| {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("delta.safetensors"), b).unwrap();
+        Artifact::load(t.path()).unwrap()
+    };
+    let (a, b) = (load(&reference), load(&resumed));
+    for (k, t) in &a.tensors {
+        let d = max_abs_diff(t, &b.tensors[k]);
+        assert!(d <= 1e-6, "{k} differs by {d} after the retry");
+    }
+}
