@@ -2,8 +2,12 @@
 //! predict, merge, import-gguf, fixtures, bench) live in [`cli`]; the Postgres job queue in
 //! [`queue`]; the training engine itself is the `sparsegrad-engine` crate.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
 pub mod fixtures;
 pub mod queue;
 pub mod storage;

@@ -1,0 +1,208 @@
+//! Dataset files: upload (validated row by row before anything is stored), list, get,
+//! content, delete.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{list_body, AppState, ListParams, Tenant};
+use crate::db::{self, FileRow};
+use crate::error::{ApiError, ApiResult};
+use crate::storage::keys;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/files", get(list).post(upload))
+        .route("/files/{id}", get(get_one).delete(delete))
+        .route("/files/{id}/content", get(content))
+        // Uploads are bounded by `max_upload_bytes` below, not by axum's 2 MB default.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+fn object(f: &FileRow) -> serde_json::Value {
+    json!({
+        "id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at.timestamp(),
+        "filename": f.filename, "purpose": f.purpose, "format": f.format, "task": f.task,
+        "rows": f.rows,
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct UploadQuery {
+    purpose: Option<String>,
+    filename: Option<String>,
+}
+
+/// Reads a body stream into memory, refusing it once it passes `limit`.
+async fn read_limited(body: Body, limit: u64) -> ApiResult<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut s = body.into_data_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::invalid(format!("reading the body: {e}"), Some("file"), "bad_body")
+        })?;
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+async fn upload(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Query(q): Query<UploadQuery>,
+    req: Request,
+) -> ApiResult<Response> {
+    let limit = st.cfg.max_upload_bytes;
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (mut purpose, mut filename, bytes) = (q.purpose, q.filename, None::<Vec<u8>>);
+    let bytes = if is_multipart {
+        let mut mp = Multipart::from_request(req, &st)
+            .await
+            .map_err(|e| ApiError::invalid(e.body_text(), Some("file"), "bad_multipart"))?;
+        let mut data = bytes;
+        while let Some(mut field) = mp
+            .next_field()
+            .await
+            .map_err(|e| ApiError::invalid(e.body_text(), Some("file"), "bad_multipart"))?
+        {
+            match field.name() {
+                Some("purpose") => {
+                    purpose = Some(field.text().await.map_err(|e| {
+                        ApiError::invalid(e.body_text(), Some("purpose"), "bad_multipart")
+                    })?)
+                }
+                Some("file") => {
+                    filename = filename.or(field.file_name().map(str::to_string));
+                    let mut buf = Vec::new();
+                    while let Some(chunk) = field.chunk().await.map_err(|e| {
+                        ApiError::invalid(e.body_text(), Some("file"), "bad_multipart")
+                    })? {
+                        if (buf.len() + chunk.len()) as u64 > limit {
+                            return Err(ApiError::too_large(limit));
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
+                    data = Some(buf);
+                }
+                _ => {}
+            }
+        }
+        data.ok_or_else(|| ApiError::invalid("no `file` part", Some("file"), "missing_file"))?
+    } else {
+        read_limited(req.into_body(), limit).await?
+    };
+    let purpose = purpose.unwrap_or_else(|| "fine-tune".into());
+    if purpose != "fine-tune" {
+        return Err(ApiError::invalid(
+            "only `fine-tune` is supported",
+            Some("purpose"),
+            "invalid_purpose",
+        ));
+    }
+    let filename = filename.unwrap_or_else(|| "upload.jsonl".into());
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid(
+            "the file is empty",
+            Some("file"),
+            "empty_file",
+        ));
+    }
+    // Validate every row before anything is stored.
+    let (format, task, rows) = tokio::task::spawn_blocking({
+        let bytes = bytes.clone();
+        move || -> Result<_, sparsegrad_engine::Error> {
+            let format = sparsegrad_engine::data::detect_format(&bytes);
+            let recs = sparsegrad_engine::data::parse_records(&bytes)?;
+            let (task, _) = sparsegrad_engine::data::infer_task(&recs, None)?;
+            Ok((format, task, recs.len()))
+        }
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::invalid(e.to_string(), Some("file"), "invalid_file"))?;
+    let id = db::new_id("file");
+    let key = keys::file(&tenant, &id);
+    st.storage.put(&key, bytes.clone().into()).await?;
+    let row = FileRow {
+        id,
+        tenant_id: tenant,
+        filename,
+        purpose,
+        bytes: bytes.len() as i64,
+        format: format!("{format:?}").to_lowercase(),
+        task: task.name().into(),
+        rows: rows as i64,
+        object_key: key.clone(),
+        created_at: chrono::Utc::now(),
+    };
+    match db::insert_file(&st.db, &row).await {
+        Ok(f) => Ok((axum::http::StatusCode::OK, axum::Json(object(&f))).into_response()),
+        Err(e) => {
+            // No row, no object.
+            let _ = st.storage.delete(&key).await;
+            Err(e.into())
+        }
+    }
+}
+
+async fn list(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Query(q): ListParams,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    let (rows, more) = db::list_files(&st.db, &tenant, &q.page()?).await?;
+    Ok(axum::Json(list_body(
+        rows.iter().map(object).collect(),
+        more,
+    )))
+}
+
+async fn get_one(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    let f = db::get_file(&st.db, &tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    Ok(axum::Json(object(&f)))
+}
+
+async fn content(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let f = db::get_file(&st.db, &tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    let bytes = st.storage.get(&f.object_key).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn delete(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    let f = db::delete_file(&st.db, &tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    st.storage.delete(&f.object_key).await?;
+    Ok(axum::Json(
+        json!({"id": f.id, "object": "file", "deleted": true}),
+    ))
+}

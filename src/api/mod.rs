@@ -1,0 +1,131 @@
+//! The HTTP API under `/v1`: one module per resource, each with its `router()`. Handlers
+//! validate, call `db`/`queue`/`storage` functions and shape responses; they hold no SQL.
+
+pub mod admin;
+pub mod files;
+pub mod health;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+use axum::Router;
+use serde::Deserialize;
+use sqlx::PgPool;
+
+use crate::config::Config;
+use crate::db::Page;
+use crate::error::{ApiError, ApiResult};
+use crate::storage::Storage;
+
+/// Cheap handles shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub storage: Storage,
+    pub cfg: Arc<Config>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(health::router())
+        .nest(
+            "/v1",
+            Router::new().merge(admin::router()).merge(files::router()),
+        )
+        .with_state(state)
+}
+
+/// The tenant behind `Authorization: Bearer <api key>`.
+pub struct Tenant(pub String);
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> ApiResult<Self> {
+        let key = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized("missing `Authorization: Bearer <api key>` header")
+        })?;
+        match crate::db::tenant_for_key(&st.db, key).await? {
+            Some(t) => Ok(Tenant(t)),
+            None => Err(ApiError::unauthorized("invalid or revoked API key")),
+        }
+    }
+}
+
+/// The configured admin key.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> ApiResult<Self> {
+        let Some(want) = &st.cfg.admin_key else {
+            return Err(ApiError::unauthorized(
+                "admin routes are disabled (no admin key configured)",
+            ));
+        };
+        let got = bearer(parts).unwrap_or_default();
+        // Compare hashes: equal-length inputs, no early exit on the secret itself.
+        if crate::db::key_hash(got) == crate::db::key_hash(want) && !got.is_empty() {
+            Ok(Admin)
+        } else {
+            Err(ApiError::unauthorized("invalid admin key"))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub after: Option<String>,
+    pub limit: Option<i64>,
+}
+
+impl ListQuery {
+    pub fn page(&self) -> ApiResult<Page> {
+        let limit = self.limit.unwrap_or(20);
+        if !(1..=100).contains(&limit) {
+            return Err(ApiError::invalid(
+                "must be between 1 and 100",
+                Some("limit"),
+                "invalid_limit",
+            ));
+        }
+        Ok(Page {
+            after: self.after.clone(),
+            limit,
+        })
+    }
+}
+
+/// `{"object": "list", "data": [...], "has_more": bool}`
+pub fn list_body<T: serde::Serialize>(data: Vec<T>, has_more: bool) -> serde_json::Value {
+    serde_json::json!({"object": "list", "data": data, "has_more": has_more})
+}
+
+pub type ListParams = Query<ListQuery>;
+
+/// A JSON body extractor whose rejections come back in the error envelope.
+pub struct Json<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for Json<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request(req: axum::extract::Request, st: &S) -> ApiResult<Self> {
+        match axum::Json::<T>::from_request(req, st).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(e) => Err(ApiError::invalid(e.body_text(), None, "invalid_json")),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The service's one typed configuration, read once from flags and environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::queue::QueueConfig;
+use crate::storage::S3Settings;
+
+#[derive(Args, Clone)]
+pub struct Config {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    #[arg(long, env = "SPARSEGRAD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Local state: object storage (by default), scratch space for workers, caches.
+    #[arg(long, env = "SPARSEGRAD_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// `file:///abs/dir`, `s3://bucket/prefix` or `memory://` (default: file://DATA_DIR/objects).
+    #[arg(long, env = "SPARSEGRAD_STORAGE_URL")]
+    pub storage_url: Option<String>,
+    #[arg(long, env = "SPARSEGRAD_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "SPARSEGRAD_S3_REGION")]
+    pub s3_region: Option<String>,
+    #[arg(long, env = "SPARSEGRAD_S3_ACCESS_KEY_ID")]
+    pub s3_access_key_id: Option<String>,
+    #[arg(long, env = "SPARSEGRAD_S3_SECRET_ACCESS_KEY")]
+    pub s3_secret_access_key: Option<String>,
+    /// Allow plain-http S3 endpoints (local servers).
+    #[arg(long, env = "SPARSEGRAD_S3_ALLOW_HTTP")]
+    pub s3_allow_http: bool,
+    /// Folder of base models (one sub-folder per model with config.json).
+    #[arg(long, env = "SPARSEGRAD_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// The admin key for `/v1/admin/*` (tenants and API keys); admin routes are off without it.
+    #[arg(long, env = "SPARSEGRAD_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    /// Largest accepted dataset upload, bytes.
+    #[arg(long, env = "SPARSEGRAD_MAX_UPLOAD_BYTES", default_value_t = 256 << 20)]
+    pub max_upload_bytes: u64,
+    /// In-process workers (`serve`); 0 runs the API only.
+    #[arg(long, env = "SPARSEGRAD_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    #[arg(long, env = "SPARSEGRAD_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
+    #[arg(long, env = "SPARSEGRAD_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: i32,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("storage_url", &self.storage_url)
+            .field("s3_endpoint", &self.s3_endpoint)
+            .field("s3_access_key_id", &self.s3_access_key_id)
+            .field("s3_secret_access_key", &redact(&self.s3_secret_access_key))
+            .field("models_dir", &self.models_dir)
+            .field("admin_key", &redact(&self.admin_key))
+            .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:<redacted>@host/db`.
+fn redact_url(u: &str) -> String {
+    match (u.find("://"), u.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &u[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:<redacted>{}", &u[..s + 3], &u[at..]),
+                None => u.to_string(),
+            }
+        }
+        _ => u.to_string(),
+    }
+}
+
+impl Config {
+    pub fn storage_url(&self) -> std::io::Result<String> {
+        Ok(match &self.storage_url {
+            Some(u) => u.clone(),
+            None => {
+                let dir = std::path::absolute(self.data_dir.join("objects"))?;
+                format!("file://{}", dir.display())
+            }
+        })
+    }
+
+    pub fn s3(&self) -> S3Settings {
+        S3Settings {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: self.s3_access_key_id.clone(),
+            secret_access_key: self.s3_secret_access_key.clone(),
+            allow_http: self.s3_allow_http,
+            max_retries: None,
+            retry_timeout: None,
+        }
+    }
+
+    pub fn queue(&self) -> QueueConfig {
+        QueueConfig {
+            lease: Duration::from_secs(self.lease_secs.max(2)),
+            ..QueueConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_password_is_redacted() {
+        assert_eq!(
+            super::redact_url("postgres://u:hunter2@h:5432/d"),
+            "postgres://u:<redacted>@h:5432/d"
+        );
+        assert_eq!(super::redact_url("postgres://u@h/d"), "postgres://u@h/d");
+    }
+}

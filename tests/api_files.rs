@@ -1,0 +1,432 @@
+//! Router tests (a database per test): health, admin (tenants, keys, revocation), auth, and
+//! dataset uploads — valid JSONL/CSV, every kind of bad input answered 4xx in the error
+//! envelope with the line and field, and nothing stored for a rejected upload.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use clap::Parser;
+use serde_json::{json, Value};
+use sparsegrad_service::api::{router, AppState};
+use sparsegrad_service::config::Config;
+use sparsegrad_service::storage::{S3Settings, Storage};
+use sqlx::PgPool;
+use tower::ServiceExt;
+
+#[derive(Parser)]
+struct Wrap {
+    #[command(flatten)]
+    cfg: Config,
+}
+
+fn state(db: PgPool, max_upload: u64) -> AppState {
+    let cfg = Wrap::parse_from([
+        "x",
+        "--database-url",
+        "postgres://unused",
+        "--admin-key",
+        "admin-secret",
+        "--max-upload-bytes",
+        &max_upload.to_string(),
+    ])
+    .cfg;
+    AppState {
+        db,
+        storage: Storage::from_url("memory://", &S3Settings::default()).unwrap(),
+        cfg: Arc::new(cfg),
+    }
+}
+
+async fn call(
+    st: &AppState,
+    method: &str,
+    uri: &str,
+    key: Option<&str>,
+    body: Body,
+    ctype: Option<&str>,
+) -> (StatusCode, Value, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    if let Some(c) = ctype {
+        req = req.header("content-type", c);
+    }
+    let resp = router(st.clone())
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 26)
+        .await
+        .unwrap()
+        .to_vec();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, v, bytes)
+}
+
+async fn post_json(st: &AppState, uri: &str, key: Option<&str>, v: Value) -> (StatusCode, Value) {
+    let (s, v, _) = call(
+        st,
+        "POST",
+        uri,
+        key,
+        Body::from(v.to_string()),
+        Some("application/json"),
+    )
+    .await;
+    (s, v)
+}
+
+/// A tenant and a live key for it.
+async fn tenant_key(st: &AppState, name: &str) -> (String, String) {
+    let (s, t) = post_json(
+        st,
+        "/v1/admin/tenants",
+        Some("admin-secret"),
+        json!({"name": name}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let tid = t["id"].as_str().unwrap().to_string();
+    let (s, k) = post_json(
+        st,
+        "/v1/admin/api_keys",
+        Some("admin-secret"),
+        json!({"tenant_id": tid}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    (tid, k["key"].as_str().unwrap().to_string())
+}
+
+fn assert_envelope(v: &Value, kind: &str) {
+    let e = &v["error"];
+    assert_eq!(e["type"], kind, "{v}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+}
+
+async fn stored_objects(st: &AppState) -> usize {
+    st.storage.list("tenants").await.unwrap().len()
+}
+
+async fn file_rows(db: &PgPool) -> i64 {
+    sqlx::query_as::<_, (i64,)>("select count(*) from files")
+        .fetch_one(db)
+        .await
+        .unwrap()
+        .0
+}
+
+const GOOD: &str =
+    "{\"text\": \"a fine film\", \"label\": \"pos\"}\n{\"text\": \"dull\", \"label\": \"neg\"}\n";
+
+#[sqlx::test(migrations = "./migrations")]
+async fn health_and_readiness(db: PgPool) {
+    let st = state(db, 1 << 20);
+    let (s, _, b) = call(&st, "GET", "/healthz", None, Body::empty(), None).await;
+    assert_eq!((s, b.as_slice()), (StatusCode::OK, b"ok".as_slice()));
+    let (s, _, b) = call(&st, "GET", "/readyz", None, Body::empty(), None).await;
+    assert_eq!((s, b.as_slice()), (StatusCode::OK, b"ready".as_slice()));
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn auth_no_key_bad_key_revoked_key_and_admin_routes(db: PgPool) {
+    let st = state(db, 1 << 20);
+    for key in [None, Some("sg-nope"), Some("")] {
+        let (s, v, _) = call(&st, "GET", "/v1/files", key, Body::empty(), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_envelope(&v, "authentication_error");
+    }
+    // Admin routes need the admin key, not a tenant key.
+    let (_, key) = tenant_key(&st, "acme").await;
+    let (s, v) = post_json(&st, "/v1/admin/tenants", Some(&key), json!({"name": "x"})).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_envelope(&v, "authentication_error");
+    let (s, _, _) = call(&st, "GET", "/v1/files", Some(&key), Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK);
+    // Revocation takes effect at once.
+    let key_id: (String,) = sqlx::query_as("select id from api_keys")
+        .fetch_one(&st.db)
+        .await
+        .unwrap();
+    let (s, v) = post_json(
+        &st,
+        &format!("/v1/admin/api_keys/{}/revoke", key_id.0),
+        Some("admin-secret"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["revoked_at"].is_i64());
+    let (s, _, _) = call(&st, "GET", "/v1/files", Some(&key), Body::empty(), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Only hashes are stored.
+    let (n,): (i64,) = sqlx::query_as("select count(*) from api_keys where key_sha256 = $1")
+        .bind(&key)
+        .fetch_one(&st.db)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    // Unknown tenant for a key; malformed admin body.
+    let (s, v) = post_json(
+        &st,
+        "/v1/admin/api_keys",
+        Some("admin-secret"),
+        json!({"tenant_id": "tenant_x"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_envelope(&v, "not_found_error");
+    let (s, v, _) = call(
+        &st,
+        "POST",
+        "/v1/admin/tenants",
+        Some("admin-secret"),
+        Body::from("{"),
+        Some("application/json"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_envelope(&v, "invalid_request_error");
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn upload_list_get_content_delete(db: PgPool) {
+    let st = state(db, 1 << 20);
+    let (_, key) = tenant_key(&st, "acme").await;
+    let (s, f, _) = call(
+        &st,
+        "POST",
+        "/v1/files?purpose=fine-tune&filename=train.jsonl",
+        Some(&key),
+        Body::from(GOOD),
+        Some("application/jsonl"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{f}");
+    assert_eq!(f["object"], "file");
+    assert_eq!(
+        (f["rows"].as_i64(), f["task"].as_str(), f["format"].as_str()),
+        (Some(2), Some("classification"), Some("jsonl"))
+    );
+    let id = f["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("file_"));
+    // Multipart, CSV with quoting (a comma and a doubled quote inside a field).
+    let csv = "text,label\n\"a \"\"great\"\", long film\",pos\nok,neg\n";
+    let boundary = "XyZ";
+    let mp = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.csv\"\r\nContent-Type: text/csv\r\n\r\n{csv}\r\n--{boundary}--\r\n"
+    );
+    let (s, f2, _) = call(
+        &st,
+        "POST",
+        "/v1/files",
+        Some(&key),
+        Body::from(mp),
+        Some(&format!("multipart/form-data; boundary={boundary}")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{f2}");
+    assert_eq!(
+        (
+            f2["filename"].as_str(),
+            f2["format"].as_str(),
+            f2["rows"].as_i64()
+        ),
+        (Some("t.csv"), Some("csv"), Some(2))
+    );
+
+    let (s, l, _) = call(
+        &st,
+        "GET",
+        "/v1/files?limit=1",
+        Some(&key),
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (l["object"].as_str(), l["has_more"].as_bool()),
+        (Some("list"), Some(true))
+    );
+    assert_eq!(l["data"][0]["id"], f2["id"], "newest first");
+    let (_, l2, _) = call(
+        &st,
+        "GET",
+        &format!("/v1/files?limit=1&after={}", f2["id"].as_str().unwrap()),
+        Some(&key),
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (l2["data"][0]["id"].as_str(), l2["has_more"].as_bool()),
+        (Some(id.as_str()), Some(false))
+    );
+    let (s, v, _) = call(
+        &st,
+        "GET",
+        "/v1/files?limit=1000",
+        Some(&key),
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["param"], "limit");
+
+    let (s, g, _) = call(
+        &st,
+        "GET",
+        &format!("/v1/files/{id}"),
+        Some(&key),
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!((s, g["id"].as_str()), (StatusCode::OK, Some(id.as_str())));
+    let (s, _, body) = call(
+        &st,
+        "GET",
+        &format!("/v1/files/{id}/content"),
+        Some(&key),
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!((s, body.as_slice()), (StatusCode::OK, GOOD.as_bytes()));
+
+    // Another tenant sees nothing of it.
+    let (_, other) = tenant_key(&st, "globex").await;
+    for (m, u) in [
+        ("GET", format!("/v1/files/{id}")),
+        ("GET", format!("/v1/files/{id}/content")),
+        ("DELETE", format!("/v1/files/{id}")),
+    ] {
+        let (s, v, _) = call(&st, m, &u, Some(&other), Body::empty(), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{m} {u}");
+        assert_envelope(&v, "not_found_error");
+        assert!(!v.to_string().contains("acme"));
+    }
+    let (_, l, _) = call(&st, "GET", "/v1/files", Some(&other), Body::empty(), None).await;
+    assert_eq!(l["data"].as_array().unwrap().len(), 0);
+
+    let (s, d, _) = call(
+        &st,
+        "DELETE",
+        &format!("/v1/files/{id}"),
+        Some(&key),
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!((s, d["deleted"].as_bool()), (StatusCode::OK, Some(true)));
+    let (s, _, _) = call(
+        &st,
+        "GET",
+        &format!("/v1/files/{id}"),
+        Some(&key),
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(stored_objects(&st).await, 1);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn bad_uploads_are_refused_with_line_and_field_and_store_nothing(db: PgPool) {
+    let st = state(db.clone(), 4096);
+    let (_, key) = tenant_key(&st, "acme").await;
+    let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            "malformed JSON",
+            b"{\"text\": \"ok\", \"label\": 1}\n{\"text\": \"oops\"\n".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "line 2",
+        ),
+        (
+            "wrong schema",
+            b"{\"text\": \"ok\", \"label\": 1}\n{\"text\": \"fine\"}\n".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "label",
+        ),
+        (
+            "invalid UTF-8",
+            b"{\"text\": \"ok\", \"label\": 1}\n{\"text\": \"\xff\xfe\", \"label\": 0}\n".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "line 2",
+        ),
+        ("empty", b"".to_vec(), StatusCode::BAD_REQUEST, "empty"),
+        (
+            "blank",
+            b"\n  \n".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "empty",
+        ),
+        (
+            "oversize",
+            GOOD.repeat(200).into_bytes(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "exceeds",
+        ),
+        (
+            "CSV unterminated quote",
+            b"text,label\n\"open,pos\nx,neg\n".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "line",
+        ),
+        (
+            "CSV missing column",
+            b"text\nhello\n".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "label",
+        ),
+        (
+            "mixed kinds",
+            b"{\"text\": \"ok\", \"label\": 1}\n{\"prompt\": \"p\", \"completion\": \"c\"}\n"
+                .to_vec(),
+            StatusCode::BAD_REQUEST,
+            "line 2",
+        ),
+    ];
+    for (what, body, want, needle) in cases {
+        let (s, v, _) = call(
+            &st,
+            "POST",
+            "/v1/files",
+            Some(&key),
+            Body::from(body),
+            Some("application/jsonl"),
+        )
+        .await;
+        assert_eq!(s, want, "{what}: {v}");
+        assert_envelope(&v, "invalid_request_error");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{what}: `{msg}` lacks `{needle}`");
+        assert_eq!(v["error"]["param"], "file", "{what}");
+    }
+    let (s, v, _) = call(
+        &st,
+        "POST",
+        "/v1/files?purpose=assistants",
+        Some(&key),
+        Body::from(GOOD),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("purpose"))
+    );
+    assert_eq!(
+        stored_objects(&st).await,
+        0,
+        "a rejected upload left an object"
+    );
+    assert_eq!(file_rows(&db).await, 0, "a rejected upload left a row");
+}
