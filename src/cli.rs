@@ -47,6 +47,18 @@ pub enum Command {
     Fixtures(FixturesArgs),
     /// Benchmarks (printed, never asserted).
     Bench(crate::bench::BenchArgs),
+    /// Run the HTTP API with in-process workers (`--workers N`).
+    Serve(ServiceArgs),
+    /// Run workers only (claim jobs from the shared Postgres queue).
+    Worker(ServiceArgs),
+    /// Apply database migrations and exit.
+    Migrate(ServiceArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    pub config: crate::config::Config,
 }
 
 #[derive(Args, Debug)]
@@ -341,7 +353,20 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => crate::bench::run(a),
+        Command::Serve(a) => runtime()?.block_on(crate::server::run(a.config, true)),
+        Command::Worker(a) => runtime()?.block_on(crate::server::run(a.config, false)),
+        Command::Migrate(a) => runtime()?.block_on(async {
+            crate::server::connect(&a.config).await?;
+            println!("migrations applied");
+            Ok(())
+        }),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn train(a: TrainArgs) -> Result<()> {

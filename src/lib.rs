@@ -10,5 +10,6 @@ pub mod db;
 pub mod error;
 pub mod fixtures;
 pub mod queue;
+pub mod server;
 pub mod storage;
 pub mod worker;

@@ -1,0 +1,128 @@
+//! `sparsegrad serve` (API + in-process workers) and `sparsegrad worker` (workers only): one
+//! shutdown signal (SIGTERM / ctrl-c) stops the server gracefully and the workers' loops. A
+//! job still running at shutdown is left to its lease: the reaper re-queues it and the next
+//! attempt resumes from its last checkpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::api::{router, AppState};
+use crate::config::Config;
+use crate::storage::Storage;
+use crate::worker::{try_run_one, Outcome, WorkerCtx};
+
+pub async fn connect(cfg: &Config) -> Result<(PgPool, Storage)> {
+    let db = PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&cfg.database_url)
+        .await
+        .context("connecting to Postgres (DATABASE_URL)")?;
+    sqlx::migrate!("./migrations")
+        .run(&db)
+        .await
+        .context("running migrations")?;
+    let storage = Storage::from_url(&cfg.storage_url()?, &cfg.s3())?;
+    storage.check().await.context("checking object storage")?;
+    Ok((db, storage))
+}
+
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Claims and runs jobs until shutdown; polls once a second when the queue is empty.
+pub async fn worker_loop(ctx: WorkerCtx, stop: watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            r = try_run_one(&ctx) => match r {
+                Ok(Outcome::Empty) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stopped(stop.clone()) => return,
+                    }
+                }
+                Ok(o) => tracing::info!(worker = %ctx.worker_id, "{o:?}"),
+                Err(e) => {
+                    tracing::warn!(worker = %ctx.worker_id, "worker step failed: {e}");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            },
+            _ = stopped(stop.clone()) => return,
+        }
+    }
+}
+
+pub async fn run(cfg: Config, api: bool) -> Result<()> {
+    let (db, storage) = connect(&cfg).await?;
+    let cfg = Arc::new(cfg);
+    let stop = shutdown_signal();
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    let mut workers = Vec::new();
+    for i in 0..cfg.workers {
+        let ctx = WorkerCtx {
+            db: db.clone(),
+            storage: storage.clone(),
+            queue: cfg.queue(),
+            worker_id: format!("{host}-{}-{i}", std::process::id()),
+            work_dir: cfg.data_dir.join("work"),
+            heartbeat: cfg.queue().lease / 5,
+            cache_dir: Some(cfg.data_dir.join("cache")),
+        };
+        workers.push(tokio::spawn(worker_loop(ctx, stop.clone())));
+    }
+    if api {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        tracing::info!("listening on http://{}", listener.local_addr()?);
+        let state = AppState {
+            db,
+            storage,
+            cfg: cfg.clone(),
+        };
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(stopped(stop.clone()))
+            .await?;
+    } else {
+        stopped(stop).await;
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    Ok(())
+}
