@@ -430,3 +430,73 @@ async fn bad_uploads_are_refused_with_line_and_field_and_store_nothing(db: PgPoo
     );
     assert_eq!(file_rows(&db).await, 0, "a rejected upload left a row");
 }
+
+/// `(METHOD, path)` pairs of openapi.yaml, read off its `paths:` block.
+fn spec_routes() -> Vec<(String, String)> {
+    let spec = sparsegrad_service::api::health::OPENAPI;
+    let mut out = Vec::new();
+    let mut in_paths = false;
+    let mut path = String::new();
+    for line in spec.lines() {
+        if line == "paths:" {
+            in_paths = true;
+            continue;
+        }
+        if !in_paths {
+            continue;
+        }
+        if let Some(p) = line.strip_prefix("  ").filter(|l| l.starts_with('/')) {
+            path = p.trim_end_matches(':').to_string();
+        } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')) {
+            if ["get", "post", "put", "patch", "delete"].contains(&m) {
+                out.push((m.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Every route the router serves (kept beside the spec: a route added to one and not the
+/// other fails below).
+const ROUTED: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/openapi.yaml"),
+    ("POST", "/v1/admin/tenants"),
+    ("POST", "/v1/admin/api_keys"),
+    ("POST", "/v1/admin/api_keys/{id}/revoke"),
+    ("GET", "/v1/files"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files/{id}"),
+    ("DELETE", "/v1/files/{id}"),
+    ("GET", "/v1/files/{id}/content"),
+];
+
+#[sqlx::test(migrations = "./migrations")]
+async fn every_spec_path_is_routed_and_every_route_is_in_the_spec(db: PgPool) {
+    let st = state(db, 1 << 20);
+    let mut spec = spec_routes();
+    let mut routed: Vec<(String, String)> = ROUTED
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    spec.sort();
+    routed.sort();
+    assert_eq!(spec, routed, "openapi.yaml and the router disagree");
+    for (m, p) in &spec {
+        let uri = p.replace("{id}", "x_does_not_exist");
+        let (s, v, _) = call(&st, m, &uri, None, Body::empty(), None).await;
+        // Unrouted: axum's bare 404/405 without our envelope.
+        let bare =
+            matches!(s, StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) && v.is_null();
+        assert!(!bare, "{m} {p} is in the spec but not routed ({s})");
+    }
+    // And a path in neither is not routed.
+    let (s, v, _) = call(&st, "GET", "/v1/nothing", None, Body::empty(), None).await;
+    assert!(s == StatusCode::NOT_FOUND && v.is_null());
+    let (s, _, body) = call(&st, "GET", "/openapi.yaml", None, Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8(body)
+        .unwrap()
+        .starts_with("openapi: 3.1.0"));
+}

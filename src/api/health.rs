@@ -9,6 +9,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/openapi.yaml", get(openapi))
 }
 
 /// Ready when the database and storage both answer.
@@ -22,4 +23,14 @@ async fn readyz(State(st): State<AppState>) -> ApiResult<&'static str> {
         .await
         .map_err(|_| ApiError::unavailable("storage"))?;
     Ok("ready")
+}
+
+/// The API contract, compiled in so the binary always serves its own.
+pub const OPENAPI: &str = include_str!("../../openapi.yaml");
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/yaml")],
+        OPENAPI,
+    )
 }
