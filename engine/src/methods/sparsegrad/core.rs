@@ -33,33 +33,51 @@ pub enum Phase {
     Train { select: bool },
 }
 
-/// A basis with host copies of `Pᵀ` and `Qᵀ` (rows = basis vectors) for sparse expansion.
+/// A basis laid out for sparse expansion: `P` and `Q` are kept as transposed views of
+/// contiguous `Pᵀ`, `Qᵀ`, whose rows (the basis vectors) the expansion reads in place on the
+/// CPU — one copy of each basis, not two.
 pub struct HostBasis {
     pub basis: Basis,
-    pt: Vec<f32>,
-    qt: Vec<f32>,
+    pt: Tensor,
+    qt: Tensor,
+}
+
+/// The rows of a contiguous f32 matrix: borrowed on the CPU, copied from other devices.
+fn with_rows<R>(m: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (st, l) = m.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)), Some((a, b))) =
+            (&*st, l.contiguous_offsets())
+        {
+            return Ok(f(&d[a..b]));
+        }
+    }
+    let host: Vec<f32> = m
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?;
+    Ok(f(&host))
 }
 
 impl HostBasis {
     pub fn new(basis: Basis) -> Result<Self> {
-        let host = |m: &Tensor| -> Result<Vec<f32>> {
-            Ok(m.to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .t()?
-                .contiguous()?
-                .flatten_all()?
-                .to_vec1()?)
-        };
+        let pt = basis.p.to_dtype(DType::F32)?.t()?.contiguous()?;
+        let qt = basis.q.to_dtype(DType::F32)?.t()?.contiguous()?;
         Ok(HostBasis {
-            pt: host(&basis.p)?,
-            qt: host(&basis.q)?,
-            basis,
+            basis: Basis {
+                p: pt.t()?,
+                q: qt.t()?,
+                ..basis
+            },
+            pt,
+            qt,
         })
     }
 
     /// `G̃ = Pᵀ G Q`.
     pub fn rotate(&self, g: &Tensor) -> Result<Tensor> {
-        Ok(self.basis.p.t()?.matmul(g)?.matmul(&self.basis.q)?)
+        Ok(self.pt.matmul(g)?.matmul(&self.basis.q)?)
     }
 
     /// `P S Qᵀ` for a sparse `S (out×in)` given by flat indices and values, as a dense f32
@@ -69,32 +87,36 @@ impl HostBasis {
         let dev = self.basis.p.device();
         if out >= inp {
             // (P S)ᵀ (in×out): row c += v · P[:, r]
-            let rows = scatter_rows(
-                inp,
-                out,
-                idx,
-                vals,
-                |i| {
-                    let i = i as usize;
-                    (i % inp, i / inp)
-                },
-                &self.pt,
-            );
+            let rows = with_rows(&self.pt, |pt| {
+                scatter_rows(
+                    inp,
+                    out,
+                    idx,
+                    vals,
+                    |i| {
+                        let i = i as usize;
+                        (i % inp, i / inp)
+                    },
+                    pt,
+                )
+            })?;
             let m = Tensor::from_vec(rows, (inp, out), dev)?;
-            Ok(m.t()?.matmul(&self.basis.q.t()?)?)
+            Ok(m.t()?.matmul(&self.qt)?)
         } else {
             // S Qᵀ (out×in): row r += v · Q[:, c]
-            let rows = scatter_rows(
-                out,
-                inp,
-                idx,
-                vals,
-                |i| {
-                    let i = i as usize;
-                    (i / inp, i % inp)
-                },
-                &self.qt,
-            );
+            let rows = with_rows(&self.qt, |qt| {
+                scatter_rows(
+                    out,
+                    inp,
+                    idx,
+                    vals,
+                    |i| {
+                        let i = i as usize;
+                        (i / inp, i % inp)
+                    },
+                    qt,
+                )
+            })?;
             let n = Tensor::from_vec(rows, (out, inp), dev)?;
             Ok(self.basis.p.matmul(&n)?)
         }
@@ -181,9 +203,10 @@ impl SupportBlock {
 
     /// `(Pᵀ G Q)` on the block's rows and columns, `G = gᵀ x`, by whichever order of
     /// products is cheaper for this many tokens.
-    fn rotated(&self, b: &Basis, x: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let pr = b.p.index_select(&self.rows, 1)?;
-        let qc = b.q.index_select(&self.cols, 1)?;
+    fn rotated(&self, b: &HostBasis, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        // Rows of Pᵀ and Qᵀ are the basis vectors: gather them contiguously.
+        let pr = b.pt.index_select(&self.rows, 0)?.t()?;
+        let qc = b.qt.index_select(&self.cols, 0)?.t()?;
         let (t, o, i) = (x.dim(0)?, g.dim(1)?, x.dim(1)?);
         let (r, c) = (self.n_rows, self.n_cols);
         let via_weight = t * o * i + r * o * i + r * i * c;
@@ -319,7 +342,7 @@ impl Core {
             if let Some(block) = &self.matrices[id].block {
                 // Fixed support: only the support's rows and columns of G̃ are formed.
                 let on_block = match self.bases.get(&kind) {
-                    Some(b) if self.rotate => block.rotated(&b.basis, &x, &g)?,
+                    Some(b) if self.rotate => block.rotated(b, &x, &g)?,
                     _ => {
                         let gr = g.index_select(&block.rows, 1)?;
                         let xc = x.index_select(&block.cols, 1)?;

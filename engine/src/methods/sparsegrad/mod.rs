@@ -624,8 +624,8 @@ impl Method for SparseMlp {
         let core = self.core()?;
         for (kind, hb) in &core.bases {
             let k = kind_key(*kind);
-            out.insert(format!("sparse.basis.{k}.p"), hb.basis.p.clone());
-            out.insert(format!("sparse.basis.{k}.q"), hb.basis.q.clone());
+            out.insert(format!("sparse.basis.{k}.p"), hb.basis.p.contiguous()?);
+            out.insert(format!("sparse.basis.{k}.q"), hb.basis.q.contiguous()?);
             out.insert(
                 format!("sparse.basis.{k}.eig_p"),
                 Tensor::new(hb.basis.eig_p.as_slice(), &Device::Cpu)?,
