@@ -17,6 +17,7 @@ use sparsegrad_engine::pipeline::{run_job, JobSpec as EngineJob};
 use sparsegrad_engine::train::{Event, TrainConfig, TrainIo};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::queue::{self, Failure, Lease, QueueConfig, QueueError};
 use crate::storage::{keys, Storage, StorageError};
@@ -152,12 +153,12 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
         return Ok(Outcome::Empty);
     };
     let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempt);
-    let _g = span.enter();
     let dir = ctx
         .work_dir
         .join(&job.id)
         .join(format!("attempt-{}", job.attempt));
-    let result = run(ctx, &lease, &job.spec, &dir).await;
+    // Instrumented, not entered: a span guard held across awaits tags other tasks' logs.
+    let result = run(ctx, &lease, &job.spec, &dir).instrument(span).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let status = match result {
         Ok(summary) => match queue::complete(&ctx.db, &lease, &summary).await {
