@@ -29,6 +29,19 @@ pub enum BenchWhat {
     /// (mean ± sd), step time, peak RSS, trainable parameters, optimizer state and artifact
     /// size as a Markdown table and draw the loss curves (SVG).
     Compare(Box<BenchCompareArgs>),
+    /// Queue throughput: N jobs claimed and completed by C concurrent claimers against the
+    /// Postgres at DATABASE_URL (in a scratch database that is dropped afterwards).
+    Queue(BenchQueueArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchQueueArgs {
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    #[arg(long, default_value_t = 5000)]
+    pub jobs: usize,
+    #[arg(long, default_value_t = 16)]
+    pub claimers: usize,
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +69,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Train(t) => bench_train(t),
         BenchWhat::Compare(c) => bench_compare(*c),
+        BenchWhat::Queue(q) => tokio::runtime::Runtime::new()?.block_on(bench_queue(q)),
     }
 }
 
@@ -471,4 +485,68 @@ fn loss_svg(results: &[(String, Vec<RunResult>)]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+async fn bench_queue(a: BenchQueueArgs) -> Result<()> {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use sqlx::ConnectOptions;
+    let admin: PgConnectOptions = a.database_url.parse()?;
+    let name = format!("sparsegrad_bench_{}", std::process::id());
+    let mut conn = admin.connect().await?;
+    sqlx::query(&format!("create database {name}"))
+        .execute(&mut conn)
+        .await?;
+    let result = async {
+        let pool = PgPoolOptions::new()
+            .max_connections(a.claimers as u32 + 2)
+            .connect_with(admin.clone().database(&name))
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        sqlx::query("insert into tenants (id, name) values ('bench', 'bench')")
+            .execute(&pool)
+            .await?;
+        let ids: Vec<String> = (0..a.jobs).map(|i| format!("job_{i:08}")).collect();
+        sqlx::query(
+            "insert into jobs (id, tenant_id, status, spec)
+             select x, 'bench', 'queued', '{}'::jsonb from unnest($1::text[]) as x",
+        )
+        .bind(&ids)
+        .execute(&pool)
+        .await?;
+        let cfg = crate::queue::QueueConfig::default();
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..a.claimers {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                let worker = format!("w{w}");
+                let mut n = 0usize;
+                while let Some((_, lease)) = crate::queue::claim(&pool, &worker, &cfg).await? {
+                    crate::queue::complete(&pool, &lease, &serde_json::json!({})).await?;
+                    n += 1;
+                }
+                Ok::<_, crate::queue::QueueError>(n)
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await??;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        pool.close().await;
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "queue", "jobs": total, "claimers": a.claimers, "secs": secs,
+                "claims_per_sec": total as f64 / secs,
+                "note": "each claim is followed by a fenced completion (2 statements per job)",
+            })
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    sqlx::query(&format!("drop database if exists {name} with (force)"))
+        .execute(&mut conn)
+        .await?;
+    result
 }
