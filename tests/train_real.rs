@@ -289,18 +289,7 @@ fn smollm2_first_layers_sft_lowers_validation_loss() {
         let before = evaluate(&base, &dev, 8).unwrap();
         drop(base);
         let cancel = AtomicBool::new(false);
-        let out = run_job(
-            &spec,
-            &Device::Cpu,
-            TrainIo {
-                on_event: &mut |_| {},
-                cancel: &cancel,
-                cache_dir: None,
-                checkpoint_dir: None,
-                resume_from: None,
-            },
-        )
-        .unwrap();
+        let out = run_job(&spec, &Device::Cpu, TrainIo::new(&mut |_| {}, &cancel)).unwrap();
         let after = out.summary.eval.clone().unwrap();
         eprintln!(
             "SmolLM2-4L {} on {}: validation loss {:.4} → {:.4} (perplexity {:.1} → {:.1}), {:.1}s",

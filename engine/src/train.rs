@@ -209,6 +209,19 @@ pub struct TrainIo<'a> {
     pub resume_from: Option<PathBuf>,
 }
 
+impl<'a> TrainIo<'a> {
+    /// No cache, no checkpoints, a fresh run.
+    pub fn new(on_event: &'a mut dyn FnMut(&Event), cancel: &'a AtomicBool) -> Self {
+        TrainIo {
+            on_event,
+            cancel,
+            cache_dir: None,
+            checkpoint_dir: None,
+            resume_from: None,
+        }
+    }
+}
+
 /// Peak resident set size of this process (Linux), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -294,9 +307,7 @@ pub fn train(
     let n = train_set.examples.len();
     let total = cfg.total_steps(n);
     let per_epoch = cfg.micro_batches_per_epoch(n);
-    let pad = pad_id(model);
     let dtype = model.dtype();
-    let device = model.weights.device.clone();
 
     let mut start_step = 0;
     let mut tokens = 0usize;
@@ -319,13 +330,7 @@ pub fn train(
     if io.resume_from.is_none() {
         let order0 = epoch_order(n, cfg.seed, 0, true);
         let mut backward = |m: &Model, i: usize| -> Result<candle_core::backprop::GradStore> {
-            let idx = i % per_epoch;
-            let sel: Vec<&Example> = order0
-                [idx * cfg.batch_size..((idx + 1) * cfg.batch_size).min(n)]
-                .iter()
-                .map(|&j| &train_set.examples[j])
-                .collect();
-            let batch = collate(&sel, pad, dtype, &device)?;
+            let batch = batch_at(train_set, &order0, i % per_epoch, cfg.batch_size, m)?;
             let mut ctx = Ctx::train(
                 crate::rng::stream(cfg.seed, "calibration", i as u64),
                 cfg.dropout,
@@ -369,28 +374,17 @@ pub fn train(
         let step_started = Instant::now();
         let mut step_loss = 0.0;
         let mut micro_count = 0;
-        let micro_planned = (0..cfg.grad_accum)
-            .filter(|micro| {
-                cfg.max_steps.is_some() || (step * cfg.grad_accum + micro) / per_epoch < cfg.epochs
-            })
-            .count();
-        method.begin_step(step, micro_planned)?;
-        for micro in 0..cfg.grad_accum {
-            let mb = step * cfg.grad_accum + micro;
+        // The step's micro-batches; the last step of an epoch-bounded run may have fewer.
+        let micro_batches: Vec<usize> = (step * cfg.grad_accum..(step + 1) * cfg.grad_accum)
+            .filter(|mb| cfg.max_steps.is_some() || mb / per_epoch < cfg.epochs)
+            .collect();
+        method.begin_step(step, micro_batches.len())?;
+        for mb in micro_batches {
             let epoch = mb / per_epoch;
-            if cfg.max_steps.is_none() && epoch >= cfg.epochs {
-                break;
-            }
-            let idx = mb % per_epoch;
             let order = orders
                 .entry(epoch)
                 .or_insert_with(|| epoch_order(n, cfg.seed, epoch as u64, true));
-            let sel: Vec<&Example> = order
-                [idx * cfg.batch_size..((idx + 1) * cfg.batch_size).min(n)]
-                .iter()
-                .map(|&i| &train_set.examples[i])
-                .collect();
-            let batch = collate(&sel, pad, dtype, &device)?;
+            let batch = batch_at(train_set, order, mb % per_epoch, cfg.batch_size, model)?;
             let mut ctx = Ctx::train(
                 crate::rng::stream(cfg.seed, "dropout", mb as u64),
                 cfg.dropout,
@@ -484,6 +478,22 @@ pub fn train(
         calibration_secs,
         method_stats: method.stats(),
     })
+}
+
+/// The `idx`-th batch of an epoch's order, collated for `model`.
+fn batch_at(
+    data: &Dataset,
+    order: &[usize],
+    idx: usize,
+    batch_size: usize,
+    model: &Model,
+) -> Result<crate::models::Batch> {
+    let end = ((idx + 1) * batch_size).min(order.len());
+    let sel: Vec<&Example> = order[idx * batch_size..end]
+        .iter()
+        .map(|&i| &data.examples[i])
+        .collect();
+    collate(&sel, pad_id(model), model.dtype(), &model.weights.device)
 }
 
 /// Names the calibration data: every example's tokens and target, plus what shapes the

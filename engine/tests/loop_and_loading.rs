@@ -251,18 +251,7 @@ fn gradient_accumulation_equals_the_larger_batch() {
             limit_valid: None,
         };
         let cancel = AtomicBool::new(false);
-        run_job(
-            &spec,
-            &Device::Cpu,
-            TrainIo {
-                on_event: &mut |_| {},
-                cancel: &cancel,
-                cache_dir: None,
-                checkpoint_dir: None,
-                resume_from: None,
-            },
-        )
-        .unwrap()
+        run_job(&spec, &Device::Cpu, TrainIo::new(&mut |_| {}, &cancel)).unwrap()
     };
     let (a, b) = (run(8, 1), run(4, 2));
     for (k, t) in &a.artifact.tensors {

@@ -121,18 +121,7 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
         s.train.checkpoint_every = Some(5);
 
         let cancel = AtomicBool::new(false);
-        let full = run_job(
-            &s,
-            &Device::Cpu,
-            TrainIo {
-                on_event: &mut |_| {},
-                cancel: &cancel,
-                cache_dir: None,
-                checkpoint_dir: None,
-                resume_from: None,
-            },
-        )
-        .unwrap();
+        let full = run_job(&s, &Device::Cpu, TrainIo::new(&mut |_| {}, &cancel)).unwrap();
 
         // Interrupted: cancel after step 7, which leaves the step-5 checkpoint.
         let ck = tmp.path().join("ck");
@@ -148,11 +137,8 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
             &s,
             &Device::Cpu,
             TrainIo {
-                on_event: &mut on_event,
-                cancel: &cancel2,
-                cache_dir: None,
                 checkpoint_dir: Some(ck.clone()),
-                resume_from: None,
+                ..TrainIo::new(&mut on_event, &cancel2)
             },
         );
         assert!(matches!(r, Err(sparsegrad_engine::Error::Cancelled)));
@@ -162,11 +148,8 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
             &s,
             &Device::Cpu,
             TrainIo {
-                on_event: &mut |_| {},
-                cancel: &cancel,
-                cache_dir: None,
-                checkpoint_dir: None,
                 resume_from: Some(ck.join("step-5")),
+                ..TrainIo::new(&mut |_| {}, &cancel)
             },
         )
         .unwrap();
@@ -252,13 +235,7 @@ fn merged_model_equals_in_memory_fine_tuned_model() {
         let out = run_job(
             &spec(&mdir, &data, method, 6),
             &Device::Cpu,
-            TrainIo {
-                on_event: &mut |_| {},
-                cancel: &cancel,
-                cache_dir: None,
-                checkpoint_dir: None,
-                resume_from: None,
-            },
+            TrainIo::new(&mut |_| {}, &cancel),
         )
         .unwrap();
         let batch = probe_batch(&out.model);
@@ -328,13 +305,7 @@ fn merge_refuses_a_different_base_model() {
     let out = run_job(
         &spec(&m1, &data, lora(), 1),
         &Device::Cpu,
-        TrainIo {
-            on_event: &mut |_| {},
-            cancel: &cancel,
-            cache_dir: None,
-            checkpoint_dir: None,
-            resume_from: None,
-        },
+        TrainIo::new(&mut |_| {}, &cancel),
     )
     .unwrap();
     let err = merge(&m2, &out.artifact, &tmp.path().join("x"), 0)
@@ -359,17 +330,14 @@ fn training_learns_a_simple_rule_and_predicts_labels() {
     let out = run_job(
         &s,
         &Device::Cpu,
-        TrainIo {
-            on_event: &mut |e| {
+        TrainIo::new(
+            &mut |e| {
                 if matches!(e, Event::Step(_)) {
                     steps += 1
                 }
             },
-            cancel: &cancel,
-            cache_dir: None,
-            checkpoint_dir: None,
-            resume_from: None,
-        },
+            &cancel,
+        ),
     )
     .unwrap();
     assert_eq!(steps, 150);
@@ -420,18 +388,7 @@ fn causal_lm_generates_and_bf16_trains() {
     let mut s = spec(&mdir, &data, MethodSpec::Full, 3);
     s.dtype = Some("bf16".into());
     let cancel = AtomicBool::new(false);
-    let out = run_job(
-        &s,
-        &Device::Cpu,
-        TrainIo {
-            on_event: &mut |_| {},
-            cancel: &cancel,
-            cache_dir: None,
-            checkpoint_dir: None,
-            resume_from: None,
-        },
-    )
-    .unwrap();
+    let out = run_job(&s, &Device::Cpu, TrainIo::new(&mut |_| {}, &cancel)).unwrap();
     assert_eq!(out.model.dtype(), DType::BF16);
     assert!(out.summary.final_loss.is_finite());
     let tok = sparsegrad_engine::data::TextTokenizer::from_dir(&mdir).unwrap();
@@ -469,18 +426,7 @@ fn sparsegrad_trains_bf16_weights_and_bf16_bases_apply() {
     );
     s.dtype = Some("bf16".into());
     let cancel = AtomicBool::new(false);
-    let out = run_job(
-        &s,
-        &Device::Cpu,
-        TrainIo {
-            on_event: &mut |_| {},
-            cancel: &cancel,
-            cache_dir: None,
-            checkpoint_dir: None,
-            resume_from: None,
-        },
-    )
-    .unwrap();
+    let out = run_job(&s, &Device::Cpu, TrainIo::new(&mut |_| {}, &cancel)).unwrap();
     assert_eq!(out.model.dtype(), DType::BF16);
     let p = &out.artifact.tensors["sparsegrad.basis.gate.P"];
     assert_eq!(p.dtype(), DType::BF16);

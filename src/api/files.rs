@@ -67,12 +67,12 @@ async fn upload(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let (mut purpose, mut filename, bytes) = (q.purpose, q.filename, None::<Vec<u8>>);
+    let (mut purpose, mut filename) = (q.purpose, q.filename);
     let bytes = if is_multipart {
         let mut mp = Multipart::from_request(req, &st)
             .await
             .map_err(|e| ApiError::invalid(e.body_text(), Some("file"), "bad_multipart"))?;
-        let mut data = bytes;
+        let mut data = None;
         while let Some(mut field) = mp
             .next_field()
             .await
@@ -120,28 +120,28 @@ async fn upload(
             "empty_file",
         ));
     }
-    // Validate every row before anything is stored.
-    let (format, task, rows) = tokio::task::spawn_blocking({
-        let bytes = bytes.clone();
-        move || -> Result<_, sparsegrad_engine::Error> {
+    // Validate every row before anything is stored (off the runtime: it parses the whole file).
+    let (bytes, format, task, rows) =
+        tokio::task::spawn_blocking(move || -> Result<_, sparsegrad_engine::Error> {
             let format = sparsegrad_engine::data::detect_format(&bytes);
             let recs = sparsegrad_engine::data::parse_records(&bytes)?;
             let (task, _) = sparsegrad_engine::data::infer_task(&recs, None)?;
-            Ok((format, task, recs.len()))
-        }
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(|e| ApiError::invalid(e.to_string(), Some("file"), "invalid_file"))?;
+            let rows = recs.len();
+            Ok((bytes, format, task, rows))
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("file"), "invalid_file"))?;
+    let len = bytes.len() as i64;
     let id = db::new_id("file");
     let key = keys::file(&tenant, &id);
-    st.storage.put(&key, bytes.clone().into()).await?;
+    st.storage.put(&key, bytes.into()).await?;
     let row = FileRow {
         id,
         tenant_id: tenant,
         filename,
         purpose,
-        bytes: bytes.len() as i64,
+        bytes: len,
         format: format!("{format:?}").to_lowercase(),
         task: task.name().into(),
         rows: rows as i64,

@@ -73,6 +73,12 @@ pub enum QueueError {
 
 pub type Result<T> = std::result::Result<T, QueueError>;
 
+/// `run_after` for the next attempt: `min(base · 2^(attempt-1), max)` seconds times a jitter
+/// in [0.5, 1); `{base}` and `{max}` name the bind parameters.
+fn backoff(base: &str, max: &str) -> String {
+    format!("now() + make_interval(secs => least({base} * power(2, attempt - 1), {max}) * (0.5 + random() * 0.5))")
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -201,21 +207,21 @@ pub async fn fail(
     error: &serde_json::Value,
     cfg: &QueueConfig,
 ) -> Result<String> {
-    let row: Option<(String,)> = sqlx::query_as(
+    let row: Option<(String,)> = sqlx::query_as(&format!(
         "update jobs set
                 status = case when $5 and attempt < max_attempts and not cancel_requested
                               then 'queued'
                               when cancel_requested then 'cancelled'
                               else 'failed' end,
-                run_after = now() + make_interval(secs =>
-                    least($6 * power(2, attempt - 1), $7) * (0.5 + random() * 0.5)),
+                run_after = {},
                 finished_at = case when $5 and attempt < max_attempts and not cancel_requested
                                    then null else now() end,
                 error = $4, worker_id = null, lease_expires_at = null
           where id = $1 and worker_id = $2 and attempt = $3
             and status in ('running', 'cancelling')
          returning status",
-    )
+        backoff("$6", "$7")
+    ))
     .bind(&lease.job_id)
     .bind(&lease.worker_id)
     .bind(lease.attempt)
@@ -232,7 +238,7 @@ pub async fn fail(
 /// Returns running jobs whose lease expired to the queue (with backoff), or fails them when
 /// they have used `max_attempts`. Returns how many jobs it touched.
 pub async fn reap(db: impl PgExecutor<'_>, cfg: &QueueConfig) -> Result<u64> {
-    let r = sqlx::query(
+    let r = sqlx::query(&format!(
         "update jobs set
                 status = case when cancel_requested then 'cancelled'
                               when attempt >= max_attempts then 'failed'
@@ -246,11 +252,11 @@ pub async fn reap(db: impl PgExecutor<'_>, cfg: &QueueConfig) -> Result<u64> {
                              else error end,
                 finished_at = case when cancel_requested or attempt >= max_attempts
                                    then now() else null end,
-                run_after = now() + make_interval(secs =>
-                    least($1 * power(2, attempt - 1), $2) * (0.5 + random() * 0.5)),
+                run_after = {},
                 worker_id = null, lease_expires_at = null
           where status in ('running', 'cancelling') and lease_expires_at < now()",
-    )
+        backoff("$1", "$2")
+    ))
     .bind(secs(cfg.backoff_base))
     .bind(secs(cfg.backoff_max))
     .execute(db)

@@ -160,49 +160,35 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
     // Instrumented, not entered: a span guard held across awaits tags other tasks' logs.
     let result = run(ctx, &lease, &job.spec, &dir).instrument(span).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    let status = match result {
-        Ok(summary) => match queue::complete(&ctx.db, &lease, &summary).await {
-            Ok(()) => "succeeded".to_string(),
-            Err(QueueError::LeaseLost(_)) => return Ok(Outcome::LostLease { job_id: job.id }),
-            Err(e) => return Err(e.into()),
-        },
+    let settled = match result {
+        Ok(summary) => queue::complete(&ctx.db, &lease, &summary)
+            .await
+            .map(|()| "succeeded".to_string()),
         Err(Stop::Lost) => return Ok(Outcome::LostLease { job_id: job.id }),
         Err(Stop::Cancelled) => {
             let _ = event(&ctx.db, &lease, "info", "status", "cancelled", None).await;
-            match queue::confirm_cancel(&ctx.db, &lease).await {
-                Ok(()) => "cancelled".to_string(),
-                Err(QueueError::LeaseLost(_)) => return Ok(Outcome::LostLease { job_id: job.id }),
-                Err(e) => return Err(e.into()),
-            }
+            queue::confirm_cancel(&ctx.db, &lease)
+                .await
+                .map(|()| "cancelled".to_string())
         }
         Err(Stop::User(message, param)) => {
             let err =
                 serde_json::json!({"code": "invalid_job", "message": message, "param": param});
             let _ = event(&ctx.db, &lease, "error", "status", &message, None).await;
-            fail(ctx, &lease, Failure::User, &err, &job.id).await?
+            queue::fail(&ctx.db, &lease, Failure::User, &err, &ctx.queue).await
         }
         Err(Stop::Infra(message)) => {
             let err = serde_json::json!({"code": "infrastructure_error", "message": message, "param": null});
             let _ = event(&ctx.db, &lease, "warn", "status", &message, None).await;
-            fail(ctx, &lease, Failure::Infrastructure, &err, &job.id).await?
+            queue::fail(&ctx.db, &lease, Failure::Infrastructure, &err, &ctx.queue).await
         }
     };
-    Ok(Outcome::Ran {
-        job_id: job.id,
-        status,
-    })
-}
-
-async fn fail(
-    ctx: &WorkerCtx,
-    lease: &Lease,
-    kind: Failure,
-    err: &serde_json::Value,
-    job_id: &str,
-) -> Result<String, WorkerError> {
-    match queue::fail(&ctx.db, lease, kind, err, &ctx.queue).await {
-        Ok(s) => Ok(s),
-        Err(QueueError::LeaseLost(_)) => Ok(format!("lost:{job_id}")),
+    match settled {
+        Ok(status) => Ok(Outcome::Ran {
+            job_id: job.id,
+            status,
+        }),
+        Err(QueueError::LeaseLost(_)) => Ok(Outcome::LostLease { job_id: job.id }),
         Err(e) => Err(e.into()),
     }
 }

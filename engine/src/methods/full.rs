@@ -58,12 +58,6 @@ impl Method for Full {
         &self,
         model: &Model,
     ) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, DeltaEntry>)> {
-        let mut tensors = BTreeMap::new();
-        let mut entries = BTreeMap::new();
-        for (name, var) in model.weights.trainable() {
-            tensors.insert(name.clone(), var.as_tensor().detach());
-            entries.insert(name.clone(), DeltaEntry::Dense { param: name });
-        }
-        Ok((tensors, entries))
+        Ok(super::dense_delta(model))
     }
 }

@@ -108,6 +108,17 @@ pub trait Method: Send {
     ) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, DeltaEntry>)>;
 }
 
+/// Every trainable parameter as a dense artifact tensor replacing the base one.
+pub fn dense_delta(model: &Model) -> (BTreeMap<String, Tensor>, BTreeMap<String, DeltaEntry>) {
+    let mut tensors = BTreeMap::new();
+    let mut entries = BTreeMap::new();
+    for (name, var) in model.weights.trainable() {
+        tensors.insert(name.clone(), var.as_tensor().detach());
+        entries.insert(name.clone(), DeltaEntry::Dense { param: name });
+    }
+    (tensors, entries)
+}
+
 /// The dense half most methods share: AdamW over the model's trainable `Var`s with gradient
 /// accumulation and global-norm clipping.
 pub struct DenseTrainer {

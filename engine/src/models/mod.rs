@@ -115,6 +115,14 @@ pub enum MlpKind {
 }
 
 impl MlpKind {
+    pub const ALL: [MlpKind; 5] = [
+        MlpKind::Intermediate,
+        MlpKind::Output,
+        MlpKind::Gate,
+        MlpKind::Up,
+        MlpKind::Down,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             MlpKind::Intermediate => "intermediate",

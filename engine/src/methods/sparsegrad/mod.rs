@@ -194,19 +194,25 @@ pub struct SparseMlp {
     preset: Option<BTreeMap<MlpKind, Basis>>,
 }
 
-fn kind_key(kind: MlpKind) -> &'static str {
-    kind.as_str()
-}
-
 impl SparseMlp {
     pub fn sparsegrad(cfg: SparseGradConfig, adam: AdamConfig) -> Self {
+        let hyper = serde_json::to_value(&cfg).expect("serialisable");
+        Self::new("sparsegrad", hyper, cfg, adam)
+    }
+
+    fn new(
+        name: &'static str,
+        hyper: serde_json::Value,
+        cfg: SparseGradConfig,
+        adam: AdamConfig,
+    ) -> Self {
         SparseMlp {
-            name: "sparsegrad",
-            hyper: serde_json::to_value(&cfg).expect("serialisable"),
+            name,
+            hyper,
             cfg,
             dense: DenseTrainer::new(adam.clone()),
             adam,
-            core: Arc::new(Mutex::new(Core::new(true))),
+            core: Arc::new(Mutex::new(Core::new(name == "sparsegrad"))),
             t: 0,
             refreshing: false,
             device: Device::Cpu,
@@ -226,18 +232,8 @@ impl SparseMlp {
             dense_lr_scale: cfg.dense_lr_scale,
             ..Default::default()
         };
-        SparseMlp {
-            name: "meprop",
-            hyper: serde_json::to_value(&cfg).expect("serialisable"),
-            cfg: sg,
-            dense: DenseTrainer::new(adam.clone()),
-            adam,
-            core: Arc::new(Mutex::new(Core::new(false))),
-            t: 0,
-            refreshing: false,
-            device: Device::Cpu,
-            preset: None,
-        }
+        let hyper = serde_json::to_value(&cfg).expect("serialisable");
+        Self::new("meprop", hyper, sg, adam)
     }
 
     fn core(&self) -> Result<MutexGuard<'_, Core>> {
@@ -623,7 +619,7 @@ impl Method for SparseMlp {
         );
         let core = self.core()?;
         for (kind, hb) in &core.bases {
-            let k = kind_key(*kind);
+            let k = kind.as_str();
             out.insert(format!("sparse.basis.{k}.p"), hb.basis.p.contiguous()?);
             out.insert(format!("sparse.basis.{k}.q"), hb.basis.q.contiguous()?);
             out.insert(
@@ -708,7 +704,7 @@ impl Method for SparseMlp {
                 if core.bases.contains_key(&kind) {
                     continue;
                 }
-                let k = kind_key(kind);
+                let k = kind.as_str();
                 let b = Basis {
                     p: get(&format!("sparse.basis.{k}.p"))?.to_device(&dev)?,
                     q: get(&format!("sparse.basis.{k}.q"))?.to_device(&dev)?,
@@ -787,12 +783,7 @@ impl Method for SparseMlp {
         &self,
         model: &Model,
     ) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, DeltaEntry>)> {
-        let mut tensors = BTreeMap::new();
-        let mut entries = BTreeMap::new();
-        for (name, var) in model.weights.trainable() {
-            tensors.insert(name.clone(), var.as_tensor().detach());
-            entries.insert(name.clone(), DeltaEntry::Dense { param: name });
-        }
+        let (mut tensors, mut entries) = super::dense_delta(model);
         let core = self.core()?;
         let basis_dtype = match self.cfg.basis_dtype {
             BasisDtype::F32 => DType::F32,
@@ -879,13 +870,7 @@ fn save_bases(path: &std::path::Path, bases: &BTreeMap<MlpKind, Basis>) -> Resul
 fn load_bases(path: &std::path::Path) -> Result<BTreeMap<MlpKind, Basis>> {
     let t = candle_core::safetensors::load(path, &Device::Cpu)?;
     let mut out = BTreeMap::new();
-    for kind in [
-        MlpKind::Intermediate,
-        MlpKind::Output,
-        MlpKind::Gate,
-        MlpKind::Up,
-        MlpKind::Down,
-    ] {
+    for kind in MlpKind::ALL {
         let k = kind.as_str();
         let (Some(p), Some(q)) = (t.get(&format!("{k}.p")), t.get(&format!("{k}.q"))) else {
             continue;
