@@ -42,6 +42,15 @@ impl ApiError {
             code: Some("not_found"),
         }
     }
+    pub fn conflict(message: impl Into<String>, code: &'static str) -> Self {
+        ApiError {
+            status: StatusCode::CONFLICT,
+            kind: "conflict_error",
+            message: message.into(),
+            param: None,
+            code: Some(code),
+        }
+    }
     pub fn too_large(limit: u64) -> Self {
         ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,

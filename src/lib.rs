@@ -9,6 +9,8 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod fixtures;
+pub mod jobs;
+pub mod models;
 pub mod queue;
 pub mod server;
 pub mod storage;

@@ -102,6 +102,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             work_dir: cfg.data_dir.join("work"),
             heartbeat: cfg.queue().lease / 5,
             cache_dir: Some(cfg.data_dir.join("cache")),
+            model_cache: cfg.data_dir.join("cache").join("models"),
         };
         workers.push(tokio::spawn(worker_loop(ctx, stop.clone())));
     }
@@ -110,11 +111,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         tracing::info!("listening on http://{}", listener.local_addr()?);
-        let state = AppState {
-            db,
-            storage,
-            cfg: cfg.clone(),
-        };
+        let state = AppState::new(db, storage, cfg.clone());
         axum::serve(listener, router(state))
             .with_graceful_shutdown(stopped(stop.clone()))
             .await?;

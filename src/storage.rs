@@ -214,14 +214,45 @@ impl Storage {
         }
     }
 
-    /// Writes an object to a local file (through a temporary name, so a failure leaves none).
+    /// An object as a stream of chunks, with its size (large objects never sit in memory).
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<(u64, futures::stream::BoxStream<'static, Result<Bytes>>)> {
+        use futures::StreamExt;
+        match self.store.get(&Self::path(key)?).await {
+            Ok(r) => {
+                let size = r.meta.size;
+                Ok((size, r.into_stream().map(|c| c.map_err(Into::into)).boxed()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound(key.into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes an object to a local file, streamed through a temporary name so a failure
+    /// leaves none.
     pub async fn download(&self, key: &str, to: &Path) -> Result<()> {
-        let bytes = self.get(key).await?;
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let (_, mut chunks) = self.get_stream(key).await?;
         if let Some(d) = to.parent() {
             tokio::fs::create_dir_all(d).await?;
         }
         let tmp = to.with_extension("part");
-        tokio::fs::write(&tmp, &bytes).await?;
+        let mut f = tokio::fs::File::create(&tmp).await?;
+        while let Some(c) = chunks.next().await {
+            match c {
+                Ok(c) => f.write_all(&c).await?,
+                Err(e) => {
+                    drop(f);
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(e);
+                }
+            }
+        }
+        f.flush().await?;
+        drop(f);
         tokio::fs::rename(&tmp, to).await?;
         Ok(())
     }

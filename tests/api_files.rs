@@ -31,11 +31,11 @@ fn state(db: PgPool, max_upload: u64) -> AppState {
         &max_upload.to_string(),
     ])
     .cfg;
-    AppState {
+    AppState::new(
         db,
-        storage: Storage::from_url("memory://", &S3Settings::default()).unwrap(),
-        cfg: Arc::new(cfg),
-    }
+        Storage::from_url("memory://", &S3Settings::default()).unwrap(),
+        Arc::new(cfg),
+    )
 }
 
 async fn call(

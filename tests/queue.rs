@@ -18,14 +18,7 @@ async fn tenant(db: &PgPool, id: &str) {
 }
 
 fn job(id: &str, tenant: &str) -> NewJob {
-    NewJob {
-        id: id.into(),
-        tenant_id: tenant.into(),
-        spec: serde_json::json!({"n": id}),
-        idempotency_key: None,
-        priority: 0,
-        max_attempts: 3,
-    }
+    NewJob::fine_tune(id, tenant, serde_json::json!({"n": id}))
 }
 
 fn cfg() -> QueueConfig {

@@ -15,6 +15,7 @@ use sparsegrad_engine::models::Arch;
 use sparsegrad_engine::optim::Schedule;
 use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir, TINY_WORDS};
 use sparsegrad_engine::train::TrainConfig;
+use sparsegrad_service::models::ModelSource;
 use sparsegrad_service::queue::{self, Cancelled, NewJob, QueueConfig};
 use sparsegrad_service::storage::{S3Settings, Storage};
 use sparsegrad_service::worker::{try_run_one, FileRef, JobSpec, Outcome, WorkerCtx};
@@ -66,6 +67,7 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
         work_dir: tmp.path().join("work"),
         heartbeat: Duration::from_millis(50),
         cache_dir: None,
+        model_cache: tmp.path().join("models"),
     };
     Env {
         _tmp: tmp,
@@ -76,7 +78,9 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
 
 fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: Option<usize>) -> JobSpec {
     JobSpec {
-        model_dir: model.to_path_buf(),
+        base: ModelSource::Dir {
+            path: model.to_path_buf(),
+        },
         model: "tiny-bert".into(),
         training_file: FileRef {
             id: "file_1".into(),
@@ -105,14 +109,7 @@ fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: Option<usize>) 
 async fn enqueue(db: &PgPool, id: &str, spec: &JobSpec) {
     queue::enqueue(
         db,
-        &NewJob {
-            id: id.into(),
-            tenant_id: "t1".into(),
-            spec: serde_json::to_value(spec).unwrap(),
-            idempotency_key: None,
-            priority: 0,
-            max_attempts: 3,
-        },
+        &NewJob::fine_tune(id, "t1", serde_json::to_value(spec).unwrap()),
     )
     .await
     .unwrap();
@@ -181,15 +178,42 @@ async fn a_job_runs_to_success_and_its_artifact_is_stored(db: PgPool) {
     assert_eq!((status.as_str(), attempt, error), ("succeeded", 1, None));
     let result = result.unwrap();
     assert_eq!(result["trained_steps"], 6);
-    let key = result["artifacts"][0].as_str().unwrap();
-    let bytes = e.ctx.storage.get(key).await.unwrap();
+    let arts = sparsegrad_service::db::jobs::artifacts(&db, "job_a")
+        .await
+        .unwrap();
+    let names: Vec<_> = arts
+        .iter()
+        .map(|a| (a.kind.as_str(), a.name.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [("delta", "delta.json"), ("delta", "delta.safetensors")]
+    );
+    let ids: Vec<_> = arts.iter().map(|a| a.id.clone()).collect();
+    let mut listed: Vec<String> = serde_json::from_value(result["result_files"].clone()).unwrap();
+    listed.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(listed, want);
+    let a = &arts[1];
+    let bytes = e.ctx.storage.get(&a.object_key).await.unwrap();
+    assert_eq!(a.bytes as usize, bytes.len());
+    assert_eq!(
+        a.sha256,
+        sparsegrad_engine::checkpoint::sha256_bytes(&bytes)
+    );
+    // One training point per step for the curves.
+    let points = sparsegrad_service::db::jobs::metrics(&db, "job_a")
+        .await
+        .unwrap();
+    assert_eq!(points.iter().filter(|m| m.kind == "train").count(), 6);
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("delta.safetensors"), &bytes).unwrap();
     let art = Artifact::load(tmp.path()).unwrap();
     assert_eq!(art.descriptor.method, "sparsegrad");
     assert_eq!(art.descriptor.base_model.as_deref(), Some("tiny-bert"));
     let msgs = messages(&db, "job_a").await;
-    assert_eq!(msgs.first().map(String::as_str), Some("running"));
+    assert_eq!(msgs[..2], ["queued", "running"]);
     assert_eq!(msgs.last().map(String::as_str), Some("succeeded"));
     assert_eq!(msgs.iter().filter(|m| m.starts_with("step ")).count(), 6);
     // Scratch space is cleaned up; nothing else is runnable.
@@ -349,7 +373,7 @@ async fn a_lost_lease_resumes_from_the_last_checkpoint(db: PgPool) {
     let reference = e
         .ctx
         .storage
-        .get("jobs/job_ref/artifact/delta.safetensors")
+        .get("jobs/job_ref/artifact/delta/delta.safetensors")
         .await
         .unwrap();
 
@@ -406,7 +430,7 @@ async fn a_lost_lease_resumes_from_the_last_checkpoint(db: PgPool) {
     let resumed = e
         .ctx
         .storage
-        .get("jobs/job_e/artifact/delta.safetensors")
+        .get("jobs/job_e/artifact/delta/delta.safetensors")
         .await
         .unwrap();
     let load = |b: &[u8]| {

@@ -4,6 +4,9 @@
 pub mod admin;
 pub mod files;
 pub mod health;
+pub mod jobs;
+pub mod metrics;
+pub mod models;
 
 use std::sync::Arc;
 
@@ -24,15 +27,36 @@ pub struct AppState {
     pub db: PgPool,
     pub storage: Storage,
     pub cfg: Arc<Config>,
+    pub http: Arc<metrics::HttpMetrics>,
+}
+
+impl AppState {
+    pub fn new(db: PgPool, storage: Storage, cfg: Arc<Config>) -> Self {
+        AppState {
+            db,
+            storage,
+            cfg,
+            http: Default::default(),
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
+        .merge(metrics::router())
         .nest(
             "/v1",
-            Router::new().merge(admin::router()).merge(files::router()),
+            Router::new()
+                .merge(admin::router())
+                .merge(files::router())
+                .merge(models::router())
+                .merge(jobs::router()),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 

@@ -179,3 +179,6 @@ pub async fn list_files(
     rows.truncate(page.limit as usize);
     Ok((rows, more))
 }
+
+pub mod jobs;
+pub mod models;

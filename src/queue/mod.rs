@@ -26,6 +26,8 @@ pub const CANCEL_CHANNEL: &str = "job_cancel";
 pub struct QueuedJob {
     pub id: String,
     pub tenant_id: String,
+    /// `fine_tune` or `merge`.
+    pub kind: String,
     pub status: String,
     pub spec: serde_json::Value,
     pub attempt: i32,
@@ -98,7 +100,7 @@ pub async fn claim(
                        order by priority desc, run_after, created_at, id
                        for update skip locked
                        limit 1)
-         returning id, tenant_id, status, spec, attempt, max_attempts, cancel_requested, error",
+         returning id, tenant_id, kind, status, spec, attempt, max_attempts, cancel_requested, error",
     )
     .bind(worker_id)
     .bind(secs(cfg.lease))
@@ -297,6 +299,7 @@ pub async fn cancel(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
+            log(&mut *tx, job_id, "status", "cancelled").await?;
             Cancelled::Now
         }
         "running" => {
@@ -311,6 +314,7 @@ pub async fn cancel(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?;
+            log(&mut *tx, job_id, "status", "cancelling").await?;
             Cancelled::Requested
         }
         _ => Cancelled::AlreadyFinal,
@@ -328,16 +332,37 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     pub priority: i32,
     pub max_attempts: i32,
+    /// `fine_tune` or `merge`.
+    pub kind: &'static str,
+    /// The fine-tune a merge belongs to.
+    pub parent_id: Option<String>,
+}
+
+impl NewJob {
+    pub fn fine_tune(id: &str, tenant_id: &str, spec: serde_json::Value) -> Self {
+        NewJob {
+            id: id.into(),
+            tenant_id: tenant_id.into(),
+            spec,
+            idempotency_key: None,
+            priority: 0,
+            max_attempts: 3,
+            kind: "fine_tune",
+            parent_id: None,
+        }
+    }
 }
 
 /// Enqueues a job. With an idempotency key already used by this tenant, returns the existing
 /// job instead (`false` in the second field).
 pub async fn enqueue(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool)> {
+    let mut tx = db.begin().await?;
     let inserted: Option<QueuedJob> = sqlx::query_as(
-        "insert into jobs (id, tenant_id, status, spec, idempotency_key, priority, max_attempts)
-         values ($1, $2, 'queued', $3, $4, $5, $6)
+        "insert into jobs (id, tenant_id, status, spec, idempotency_key, priority, max_attempts,
+                           kind, parent_id)
+         values ($1, $2, 'queued', $3, $4, $5, $6, $7, $8)
          on conflict on constraint jobs_idempotency_key do nothing
-         returning id, tenant_id, status, spec, attempt, max_attempts, cancel_requested, error",
+         returning id, tenant_id, kind, status, spec, attempt, max_attempts, cancel_requested, error",
     )
     .bind(&job.id)
     .bind(&job.tenant_id)
@@ -345,20 +370,38 @@ pub async fn enqueue(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool
     .bind(&job.idempotency_key)
     .bind(job.priority)
     .bind(job.max_attempts)
-    .fetch_optional(db)
+    .bind(job.kind)
+    .bind(&job.parent_id)
+    .fetch_optional(&mut *tx)
     .await?;
     if let Some(j) = inserted {
+        log(&mut *tx, &j.id, "status", "queued").await?;
+        tx.commit().await?;
         return Ok((j, true));
     }
     let existing: QueuedJob = sqlx::query_as(
-        "select id, tenant_id, status, spec, attempt, max_attempts, cancel_requested, error
+        "select id, tenant_id, kind, status, spec, attempt, max_attempts, cancel_requested, error
            from jobs where tenant_id = $1 and idempotency_key = $2",
     )
     .bind(&job.tenant_id)
     .bind(&job.idempotency_key)
-    .fetch_one(db)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok((existing, false))
+}
+
+/// An event written on the job's behalf by the service (not by a worker; unfenced).
+async fn log(db: impl PgExecutor<'_>, job_id: &str, kind: &str, message: &str) -> Result<()> {
+    sqlx::query(
+        "insert into job_events (job_id, level, type, message) values ($1, 'info', $2, $3)",
+    )
+    .bind(job_id)
+    .bind(kind)
+    .bind(message)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// Jobs ahead of this one in claim order (0 = next), or `None` if it is not queued.
@@ -375,6 +418,164 @@ pub async fn queue_position(db: impl PgExecutor<'_>, job_id: &str) -> Result<Opt
     .fetch_optional(db)
     .await?;
     Ok(row.map(|r| r.0))
+}
+
+/// Queues the merge of a succeeded fine-tune (one per fine-tune: a second request returns
+/// the first, with `false`).
+pub async fn enqueue_merge(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool)> {
+    let inserted: Option<QueuedJob> = sqlx::query_as(
+        "insert into jobs (id, tenant_id, status, spec, priority, max_attempts, kind, parent_id)
+         values ($1, $2, 'queued', $3, $4, $5, 'merge', $6)
+         on conflict (parent_id) where kind = 'merge' do nothing
+         returning id, tenant_id, kind, status, spec, attempt, max_attempts, cancel_requested, error",
+    )
+    .bind(&job.id)
+    .bind(&job.tenant_id)
+    .bind(&job.spec)
+    .bind(job.priority)
+    .bind(job.max_attempts)
+    .bind(&job.parent_id)
+    .fetch_optional(db)
+    .await?;
+    if let Some(j) = inserted {
+        log(db, &j.id, "status", "queued").await?;
+        return Ok((j, true));
+    }
+    let existing: QueuedJob = sqlx::query_as(
+        "select id, tenant_id, kind, status, spec, attempt, max_attempts, cancel_requested, error
+           from jobs where parent_id = $1 and kind = 'merge'",
+    )
+    .bind(&job.parent_id)
+    .fetch_one(db)
+    .await?;
+    Ok((existing, false))
+}
+
+// Every write below names the lease: a worker that lost its job matches no job row, writes
+// nothing and learns it (`LeaseLost`).
+
+/// Appends an event to the job's log.
+pub async fn event(
+    db: impl PgExecutor<'_>,
+    lease: &Lease,
+    level: &str,
+    kind: &str,
+    message: &str,
+    data: Option<&serde_json::Value>,
+) -> Result<()> {
+    let r = sqlx::query(
+        "insert into job_events (job_id, level, type, message, data)
+         select $1, $4, $5, $6, $7 from jobs
+          where id = $1 and worker_id = $2 and attempt = $3",
+    )
+    .bind(&lease.job_id)
+    .bind(&lease.worker_id)
+    .bind(lease.attempt)
+    .bind(level)
+    .bind(kind)
+    .bind(message)
+    .bind(data)
+    .execute(db)
+    .await?;
+    fenced(r.rows_affected(), lease)
+}
+
+/// Records a training (`train`) or evaluation (`eval`) point.
+pub async fn metric(
+    db: impl PgExecutor<'_>,
+    lease: &Lease,
+    kind: &str,
+    step: usize,
+    data: &serde_json::Value,
+) -> Result<()> {
+    let r = sqlx::query(
+        "insert into job_metrics (job_id, attempt, kind, step, data)
+         select $1, $3, $4, $5, $6 from jobs
+          where id = $1 and worker_id = $2 and attempt = $3
+         on conflict (job_id, kind, step, attempt) do update set data = excluded.data",
+    )
+    .bind(&lease.job_id)
+    .bind(&lease.worker_id)
+    .bind(lease.attempt)
+    .bind(kind)
+    .bind(step as i32)
+    .bind(data)
+    .execute(db)
+    .await?;
+    fenced(r.rows_affected(), lease)
+}
+
+/// Records a checkpoint whose objects (and completion marker) are stored under `prefix`.
+pub async fn checkpoint(
+    db: impl PgExecutor<'_>,
+    lease: &Lease,
+    step: usize,
+    prefix: &str,
+    bytes: u64,
+) -> Result<()> {
+    let r = sqlx::query(
+        "insert into job_checkpoints (id, job_id, attempt, step, object_prefix, bytes)
+         select $4, $1, $3, $5, $6, $7 from jobs
+          where id = $1 and worker_id = $2 and attempt = $3",
+    )
+    .bind(&lease.job_id)
+    .bind(&lease.worker_id)
+    .bind(lease.attempt)
+    .bind(crate::db::new_id("ckpt"))
+    .bind(step as i32)
+    .bind(prefix)
+    .bind(bytes as i64)
+    .execute(db)
+    .await?;
+    fenced(r.rows_affected(), lease)
+}
+
+/// A stored result file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewArtifact {
+    pub id: String,
+    /// `delta` or `merged`.
+    pub kind: &'static str,
+    pub name: String,
+    pub object_key: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Records the artifacts and marks the job succeeded, in one transaction: a job is never
+/// `succeeded` without its files listed, nor are files listed for a job that did not succeed.
+pub async fn complete_with_artifacts(
+    db: &sqlx::PgPool,
+    lease: &Lease,
+    result: &serde_json::Value,
+    artifacts: &[NewArtifact],
+) -> Result<()> {
+    let mut tx = db.begin().await?;
+    for a in artifacts {
+        let r = sqlx::query(
+            "insert into job_artifacts (id, job_id, kind, name, object_key, bytes, sha256)
+             select $4, $1, $5, $6, $7, $8, $9 from jobs
+              where id = $1 and worker_id = $2 and attempt = $3
+             on conflict (job_id, kind, name) do update set id = excluded.id,
+                object_key = excluded.object_key, bytes = excluded.bytes,
+                sha256 = excluded.sha256, created_at = now()",
+        )
+        .bind(&lease.job_id)
+        .bind(&lease.worker_id)
+        .bind(lease.attempt)
+        .bind(&a.id)
+        .bind(a.kind)
+        .bind(&a.name)
+        .bind(&a.object_key)
+        .bind(a.bytes as i64)
+        .bind(&a.sha256)
+        .execute(&mut *tx)
+        .await?;
+        fenced(r.rows_affected(), lease)?;
+    }
+    complete(&mut *tx, lease, result).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 fn fenced(rows: u64, lease: &Lease) -> Result<()> {

@@ -19,7 +19,8 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::queue::{self, Failure, Lease, QueueConfig, QueueError};
+use crate::models::{materialize, MaterializeError, ModelSource};
+use crate::queue::{self, Failure, Lease, NewArtifact, QueueConfig, QueueError};
 use crate::storage::{keys, Storage, StorageError};
 
 /// A stored input file.
@@ -32,8 +33,8 @@ pub struct FileRef {
 /// What a queued job asks for (the API writes it into `jobs.spec`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct JobSpec {
-    /// A base-model folder the worker can read.
-    pub model_dir: PathBuf,
+    /// Where the base model's files are.
+    pub base: ModelSource,
     /// How the user named the model.
     pub model: String,
     pub training_file: FileRef,
@@ -64,6 +65,17 @@ pub struct WorkerCtx {
     pub heartbeat: Duration,
     /// Where SparseGrad bases are cached between jobs.
     pub cache_dir: Option<PathBuf>,
+    /// Local copies of base models registered in object storage.
+    pub model_cache: PathBuf,
+}
+
+/// What a merge job asks for: the fine-tune's base model and delta.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MergeSpec {
+    pub base: ModelSource,
+    pub model: String,
+    /// The fine-tune's `delta.safetensors`.
+    pub delta_key: String,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -110,13 +122,24 @@ impl From<QueueError> for Stop {
         }
     }
 }
+impl From<MaterializeError> for Stop {
+    fn from(e: MaterializeError) -> Self {
+        match e {
+            MaterializeError::Empty(p) => Stop::User(
+                format!("the base model's storage prefix `{p}` holds no objects"),
+                Some("model".into()),
+            ),
+            other => Stop::Infra(format!("fetching the base model: {other}")),
+        }
+    }
+}
 impl From<sqlx::Error> for Stop {
     fn from(e: sqlx::Error) -> Self {
         Stop::Infra(format!("database: {e}"))
     }
 }
 
-/// Appends an event, fenced like every other write after the claim.
+/// Appends an event (fenced like every other write after the claim).
 async fn event(
     db: &PgPool,
     lease: &Lease,
@@ -125,25 +148,7 @@ async fn event(
     message: &str,
     data: Option<serde_json::Value>,
 ) -> Result<(), Stop> {
-    let r = sqlx::query(
-        "insert into job_events (job_id, level, type, message, data)
-         select $1, $4, $5, $6, $7 from jobs
-          where id = $1 and worker_id = $2 and attempt = $3",
-    )
-    .bind(&lease.job_id)
-    .bind(&lease.worker_id)
-    .bind(lease.attempt)
-    .bind(level)
-    .bind(kind)
-    .bind(message)
-    .bind(data)
-    .execute(db)
-    .await?;
-    if r.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(Stop::Lost)
-    }
+    Ok(queue::event(db, lease, level, kind, message, data.as_ref()).await?)
 }
 
 /// Claims and runs one job.
@@ -158,12 +163,21 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
         .join(&job.id)
         .join(format!("attempt-{}", job.attempt));
     // Instrumented, not entered: a span guard held across awaits tags other tasks' logs.
-    let result = run(ctx, &lease, &job.spec, &dir).instrument(span).await;
+    let result = match job.kind.as_str() {
+        "merge" => {
+            run_merge(ctx, &lease, &job.spec, &dir)
+                .instrument(span)
+                .await
+        }
+        _ => run(ctx, &lease, &job.spec, &dir).instrument(span).await,
+    };
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let settled = match result {
-        Ok(summary) => queue::complete(&ctx.db, &lease, &summary)
-            .await
-            .map(|()| "succeeded".to_string()),
+        Ok((summary, artifacts)) => {
+            queue::complete_with_artifacts(&ctx.db, &lease, &summary, &artifacts)
+                .await
+                .map(|()| "succeeded".to_string())
+        }
         Err(Stop::Lost) => return Ok(Outcome::LostLease { job_id: job.id }),
         Err(Stop::Cancelled) => {
             let _ = event(&ctx.db, &lease, "info", "status", "cancelled", None).await;
@@ -220,26 +234,67 @@ async fn latest_checkpoint(
     }))
 }
 
-async fn upload_dir(st: &Storage, dir: &Path, prefix: &str) -> Result<(), Stop> {
+/// Uploads the files of a folder; their total size.
+async fn upload_dir(st: &Storage, dir: &Path, prefix: &str) -> Result<u64, Stop> {
     let mut rd = tokio::fs::read_dir(dir).await?;
+    let mut total = 0;
     while let Some(e) = rd.next_entry().await? {
         if e.file_type().await?.is_file() {
             let name = e.file_name().to_string_lossy().to_string();
-            st.put_file(&format!("{prefix}/{name}"), &e.path()).await?;
+            total += st.put_file(&format!("{prefix}/{name}"), &e.path()).await?;
         }
     }
-    Ok(())
+    Ok(total)
 }
+
+/// Uploads result files under the job's artifact prefix, with their sizes and digests.
+async fn store_artifacts(
+    st: &Storage,
+    job_id: &str,
+    kind: &'static str,
+    dir: &Path,
+    names: &[String],
+) -> Result<Vec<NewArtifact>, Stop> {
+    let mut out = Vec::new();
+    for name in names {
+        let path = dir.join(name);
+        let p = path.clone();
+        let sha256 = tokio::task::spawn_blocking(move || sha256_file(&p))
+            .await
+            .map_err(|e| Stop::Infra(format!("hashing: {e}")))??;
+        let key = keys::artifact(job_id, &format!("{kind}/{name}"));
+        let bytes = st.put_file(&key, &path).await?;
+        out.push(NewArtifact {
+            id: crate::db::new_id("art"),
+            kind,
+            name: name.clone(),
+            object_key: key,
+            bytes,
+            sha256,
+        });
+    }
+    Ok(out)
+}
+
+fn sha256_file(p: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(p)?, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+type Done = (serde_json::Value, Vec<NewArtifact>);
 
 async fn run(
     ctx: &WorkerCtx,
     lease: &Lease,
     spec: &serde_json::Value,
     dir: &Path,
-) -> Result<serde_json::Value, Stop> {
+) -> Result<Done, Stop> {
     let spec: JobSpec = serde_json::from_value(spec.clone())
         .map_err(|e| Stop::User(format!("job spec: {e}"), None))?;
     tokio::fs::create_dir_all(dir).await?;
+    let model_dir = materialize(&ctx.storage, &spec.base, &ctx.model_cache).await?;
     let train_path = dir.join("train.data");
     ctx.storage
         .download(&spec.training_file.object_key, &train_path)
@@ -276,7 +331,7 @@ async fn run(
         None => None,
     };
     let engine = EngineJob {
-        model_dir: spec.model_dir.clone(),
+        model_dir,
         model_name: Some(spec.model.clone()),
         train_file: train_path,
         valid_file: valid_path,
@@ -333,8 +388,10 @@ async fn run(
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_progress: Option<serde_json::Value> = None;
     // The first reason to stop; training is told to cancel and drained to its end.
+    let running =
+        serde_json::json!({"device": "cpu", "attempt": lease.attempt, "worker": lease.worker_id});
     let mut abort: Option<Stop> =
-        match event(&ctx.db, lease, "info", "status", "running", None).await {
+        match event(&ctx.db, lease, "info", "status", "running", Some(running)).await {
             Ok(()) => None,
             Err(s) => {
                 cancel.store(true, Ordering::SeqCst);
@@ -390,14 +447,11 @@ async fn run(
         }
         Err(e) => return Err(Stop::Infra(e.to_string())),
     };
-    let mut artifact_keys = Vec::new();
-    for name in ["delta.safetensors", "delta.json"] {
-        let key = keys::artifact(&lease.job_id, name);
-        ctx.storage.put_file(&key, &out_dir.join(name)).await?;
-        artifact_keys.push(key);
-    }
+    let names = ["delta.safetensors", "delta.json"].map(String::from);
+    let artifacts = store_artifacts(&ctx.storage, &lease.job_id, "delta", &out_dir, &names).await?;
     let summary = serde_json::json!({
-        "artifacts": artifact_keys,
+        "device": "cpu",
+        "result_files": artifacts.iter().map(|a| &a.id).collect::<Vec<_>>(),
         "trained_steps": summary.steps,
         "trained_tokens": summary.tokens,
         "final_loss": summary.final_loss,
@@ -417,7 +471,64 @@ async fn run(
         Some(summary.clone()),
     )
     .await?;
-    Ok(summary)
+    Ok((summary, artifacts))
+}
+
+/// Merges a fine-tune's delta into its base model and stores the Hugging Face-layout folder.
+async fn run_merge(
+    ctx: &WorkerCtx,
+    lease: &Lease,
+    spec: &serde_json::Value,
+    dir: &Path,
+) -> Result<Done, Stop> {
+    let spec: MergeSpec = serde_json::from_value(spec.clone())
+        .map_err(|e| Stop::User(format!("merge spec: {e}"), None))?;
+    tokio::fs::create_dir_all(dir).await?;
+    let running =
+        serde_json::json!({"device": "cpu", "attempt": lease.attempt, "worker": lease.worker_id});
+    event(&ctx.db, lease, "info", "status", "running", Some(running)).await?;
+    let model_dir = materialize(&ctx.storage, &spec.base, &ctx.model_cache).await?;
+    let delta = dir.join("delta.safetensors");
+    ctx.storage.download(&spec.delta_key, &delta).await?;
+    let out = dir.join("merged");
+    let thread_out = out.clone();
+    // Merging reads and writes a whole model: a blocking thread, not a runtime worker.
+    let merged = tokio::task::spawn_blocking(move || {
+        let art = sparsegrad_engine::artifact::Artifact::load(&delta)?;
+        sparsegrad_engine::artifact::merge(&model_dir, &art, &thread_out, 0)
+    })
+    .await
+    .map_err(|e| Stop::Infra(format!("merge thread: {e}")))?;
+    match merged {
+        Ok(()) => {}
+        Err(e) if e.is_user_error() => return Err(Stop::User(e.to_string(), None)),
+        Err(e) => return Err(Stop::Infra(e.to_string())),
+    }
+    let mut names = Vec::new();
+    let mut rd = tokio::fs::read_dir(&out).await?;
+    while let Some(e) = rd.next_entry().await? {
+        if e.file_type().await?.is_file() {
+            names.push(e.file_name().to_string_lossy().to_string());
+        }
+    }
+    names.sort();
+    let artifacts = store_artifacts(&ctx.storage, &lease.job_id, "merged", &out, &names).await?;
+    let summary = serde_json::json!({
+        "device": "cpu",
+        "files": names,
+        "result_files": artifacts.iter().map(|a| &a.id).collect::<Vec<_>>(),
+        "bytes": artifacts.iter().map(|a| a.bytes).sum::<u64>(),
+    });
+    event(
+        &ctx.db,
+        lease,
+        "info",
+        "status",
+        "succeeded",
+        Some(summary.clone()),
+    )
+    .await?;
+    Ok((summary, artifacts))
 }
 
 /// Records one engine event (and uploads checkpoints).
@@ -430,6 +541,9 @@ async fn on_event(
     match e {
         Event::Step(p) => {
             *last_progress = Some(serde_json::to_value(p).unwrap_or_default());
+            if let Some(d) = last_progress.as_ref() {
+                queue::metric(&ctx.db, lease, "train", p.step, d).await?;
+            }
             let msg = format!("step {}/{}: loss {:.4}", p.step, p.total_steps, p.loss);
             event(
                 &ctx.db,
@@ -444,6 +558,14 @@ async fn on_event(
         Event::Eval { step, metrics } => {
             let msg = format!("eval at step {step}: loss {:.4}", metrics.loss);
             let data = serde_json::json!({"step": step, "eval": metrics});
+            queue::metric(
+                &ctx.db,
+                lease,
+                "eval",
+                *step,
+                &serde_json::to_value(metrics).unwrap_or_default(),
+            )
+            .await?;
             event(&ctx.db, lease, "info", "metrics", &msg, Some(data)).await
         }
         Event::Started {
@@ -466,16 +588,17 @@ async fn on_event(
                 keys::job_prefix(&lease.job_id)
             );
             let stored = async {
-                upload_dir(&ctx.storage, path, &prefix).await?;
+                let bytes = upload_dir(&ctx.storage, path, &prefix).await?;
                 // Written last: a checkpoint without it is incomplete and ignored.
                 ctx.storage
                     .put(&format!("{prefix}/complete"), "".into())
                     .await?;
-                Ok::<_, Stop>(())
+                Ok::<_, Stop>(bytes)
             }
             .await;
             match stored {
-                Ok(()) => {
+                Ok(bytes) => {
+                    queue::checkpoint(&ctx.db, lease, *step, &prefix, bytes).await?;
                     let msg = format!("checkpoint at step {step}");
                     event(&ctx.db, lease, "info", "message", &msg, None).await
                 }

@@ -1,0 +1,302 @@
+//! `/v1/models`: the base models a tenant can fine-tune — the configured folder's (shared)
+//! and the tenant's own, registered from an object-storage prefix or imported from GGUF.
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::jobs::find_model;
+use super::{list_body, AppState, Json, Tenant};
+use crate::db::models::ModelRow;
+use crate::error::{ApiError, ApiResult};
+use crate::jobs::{check_model_name, Shape};
+use crate::models::{self, BaseModel, ModelSource};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/models", get(list).post(create))
+        .route("/models/{id}", get(get_one))
+}
+
+fn object(m: &BaseModel, owned_by: &str, created: Option<i64>) -> Value {
+    let shape = Shape::from_config(&m.config);
+    json!({
+        "id": m.id,
+        "object": "model",
+        "created": created,
+        "owned_by": owned_by,
+        "architecture": m.architecture,
+        "hidden_size": m.config.get("hidden_size"),
+        "num_hidden_layers": m.config.get("num_hidden_layers"),
+        "intermediate_size": m.config.get("intermediate_size"),
+        "parameters": shape.map(|s| s.params()),
+        "source": match &m.source {
+            ModelSource::Dir { .. } => "models_dir",
+            ModelSource::Storage { .. } => "storage",
+        },
+    })
+}
+
+fn row_model(r: &ModelRow) -> BaseModel {
+    BaseModel {
+        id: r.id.clone(),
+        architecture: r.architecture.clone(),
+        config: r.config.clone(),
+        source: ModelSource::Storage {
+            prefix: r.object_prefix.clone(),
+        },
+    }
+}
+
+async fn list(Tenant(tenant): Tenant, State(st): State<AppState>) -> ApiResult<axum::Json<Value>> {
+    let mut data = Vec::new();
+    if let Some(dir) = st.cfg.models_dir.clone() {
+        let shared = tokio::task::spawn_blocking(move || models::list_dir(&dir))
+            .await
+            .map_err(ApiError::internal)?;
+        data.extend(shared.iter().map(|m| object(m, "system", None)));
+    }
+    for r in crate::db::models::list(&st.db, &tenant).await? {
+        data.push(object(
+            &row_model(&r),
+            &tenant,
+            Some(r.created_at.timestamp()),
+        ));
+    }
+    Ok(axum::Json(list_body(data, false)))
+}
+
+async fn get_one(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    if let Some(r) = crate::db::models::get(&st.db, &tenant, &id).await? {
+        return Ok(axum::Json(object(
+            &row_model(&r),
+            &tenant,
+            Some(r.created_at.timestamp()),
+        )));
+    }
+    match find_model(&st, &tenant, &id).await? {
+        Some(m) => Ok(axum::Json(object(&m, "system", None))),
+        None => Err(ApiError::not_found("model", &id)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Source {
+    /// A Hugging Face-layout folder already in object storage.
+    Storage { prefix: String },
+    /// A GGUF file in object storage, converted to a Hugging Face-layout folder.
+    Gguf {
+        key: String,
+        #[serde(default)]
+        dtype: Option<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateModel {
+    id: String,
+    source: Source,
+}
+
+/// Keys a tenant may point at: not another tenant's, not the service's own job outputs.
+fn check_key(tenant: &str, key: &str, param: &str) -> ApiResult<String> {
+    let k = key.trim_matches('/');
+    let own = format!("tenants/{tenant}/");
+    let ok = !k.is_empty()
+        && !k.split('/').any(|s| s == ".." || s == "." || s.is_empty())
+        && !k.starts_with("jobs/")
+        && (!k.starts_with("tenants/") || k.starts_with(&own));
+    if ok {
+        Ok(k.to_string())
+    } else {
+        Err(ApiError::invalid(
+            "a storage key outside `jobs/` and other tenants' space, without `.`/`..` segments",
+            Some(param),
+            "invalid_storage_key",
+        ))
+    }
+}
+
+fn bad_model(message: impl Into<String>, param: &str) -> ApiError {
+    ApiError::invalid(message, Some(param), "invalid_model")
+}
+
+/// Reads and checks `config.json` of a model under a prefix.
+async fn stored_config(st: &AppState, prefix: &str, param: &str) -> ApiResult<(String, Value)> {
+    let listed = st.storage.list(prefix).await?;
+    let has = |name: &str| listed.iter().any(|k| k == &format!("{prefix}/{name}"));
+    if !has("config.json") {
+        return Err(bad_model(format!("no `{prefix}/config.json`"), param));
+    }
+    if !has("model.safetensors") && !has("model.safetensors.index.json") {
+        return Err(bad_model(
+            format!("no `{prefix}/model.safetensors` (or its index)"),
+            param,
+        ));
+    }
+    if !has("tokenizer.json") {
+        return Err(bad_model(format!("no `{prefix}/tokenizer.json`"), param));
+    }
+    let raw = st.storage.get(&format!("{prefix}/config.json")).await?;
+    let cfg: Value =
+        serde_json::from_slice(&raw).map_err(|e| bad_model(format!("config.json: {e}"), param))?;
+    let arch = cfg
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_model("config.json has no `model_type`", param))
+        .and_then(|mt| {
+            sparsegrad_engine::models::Arch::from_model_type(mt)
+                .map_err(|e| bad_model(e.to_string(), param))
+        })?;
+    if Shape::from_config(&cfg).is_none() {
+        return Err(bad_model("config.json lacks the model's sizes", param));
+    }
+    Ok((arch.as_str().to_string(), cfg))
+}
+
+async fn create(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Json(req): Json<CreateModel>,
+) -> ApiResult<axum::Json<Value>> {
+    check_model_name(&req.id, "id")?;
+    let taken = || {
+        ApiError::conflict(
+            format!("a model named `{}` already exists", req.id),
+            "model_exists",
+        )
+    };
+    if find_model(&st, &tenant, &req.id).await?.is_some() {
+        return Err(taken());
+    }
+    let (prefix, source, arch, cfg) = match &req.source {
+        Source::Storage { prefix } => {
+            let p = check_key(&tenant, prefix, "source.prefix")?;
+            let (arch, cfg) = stored_config(&st, &p, "source.prefix").await?;
+            (
+                p.clone(),
+                json!({"type": "storage", "prefix": p}),
+                arch,
+                cfg,
+            )
+        }
+        Source::Gguf { key, dtype } => {
+            let k = check_key(&tenant, key, "source.key")?;
+            let prefix = format!("tenants/{tenant}/models/{}", req.id);
+            let (arch, cfg) = import_gguf(&st, &k, dtype.as_deref(), &prefix).await?;
+            (
+                prefix,
+                json!({"type": "gguf", "key": k, "dtype": dtype}),
+                arch,
+                cfg,
+            )
+        }
+    };
+    let row = ModelRow {
+        id: req.id.clone(),
+        tenant_id: tenant.clone(),
+        object_prefix: prefix.clone(),
+        architecture: arch,
+        config: cfg,
+        source,
+        created_at: chrono::Utc::now(),
+    };
+    match crate::db::models::insert(&st.db, &row).await? {
+        Some(r) => Ok(axum::Json(object(
+            &row_model(&r),
+            &tenant,
+            Some(r.created_at.timestamp()),
+        ))),
+        None => {
+            // A concurrent registration won; an import of ours must not linger.
+            if matches!(req.source, Source::Gguf { .. }) {
+                let _ = st.storage.delete_prefix(&prefix).await;
+            }
+            Err(taken())
+        }
+    }
+}
+
+/// Converts a stored GGUF file into a Hugging Face-layout folder under `prefix`.
+async fn import_gguf(
+    st: &AppState,
+    key: &str,
+    dtype: Option<&str>,
+    prefix: &str,
+) -> ApiResult<(String, Value)> {
+    let dtype = sparsegrad_engine::pipeline::parse_dtype(dtype)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("source.dtype"), "invalid_value"))?;
+    let work = st
+        .cfg
+        .data_dir
+        .join("work")
+        .join(crate::db::new_id("import"));
+    let gguf = work.join("model.gguf");
+    let out = work.join("hf");
+    let result = async {
+        match st.storage.download(key, &gguf).await {
+            Err(crate::storage::StorageError::NotFound(_)) => {
+                return Err(ApiError::invalid(
+                    format!("no object `{key}`"),
+                    Some("source.key"),
+                    "object_not_found",
+                ))
+            }
+            r => r?,
+        }
+        let (g, o) = (gguf.clone(), out.clone());
+        // Dequantising a whole model: a blocking thread.
+        tokio::task::spawn_blocking(move || sparsegrad_engine::gguf::import_gguf(&g, &o, dtype))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| {
+                if e.is_user_error() {
+                    ApiError::invalid(e.to_string(), Some("source.key"), "invalid_gguf")
+                } else {
+                    ApiError::internal(e)
+                }
+            })?;
+        let mut rd = tokio::fs::read_dir(&out)
+            .await
+            .map_err(ApiError::internal)?;
+        while let Some(e) = rd.next_entry().await.map_err(ApiError::internal)? {
+            let name = e.file_name().to_string_lossy().to_string();
+            st.storage
+                .put_file(&format!("{prefix}/{name}"), &e.path())
+                .await?;
+        }
+        let (arch, cfg) = sparsegrad_engine::checkpoint::read_config(&out)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("source.key"), "invalid_gguf"))?;
+        Ok((arch.as_str().to_string(), cfg))
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&work).await;
+    if result.is_err() {
+        let _ = st.storage.delete_prefix(prefix).await;
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn storage_keys_stay_in_bounds() {
+        let ok = |k: &str| super::check_key("t1", k, "p").is_ok();
+        assert!(ok("models/bert"));
+        assert!(ok("/imports/x.gguf"));
+        assert!(ok("tenants/t1/models/m"));
+        assert!(!ok("tenants/t2/files/f"));
+        assert!(!ok("jobs/j/artifact/delta/delta.safetensors"));
+        assert!(!ok("models/../jobs/x"));
+        assert!(!ok("models//x"));
+        assert!(!ok(""));
+    }
+}

@@ -1,0 +1,253 @@
+//! What the API reads about jobs: the job rows, their events, metrics, checkpoints and
+//! artifacts (the queue module owns every write to a job's lifecycle).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{FromRow, PgExecutor};
+
+use super::Page;
+
+#[derive(Clone, Debug, FromRow)]
+pub struct JobRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub kind: String,
+    pub parent_id: Option<String>,
+    pub status: String,
+    pub spec: serde_json::Value,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub progress: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+    pub result: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+}
+
+const COLS: &str =
+    "id, tenant_id, kind, parent_id, status, spec, attempt, max_attempts, progress, \
+                    error, result, created_at, started_at, finished_at, heartbeat_at";
+
+pub async fn get(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    id: &str,
+    kind: &str,
+) -> sqlx::Result<Option<JobRow>> {
+    sqlx::query_as(&format!(
+        "select {COLS} from jobs where id = $1 and tenant_id = $2 and kind = $3"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .bind(kind)
+    .fetch_optional(db)
+    .await
+}
+
+/// A tenant's fine-tuning jobs, newest first; `(rows, has_more)`.
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    page: &Page,
+) -> sqlx::Result<(Vec<JobRow>, bool)> {
+    let mut rows: Vec<JobRow> = sqlx::query_as(&format!(
+        "select {COLS} from jobs
+          where tenant_id = $1 and kind = 'fine_tune'
+            and ($2::text is null or (created_at, id) <
+                 (select created_at, id from jobs where id = $2 and tenant_id = $1))
+          order by created_at desc, id desc
+          limit $3"
+    ))
+    .bind(tenant)
+    .bind(&page.after)
+    .bind(page.limit + 1)
+    .fetch_all(db)
+    .await?;
+    let more = rows.len() as i64 > page.limit;
+    rows.truncate(page.limit as usize);
+    Ok((rows, more))
+}
+
+/// The merge queued for a fine-tune, if any.
+pub async fn merge_of(db: impl PgExecutor<'_>, parent: &str) -> sqlx::Result<Option<JobRow>> {
+    sqlx::query_as(&format!(
+        "select {COLS} from jobs where parent_id = $1 and kind = 'merge'"
+    ))
+    .bind(parent)
+    .fetch_optional(db)
+    .await
+}
+
+#[derive(Clone, Debug, FromRow)]
+pub struct EventRow {
+    pub id: i64,
+    pub created_at: DateTime<Utc>,
+    pub level: String,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+}
+
+/// Events of a job in either order: `newest_first` for the cursor list (ids below `after`),
+/// oldest first for streaming (ids above `after`).
+pub async fn events(
+    db: impl PgExecutor<'_>,
+    job_id: &str,
+    after: Option<i64>,
+    limit: i64,
+    newest_first: bool,
+) -> sqlx::Result<(Vec<EventRow>, bool)> {
+    let sql = if newest_first {
+        "select id, created_at, level, type, message, data from job_events
+          where job_id = $1 and ($2::bigint is null or id < $2)
+          order by id desc limit $3"
+    } else {
+        "select id, created_at, level, type, message, data from job_events
+          where job_id = $1 and ($2::bigint is null or id > $2)
+          order by id limit $3"
+    };
+    let mut rows: Vec<EventRow> = sqlx::query_as(sql)
+        .bind(job_id)
+        .bind(after)
+        .bind(limit + 1)
+        .fetch_all(db)
+        .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    Ok((rows, more))
+}
+
+#[derive(Clone, Debug, FromRow, Serialize)]
+pub struct MetricRow {
+    pub kind: String,
+    pub step: i32,
+    pub data: serde_json::Value,
+}
+
+/// Training and evaluation points in step order; a step logged by several attempts (after a
+/// resume) counts once, from the latest attempt.
+pub async fn metrics(db: impl PgExecutor<'_>, job_id: &str) -> sqlx::Result<Vec<MetricRow>> {
+    sqlx::query_as(
+        "select kind, step, data from (
+            select distinct on (kind, step) kind, step, data from job_metrics
+             where job_id = $1 order by kind, step, attempt desc) m
+          order by step, kind desc",
+    )
+    .bind(job_id)
+    .fetch_all(db)
+    .await
+}
+
+#[derive(Clone, Debug, FromRow)]
+pub struct CheckpointRow {
+    pub id: String,
+    pub step: i32,
+    pub attempt: i32,
+    pub bytes: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn checkpoints(
+    db: impl PgExecutor<'_>,
+    job_id: &str,
+) -> sqlx::Result<Vec<CheckpointRow>> {
+    sqlx::query_as(
+        "select id, step, attempt, bytes, created_at from job_checkpoints
+          where job_id = $1 order by step desc, created_at desc",
+    )
+    .bind(job_id)
+    .fetch_all(db)
+    .await
+}
+
+#[derive(Clone, Debug, FromRow)]
+pub struct ArtifactRow {
+    pub id: String,
+    pub job_id: String,
+    pub kind: String,
+    pub name: String,
+    pub object_key: String,
+    pub bytes: i64,
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+}
+
+const ART_COLS: &str = "id, job_id, kind, name, object_key, bytes, sha256, created_at";
+
+pub async fn artifacts(db: impl PgExecutor<'_>, job_id: &str) -> sqlx::Result<Vec<ArtifactRow>> {
+    sqlx::query_as(&format!(
+        "select {ART_COLS} from job_artifacts where job_id = $1 order by kind, name"
+    ))
+    .bind(job_id)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn artifact(
+    db: impl PgExecutor<'_>,
+    job_id: &str,
+    id: &str,
+) -> sqlx::Result<Option<ArtifactRow>> {
+    sqlx::query_as(&format!(
+        "select {ART_COLS} from job_artifacts where job_id = $1 and id = $2"
+    ))
+    .bind(job_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Seconds per trained token measured on this service for a base model (mean of its last 20
+/// successful fine-tunes), for estimates.
+pub async fn secs_per_token(db: impl PgExecutor<'_>, model: &str) -> sqlx::Result<Option<f64>> {
+    let row: (Option<f64>,) = sqlx::query_as(
+        "select avg(w / t) from (
+            select (result->>'wall_secs')::float8 as w, (result->>'trained_tokens')::float8 as t
+              from jobs
+             where kind = 'fine_tune' and status = 'succeeded' and spec->>'model' = $1
+               and (result->>'trained_tokens')::float8 > 0
+             order by finished_at desc limit 20) h",
+    )
+    .bind(model)
+    .fetch_one(db)
+    .await?;
+    Ok(row.0)
+}
+
+/// When a queued job should finish: the estimated durations of the jobs ahead of it and its
+/// own, spread over the workers busy now (at least one); `None` if it is not queued.
+pub async fn queued_eta_secs(db: impl PgExecutor<'_>, job_id: &str) -> sqlx::Result<Option<f64>> {
+    let row: Option<(Option<f64>,)> = sqlx::query_as(
+        "select (coalesce((select sum(coalesce((q.spec->'api'->'estimate'->>'duration_secs')::float8, 60))
+                             from jobs q
+                            where q.status = 'queued'
+                              and (q.priority, j.run_after, j.created_at, j.id) >
+                                  (j.priority, q.run_after, q.created_at, q.id)), 0)
+                 / greatest(1, (select count(*) from jobs where status in ('running', 'cancelling')))
+                 + coalesce((j.spec->'api'->'estimate'->>'duration_secs')::float8, 60)
+                 + greatest(0, extract(epoch from j.run_after - now()))::float8)
+           from jobs j where j.id = $1 and j.status = 'queued'",
+    )
+    .bind(job_id)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.and_then(|r| r.0))
+}
+
+/// Jobs per status, and the queued jobs runnable now (for `/metrics`).
+pub async fn status_counts(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, String, i64)>> {
+    sqlx::query_as("select kind, status, count(*) from jobs group by kind, status order by 1, 2")
+        .fetch_all(db)
+        .await
+}
+
+pub async fn runnable_now(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    let r: (i64,) =
+        sqlx::query_as("select count(*) from jobs where status = 'queued' and run_after <= now()")
+            .fetch_one(db)
+            .await?;
+    Ok(r.0)
+}
