@@ -2,110 +2,17 @@
 //! dataset uploads — valid JSONL/CSV, every kind of bad input answered 4xx in the error
 //! envelope with the line and field, and nothing stored for a rejected upload.
 
-use std::sync::Arc;
+mod common;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use clap::Parser;
-use serde_json::{json, Value};
-use sparsegrad_service::api::{router, AppState};
-use sparsegrad_service::config::Config;
-use sparsegrad_service::storage::{S3Settings, Storage};
+use axum::http::StatusCode;
+use common::api::{assert_envelope, call, post_json, state_with, tenant_key};
+use serde_json::json;
+use sparsegrad_service::api::AppState;
 use sqlx::PgPool;
-use tower::ServiceExt;
-
-#[derive(Parser)]
-struct Wrap {
-    #[command(flatten)]
-    cfg: Config,
-}
 
 fn state(db: PgPool, max_upload: u64) -> AppState {
-    let cfg = Wrap::parse_from([
-        "x",
-        "--database-url",
-        "postgres://unused",
-        "--admin-key",
-        "admin-secret",
-        "--max-upload-bytes",
-        &max_upload.to_string(),
-    ])
-    .cfg;
-    AppState::new(
-        db,
-        Storage::from_url("memory://", &S3Settings::default()).unwrap(),
-        Arc::new(cfg),
-    )
-}
-
-async fn call(
-    st: &AppState,
-    method: &str,
-    uri: &str,
-    key: Option<&str>,
-    body: Body,
-    ctype: Option<&str>,
-) -> (StatusCode, Value, Vec<u8>) {
-    let mut req = Request::builder().method(method).uri(uri);
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    if let Some(c) = ctype {
-        req = req.header("content-type", c);
-    }
-    let resp = router(st.clone())
-        .oneshot(req.body(body).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 26)
-        .await
-        .unwrap()
-        .to_vec();
-    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (status, v, bytes)
-}
-
-async fn post_json(st: &AppState, uri: &str, key: Option<&str>, v: Value) -> (StatusCode, Value) {
-    let (s, v, _) = call(
-        st,
-        "POST",
-        uri,
-        key,
-        Body::from(v.to_string()),
-        Some("application/json"),
-    )
-    .await;
-    (s, v)
-}
-
-/// A tenant and a live key for it.
-async fn tenant_key(st: &AppState, name: &str) -> (String, String) {
-    let (s, t) = post_json(
-        st,
-        "/v1/admin/tenants",
-        Some("admin-secret"),
-        json!({"name": name}),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{t}");
-    let tid = t["id"].as_str().unwrap().to_string();
-    let (s, k) = post_json(
-        st,
-        "/v1/admin/api_keys",
-        Some("admin-secret"),
-        json!({"tenant_id": tid}),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{k}");
-    (tid, k["key"].as_str().unwrap().to_string())
-}
-
-fn assert_envelope(v: &Value, kind: &str) {
-    let e = &v["error"];
-    assert_eq!(e["type"], kind, "{v}");
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    state_with(db, &["--max-upload-bytes", &max_upload.to_string()], None)
 }
 
 async fn stored_objects(st: &AppState) -> usize {

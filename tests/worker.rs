@@ -8,12 +8,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use rand::Rng;
 use sparsegrad_engine::artifact::Artifact;
 use sparsegrad_engine::methods::{MethodSpec, SparseGradConfig};
 use sparsegrad_engine::models::Arch;
 use sparsegrad_engine::optim::Schedule;
-use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir, TINY_WORDS};
+use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir};
 use sparsegrad_engine::train::TrainConfig;
 use sparsegrad_service::models::ModelSource;
 use sparsegrad_service::queue::{self, Cancelled, NewJob, QueueConfig};
@@ -21,21 +20,7 @@ use sparsegrad_service::storage::{S3Settings, Storage};
 use sparsegrad_service::worker::{try_run_one, FileRef, JobSpec, Outcome, WorkerCtx};
 use sqlx::PgPool;
 
-fn rows(n: usize, seed: u64) -> String {
-    let mut rng = sparsegrad_engine::rng::stream(seed, "rows", 0);
-    let mut s = String::new();
-    for _ in 0..n {
-        let k = rng.random_range(3..8);
-        let text: Vec<&str> = (0..k)
-            .map(|_| TINY_WORDS[rng.random_range(0..TINY_WORDS.len())])
-            .collect();
-        let text = text.join(" ");
-        let label = if text.contains("good") { "pos" } else { "neg" };
-        s.push_str(&serde_json::json!({"text": text, "label": label}).to_string());
-        s.push('\n');
-    }
-    s
-}
+use common::tiny_rows as rows;
 
 struct Env {
     _tmp: tempfile::TempDir,

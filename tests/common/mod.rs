@@ -3,6 +3,8 @@
 //! missing fixture fails the run.
 #![allow(dead_code)]
 
+pub mod api;
+
 use sparsegrad_service::fixtures::{default_root, ensure, Fixtures};
 
 pub fn fixtures() -> Option<Fixtures> {
@@ -56,4 +58,28 @@ pub fn s3_bucket(name: &str) -> Option<String> {
         "creating bucket {name}: {resp}"
     );
     Some(endpoint)
+}
+
+/// `n` labelled rows over the tiny test vocabulary (`pos` when the text has a positive word).
+pub fn tiny_rows(n: usize, seed: u64) -> String {
+    use rand::Rng;
+    use sparsegrad_engine::testing::TINY_WORDS;
+    let mut rng = sparsegrad_engine::rng::stream(seed, "rows", 0);
+    let mut s = String::new();
+    for _ in 0..n {
+        let k = rng.random_range(3..8);
+        let text: Vec<&str> = (0..k)
+            .map(|_| TINY_WORDS[rng.random_range(0..TINY_WORDS.len())])
+            .collect();
+        let text = text.join(" ");
+        let positive = ["good", "great", "fine", "fun", "love"];
+        let label = if text.split(' ').any(|w| positive.contains(&w)) {
+            "pos"
+        } else {
+            "neg"
+        };
+        s.push_str(&serde_json::json!({"text": text, "label": label}).to_string());
+        s.push('\n');
+    }
+    s
 }
