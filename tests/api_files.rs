@@ -377,6 +377,21 @@ const ROUTED: &[(&str, &str)] = &[
     ("GET", "/v1/files/{id}"),
     ("DELETE", "/v1/files/{id}"),
     ("GET", "/v1/files/{id}/content"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/models"),
+    ("GET", "/v1/models/{id}"),
+    ("GET", "/v1/fine_tuning/jobs"),
+    ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs/{id}"),
+    ("POST", "/v1/fine_tuning/jobs/{id}/cancel"),
+    ("GET", "/v1/fine_tuning/jobs/{id}/events"),
+    ("GET", "/v1/fine_tuning/jobs/{id}/metrics"),
+    ("GET", "/v1/fine_tuning/jobs/{id}/checkpoints"),
+    ("GET", "/v1/fine_tuning/jobs/{id}/artifacts"),
+    ("GET", "/v1/fine_tuning/jobs/{id}/artifacts/{artifact_id}/content"),
+    ("POST", "/v1/fine_tuning/jobs/{id}/merge"),
+    ("POST", "/v1/fine_tuning/jobs/{id}/predict"),
 ];
 
 #[sqlx::test(migrations = "./migrations")]
@@ -391,7 +406,9 @@ async fn every_spec_path_is_routed_and_every_route_is_in_the_spec(db: PgPool) {
     routed.sort();
     assert_eq!(spec, routed, "openapi.yaml and the router disagree");
     for (m, p) in &spec {
-        let uri = p.replace("{id}", "x_does_not_exist");
+        let uri = p
+            .replace("{id}", "x_does_not_exist")
+            .replace("{artifact_id}", "art_x");
         let (s, v, _) = call(&st, m, &uri, None, Body::empty(), None).await;
         // Unrouted: axum's bare 404/405 without our envelope.
         let bare =
