@@ -389,7 +389,10 @@ const ROUTED: &[(&str, &str)] = &[
     ("GET", "/v1/fine_tuning/jobs/{id}/metrics"),
     ("GET", "/v1/fine_tuning/jobs/{id}/checkpoints"),
     ("GET", "/v1/fine_tuning/jobs/{id}/artifacts"),
-    ("GET", "/v1/fine_tuning/jobs/{id}/artifacts/{artifact_id}/content"),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{id}/artifacts/{artifact_id}/content",
+    ),
     ("POST", "/v1/fine_tuning/jobs/{id}/merge"),
     ("POST", "/v1/fine_tuning/jobs/{id}/predict"),
 ];

@@ -49,6 +49,30 @@ pub struct JobSpec {
     pub task: Option<String>,
 }
 
+impl JobSpec {
+    /// What the engine runs for this job once its inputs are local files.
+    pub fn engine_job(
+        &self,
+        model_dir: PathBuf,
+        train_file: PathBuf,
+        valid_file: Option<PathBuf>,
+    ) -> EngineJob {
+        EngineJob {
+            model_dir,
+            model_name: Some(self.model.clone()),
+            train_file,
+            valid_file,
+            task: self.task.clone(),
+            method: self.method.clone(),
+            train: self.train.clone(),
+            max_seq_len: self.max_seq_len,
+            dtype: None,
+            limit_train: None,
+            limit_valid: None,
+        }
+    }
+}
+
 fn default_len() -> usize {
     128
 }
@@ -330,19 +354,7 @@ async fn run(
         }
         None => None,
     };
-    let engine = EngineJob {
-        model_dir,
-        model_name: Some(spec.model.clone()),
-        train_file: train_path,
-        valid_file: valid_path,
-        task: spec.task.clone(),
-        method: spec.method.clone(),
-        train: spec.train.clone(),
-        max_seq_len: spec.max_seq_len,
-        dtype: None,
-        limit_train: None,
-        limit_valid: None,
-    };
+    let engine = spec.engine_job(model_dir, train_path, valid_path);
 
     let cancel = Arc::new(AtomicBool::new(false));
     // Checkpoint events carry an acknowledgement: training waits until the checkpoint is

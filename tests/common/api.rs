@@ -23,7 +23,13 @@ pub const ADMIN: &str = "admin-secret";
 
 /// A state with the admin key, `extra` flags, and `storage` (default: in memory).
 pub fn state_with(db: PgPool, extra: &[&str], storage: Option<Storage>) -> AppState {
-    let mut args = vec!["x", "--database-url", "postgres://unused", "--admin-key", ADMIN];
+    let mut args = vec![
+        "x",
+        "--database-url",
+        "postgres://unused",
+        "--admin-key",
+        ADMIN,
+    ];
     args.extend_from_slice(extra);
     let cfg = Wrap::parse_from(args).cfg;
     let storage =

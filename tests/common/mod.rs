@@ -83,3 +83,36 @@ pub fn tiny_rows(n: usize, seed: u64) -> String {
     }
     s
 }
+
+/// Predictions of a merged Hugging Face folder (its config carries the labels).
+pub fn predict_folder(
+    dir: &std::path::Path,
+    inputs: &serde_json::Value,
+    max_len: usize,
+) -> Vec<serde_json::Value> {
+    use sparsegrad_engine::models::Task;
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let names: Vec<String> = {
+        let m = cfg["id2label"].as_object().unwrap();
+        (0..m.len())
+            .map(|i| m[&i.to_string()].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (model, tok, _) = sparsegrad_engine::pipeline::load_for_inference(
+        dir,
+        None,
+        Some(Task::Classification {
+            num_labels: names.len(),
+        }),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let labels = sparsegrad_engine::data::LabelMap { names };
+    let inputs: Vec<sparsegrad_engine::train::PredictInput> =
+        serde_json::from_value(inputs.clone()).unwrap();
+    let p = sparsegrad_engine::train::predict(&model, &tok, Some(&labels), &inputs, max_len, 1)
+        .unwrap();
+    p.iter().map(|p| serde_json::to_value(p).unwrap()).collect()
+}
