@@ -321,23 +321,31 @@ pub fn estimate(
             "flops",
         ),
     };
-    let params = shape.params();
-    let mlp = shape.mlp_params();
-    let trainable = match &r.method {
-        MethodSpec::Full => params,
-        MethodSpec::Lora(c) => {
-            let per = if shape.llama { 3 } else { 2 };
-            shape.layers * per * c.r as u64 * (shape.hidden + shape.ffn)
-        }
-        MethodSpec::Sparsegrad(c) => {
-            c.k.map(|k| k as u64 * shape.layers * if shape.llama { 3 } else { 2 })
-                .unwrap_or((mlp as f64 * c.density) as u64)
-        }
-        MethodSpec::Meprop(c) => {
-            c.k.map(|k| k as u64 * shape.layers * if shape.llama { 3 } else { 2 })
-                .unwrap_or((mlp as f64 * c.density) as u64)
-        }
+    // Encoders get a pooler and a classifier (two labels assumed), trained densely by
+    // every method.
+    let head = if shape.llama {
+        0
+    } else {
+        shape.hidden * shape.hidden + 3 * shape.hidden + 2
     };
+    let params = shape.params() + head;
+    let mlp = shape.mlp_params();
+    let trainable = head
+        + match &r.method {
+            MethodSpec::Full => params - head,
+            MethodSpec::Lora(c) => {
+                let per = if shape.llama { 3 } else { 2 };
+                shape.layers * per * c.r as u64 * (shape.hidden + shape.ffn)
+            }
+            MethodSpec::Sparsegrad(c) => {
+                c.k.map(|k| k as u64 * shape.layers * if shape.llama { 3 } else { 2 })
+                    .unwrap_or((mlp as f64 * c.density) as u64)
+            }
+            MethodSpec::Meprop(c) => {
+                c.k.map(|k| k as u64 * shape.layers * if shape.llama { 3 } else { 2 })
+                    .unwrap_or((mlp as f64 * c.density) as u64)
+            }
+        };
     // f32 weights, then gradient + two Adam moments per trained value; SparseGrad adds its
     // bases (one P, Q pair per matrix type); activations kept for backward, per token and
     // layer about 16 hidden-sized and 2 FFN-sized vectors.

@@ -649,6 +649,30 @@ async fn cancel_queued_and_running_jobs_and_other_tenants_see_nothing(db: PgPool
     );
     let (_, bj) = get(st, &format!("/v1/fine_tuning/jobs/{b}"), key).await;
     assert_eq!(bj["queue_position"], 1);
+    // The list computes positions and ETAs for the whole page: newest (b) first. With
+    // estimates of 100 s (a) and 50 s (b), b should finish 150 s from now, a in 100 s.
+    for (id, secs) in [(&a, 100), (&b, 50)] {
+        sqlx::query("update jobs set spec = jsonb_set(spec, '{api,estimate,duration_secs}', to_jsonb($2::float8)) where id = $1")
+            .bind(id)
+            .bind(secs as f64)
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+    let (_, l) = get(st, "/v1/fine_tuning/jobs", key).await;
+    let pos: Vec<_> = l["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["queue_position"].clone())
+        .collect();
+    assert_eq!(pos, [json!(1), json!(0)]);
+    let eta = |j: &Value| j["estimated_finish"].as_i64().unwrap();
+    let gap = eta(&l["data"][0]) - eta(&l["data"][1]);
+    assert!(
+        (49..=51).contains(&gap),
+        "the job behind finishes 50 s later: {gap}"
+    );
 
     // Another tenant: 404 everywhere, an empty list, and the job untouched.
     for (m, path) in [

@@ -321,3 +321,57 @@ async fn upload_train_follow_download_merge_predict_over_http(db: PgPool) {
     stop_tx.send(true).unwrap();
     worker.await.unwrap();
 }
+
+/// `POST /v1/models` imports the real SmolLM2 GGUF from storage: a LLaMA model registered
+/// for the tenant, its folder equal to the command-line import's (same config, same tensors).
+#[sqlx::test(migrations = "./migrations")]
+async fn gguf_import_through_the_api(db: PgPool) {
+    let Some(fx) = common::fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", tmp.path().join("objects").display());
+    let storage = Storage::from_url(&url, &S3Settings::default()).unwrap();
+    let st = state_with(
+        db.clone(),
+        &["--data-dir", tmp.path().join("data").to_str().unwrap()],
+        Some(storage.clone()),
+    );
+    let (tenant, key) = common::api::tenant_key(&st, "acme").await;
+    storage
+        .put_file("imports/smollm2.gguf", &fx.smollm2_gguf)
+        .await
+        .unwrap();
+    let (s, m) = common::api::post_json(
+        &st,
+        "/v1/models",
+        Some(&key),
+        json!({"id": "smollm2", "source": {"type": "gguf", "key": "imports/smollm2.gguf"}}),
+    )
+    .await;
+    assert_eq!(s, axum::http::StatusCode::OK, "{m}");
+    assert_eq!(m["architecture"], "llama");
+    assert_eq!(m["owned_by"], tenant.as_str());
+    // The stored folder is what `sparsegrad import-gguf` (the fixture) produced.
+    let prefix = format!("tenants/{tenant}/models/smollm2");
+    let mut stored: Value =
+        serde_json::from_slice(&storage.get(&format!("{prefix}/config.json")).await.unwrap())
+            .unwrap();
+    assert_eq!(stored["imported_from"], "smollm2.gguf");
+    stored["imported_from"] = json!("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(fx.smollm2.join("config.json")).unwrap()).unwrap();
+    assert_eq!(stored, reference);
+    let weights = storage
+        .get(&format!("{prefix}/model.safetensors"))
+        .await
+        .unwrap();
+    let want = std::fs::read(fx.smollm2.join("model.safetensors")).unwrap();
+    assert_eq!(
+        sparsegrad_engine::checkpoint::sha256_bytes(&weights),
+        sparsegrad_engine::checkpoint::sha256_bytes(&want)
+    );
+    let (s, l) = common::api::get(&st, "/v1/models/smollm2", &key).await;
+    assert_eq!((s.as_u16(), l["source"].clone()), (200, json!("storage")));
+    // No scratch left behind.
+    let work = tmp.path().join("data/work");
+    assert!(!work.exists() || std::fs::read_dir(&work).unwrap().next().is_none());
+}

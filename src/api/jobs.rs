@@ -234,18 +234,53 @@ fn merge_object(m: &JobRow) -> Value {
     })
 }
 
-/// The job as users see it.
+/// What a job object needs beyond its row, fetched for a whole page at once.
+#[derive(Default)]
+struct Extras {
+    queued: std::collections::HashMap<String, (i64, f64)>,
+    merges: std::collections::HashMap<String, JobRow>,
+}
+
+async fn extras(st: &AppState, rows: &[JobRow]) -> ApiResult<Extras> {
+    let queued: Vec<String> = rows
+        .iter()
+        .filter(|r| r.status == "queued")
+        .map(|r| r.id.clone())
+        .collect();
+    let mut x = Extras::default();
+    if !queued.is_empty() {
+        for (id, pos, eta) in q::queue_positions(&st.db, &queued).await? {
+            x.queued.insert(id, (pos, eta));
+        }
+    }
+    let succeeded: Vec<String> = rows
+        .iter()
+        .filter(|r| r.status == "succeeded")
+        .map(|r| r.id.clone())
+        .collect();
+    if !succeeded.is_empty() {
+        for m in q::merges_of(&st.db, &succeeded).await? {
+            if let Some(p) = m.parent_id.clone() {
+                x.merges.insert(p, m);
+            }
+        }
+    }
+    Ok(x)
+}
+
+/// One job as users see it.
 async fn job_object(st: &AppState, j: &JobRow) -> ApiResult<Value> {
+    let x = extras(st, std::slice::from_ref(j)).await?;
+    Ok(render(j, &x))
+}
+
+fn render(j: &JobRow, x: &Extras) -> Value {
     let api = &j.spec["api"];
-    let queue_position = match j.status.as_str() {
-        "queued" => queue::queue_position(&st.db, &j.id).await?,
-        _ => None,
-    };
+    let queued = x.queued.get(&j.id);
+    let queue_position = queued.map(|q| q.0);
     let now = Utc::now();
     let estimated_finish = match j.status.as_str() {
-        "queued" => q::queued_eta_secs(&st.db, &j.id)
-            .await?
-            .map(|s| now.timestamp() + s.ceil() as i64),
+        "queued" => queued.map(|q| now.timestamp() + q.1.ceil() as i64),
         "running" | "cancelling" => {
             let p = j.progress.as_ref();
             let step = p.and_then(|p| p["step"].as_f64()).unwrap_or(0.0);
@@ -262,7 +297,7 @@ async fn job_object(st: &AppState, j: &JobRow) -> ApiResult<Value> {
         }
         _ => None,
     };
-    let merge = q::merge_of(&st.db, &j.id).await?;
+    let merge = x.merges.get(&j.id);
     let result = j.result.as_ref();
     let progress = j.progress.as_ref();
     let trained_steps = result
@@ -278,7 +313,7 @@ async fn job_object(st: &AppState, j: &JobRow) -> ApiResult<Value> {
         Some(s) => format!("ft:{model}:{s}:{}", j.id),
         None => format!("ft:{model}:{}", j.id),
     });
-    Ok(json!({
+    json!({
         "id": j.id,
         "object": "fine_tuning.job",
         "model": model,
@@ -306,8 +341,8 @@ async fn job_object(st: &AppState, j: &JobRow) -> ApiResult<Value> {
         "result": j.result,
         "result_files": result.and_then(|r| r.get("result_files")).cloned().unwrap_or(json!([])),
         "fine_tuned_model": fine_tuned_model,
-        "merge": merge.as_ref().map(merge_object),
-    }))
+        "merge": merge.map(merge_object),
+    })
 }
 
 async fn job_for(st: &AppState, tenant: &str, id: &str) -> ApiResult<JobRow> {
@@ -322,11 +357,11 @@ async fn list(
     Query(p): ListParams,
 ) -> ApiResult<axum::Json<Value>> {
     let (rows, more) = q::list(&st.db, &tenant, &p.page()?).await?;
-    let mut data = Vec::with_capacity(rows.len());
-    for r in &rows {
-        data.push(job_object(&st, r).await?);
-    }
-    Ok(axum::Json(list_body(data, more)))
+    let x = extras(&st, &rows).await?;
+    Ok(axum::Json(list_body(
+        rows.iter().map(|r| render(r, &x)).collect(),
+        more,
+    )))
 }
 
 async fn get_one(

@@ -239,7 +239,9 @@ async fn import_gguf(
         .data_dir
         .join("work")
         .join(crate::db::new_id("import"));
-    let gguf = work.join("model.gguf");
+    // Named as stored: the import records the file it came from.
+    let file_name = key.rsplit('/').next().unwrap_or("model.gguf");
+    let gguf = work.join(file_name);
     let out = work.join("hf");
     let result = async {
         match st.storage.download(key, &gguf).await {

@@ -217,24 +217,41 @@ pub async fn secs_per_token(db: impl PgExecutor<'_>, model: &str) -> sqlx::Resul
     Ok(row.0)
 }
 
-/// When a queued job should finish: the estimated durations of the jobs ahead of it and its
-/// own, spread over the workers busy now (at least one); `None` if it is not queued.
-pub async fn queued_eta_secs(db: impl PgExecutor<'_>, job_id: &str) -> sqlx::Result<Option<f64>> {
-    let row: Option<(Option<f64>,)> = sqlx::query_as(
-        "select (coalesce((select sum(coalesce((q.spec->'api'->'estimate'->>'duration_secs')::float8, 60))
-                             from jobs q
-                            where q.status = 'queued'
-                              and (q.priority, j.run_after, j.created_at, j.id) >
-                                  (j.priority, q.run_after, q.created_at, q.id)), 0)
-                 / greatest(1, (select count(*) from jobs where status in ('running', 'cancelling')))
-                 + coalesce((j.spec->'api'->'estimate'->>'duration_secs')::float8, 60)
-                 + greatest(0, extract(epoch from j.run_after - now()))::float8)
-           from jobs j where j.id = $1 and j.status = 'queued'",
+/// For the queued jobs among `ids`: `(id, jobs ahead in claim order, seconds until it should
+/// finish)` — the estimated durations of the jobs ahead spread over the workers busy now (at
+/// least one), plus its own and any backoff it still waits out. One pass over the queue for
+/// a whole page.
+pub async fn queue_positions(
+    db: impl PgExecutor<'_>,
+    ids: &[String],
+) -> sqlx::Result<Vec<(String, i64, f64)>> {
+    sqlx::query_as(
+        "with q as (
+            select id,
+                   row_number() over w - 1 as pos,
+                   coalesce(sum(coalesce((spec->'api'->'estimate'->>'duration_secs')::float8, 60))
+                            over (w rows between unbounded preceding and 1 preceding), 0) as ahead,
+                   coalesce((spec->'api'->'estimate'->>'duration_secs')::float8, 60)
+                     + greatest(0, extract(epoch from run_after - now()))::float8 as own
+              from jobs where status = 'queued'
+            window w as (order by priority desc, run_after, created_at, id))
+         select id, pos, ahead / greatest(1, (select count(*) from jobs
+                                               where status in ('running', 'cancelling'))) + own
+           from q where id = any($1)",
     )
-    .bind(job_id)
-    .fetch_optional(db)
-    .await?;
-    Ok(row.and_then(|r| r.0))
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
+/// The merges of the fine-tunes among `ids`.
+pub async fn merges_of(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<Vec<JobRow>> {
+    sqlx::query_as(&format!(
+        "select {COLS} from jobs where parent_id = any($1) and kind = 'merge'"
+    ))
+    .bind(ids)
+    .fetch_all(db)
+    .await
 }
 
 /// Jobs per status, and the queued jobs runnable now (for `/metrics`).
