@@ -681,16 +681,16 @@ async fn artifact_content(
     }
 }
 
-async fn merge(
-    Tenant(tenant): Tenant,
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
-    let job = job_for(&st, &tenant, &id).await?;
+/// A succeeded job's stored delta and its base model (409 for a job that has not succeeded).
+async fn succeeded_delta(
+    st: &AppState,
+    job: &JobRow,
+    what: &str,
+) -> ApiResult<(ArtifactRow, ModelSource)> {
     if job.status != "succeeded" {
         return Err(ApiError::conflict(
             format!(
-                "the job is `{}`; only a succeeded job can be merged",
+                "the job is `{}`; only a succeeded job can be {what}",
                 job.status
             ),
             "job_not_succeeded",
@@ -700,9 +700,18 @@ async fn merge(
         .await?
         .into_iter()
         .find(|a| a.kind == "delta" && a.name == "delta.safetensors")
-        .ok_or_else(|| ApiError::internal(format!("succeeded job {id} has no delta")))?;
-    let base: ModelSource =
-        serde_json::from_value(job.spec["base"].clone()).map_err(ApiError::internal)?;
+        .ok_or_else(|| ApiError::internal(format!("succeeded job {} has no delta", job.id)))?;
+    let base = serde_json::from_value(job.spec["base"].clone()).map_err(ApiError::internal)?;
+    Ok((delta, base))
+}
+
+async fn merge(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let job = job_for(&st, &tenant, &id).await?;
+    let (delta, base) = succeeded_delta(&st, &job, "merged").await?;
     let spec = MergeSpec {
         base,
         model: job.spec["model"].as_str().unwrap_or_default().into(),
@@ -748,15 +757,7 @@ async fn predict(
     Json(req): Json<PredictRequest>,
 ) -> ApiResult<axum::Json<Value>> {
     let job = job_for(&st, &tenant, &id).await?;
-    if job.status != "succeeded" {
-        return Err(ApiError::conflict(
-            format!(
-                "the job is `{}`; predictions need a succeeded job",
-                job.status
-            ),
-            "job_not_succeeded",
-        ));
-    }
+    let (delta, base) = succeeded_delta(&st, &job, "used for predictions").await?;
     if req.inputs.is_empty() || req.inputs.len() > MAX_PREDICT_INPUTS {
         return Err(ApiError::invalid(
             format!("give 1 to {MAX_PREDICT_INPUTS} inputs"),
@@ -772,13 +773,6 @@ async fn predict(
             "invalid_value",
         ));
     }
-    let delta = q::artifacts(&st.db, &job.id)
-        .await?
-        .into_iter()
-        .find(|a| a.kind == "delta" && a.name == "delta.safetensors")
-        .ok_or_else(|| ApiError::internal(format!("succeeded job {id} has no delta")))?;
-    let base: ModelSource =
-        serde_json::from_value(job.spec["base"].clone()).map_err(ApiError::internal)?;
     let cache = st.cfg.data_dir.join("cache");
     let model_dir = models::materialize(&st.storage, &base, &cache.join("models"))
         .await
