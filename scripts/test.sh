@@ -23,3 +23,15 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --workspace --no-fail-fast "$@"
 fi
+
+# The dashboard in a real browser against a real server + worker (skipped with a notice when
+# chromium or node is missing outside CI; .ci/run installs both).
+if [ $# -eq 0 ]; then
+  if command -v node >/dev/null && [ -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
+    ./scripts/browser-test.sh
+  elif [ -n "${CI:-}" ]; then
+    echo "chromium and node are required in CI" >&2; exit 1
+  else
+    echo "*** SKIPPING browser tests: install chromium and node (see README) ***" >&2
+  fi
+fi

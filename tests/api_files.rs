@@ -378,6 +378,8 @@ const ROUTED: &[(&str, &str)] = &[
     ("DELETE", "/v1/files/{id}"),
     ("GET", "/v1/files/{id}/content"),
     ("GET", "/metrics"),
+    ("GET", "/"),
+    ("GET", "/static/{file}"),
     ("GET", "/v1/models"),
     ("POST", "/v1/models"),
     ("GET", "/v1/models/{id}"),
@@ -411,7 +413,8 @@ async fn every_spec_path_is_routed_and_every_route_is_in_the_spec(db: PgPool) {
     for (m, p) in &spec {
         let uri = p
             .replace("{id}", "x_does_not_exist")
-            .replace("{artifact_id}", "art_x");
+            .replace("{artifact_id}", "art_x")
+            .replace("{file}", "app.js");
         let (s, v, _) = call(&st, m, &uri, None, Body::empty(), None).await;
         // Unrouted: axum's bare 404/405 without our envelope.
         let bare =

@@ -2,6 +2,7 @@
 //! validate, call `db`/`queue`/`storage` functions and shape responses; they hold no SQL.
 
 pub mod admin;
+pub mod dashboard;
 pub mod files;
 pub mod health;
 pub mod jobs;
@@ -45,6 +46,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(metrics::router())
+        .merge(dashboard::router())
         .nest(
             "/v1",
             Router::new()
