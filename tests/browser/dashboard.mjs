@@ -89,6 +89,17 @@ try {
   await page.locator("#files-table tr[data-file]").first().waitFor();
   assert.match(await page.locator("#files-table").textContent(), /240/);
 
+  step("delete a dataset");
+  await page.setInputFiles("#file-input", {
+    name: "throwaway.jsonl", mimeType: "application/json",
+    buffer: Buffer.from('{"text": "fine", "label": "pos"}\n{"text": "dull", "label": "neg"}\n'),
+  });
+  await page.locator("#files-table tr", { hasText: "throwaway.jsonl" }).waitFor();
+  page.once("dialog", (d) => d.accept());
+  await page.getByRole("button", { name: "Delete throwaway.jsonl" }).click();
+  await page.locator("#files-table tr", { hasText: "throwaway.jsonl" }).waitFor({ state: "detached" });
+  assert.equal((await http("/v1/files", keyA)).json.data.length, 1);
+
   step("new job: model picker, SparseGrad default, dry-run estimate");
   const devRows = readFileSync(process.env.DEV_FILE, "utf8").split("\n").slice(0, 64).join("\n") + "\n";
   const dev = await http("/v1/files?purpose=fine-tune&filename=dev.jsonl", keyA, { method: "POST", body: devRows, headers: { "content-type": "application/octet-stream" } });
@@ -116,7 +127,7 @@ try {
   const progress = new Set();
   const chartPoints = new Set();
   let runningShot = false;
-  const deadline = Date.now() + 240_000;
+  const deadline = Date.now() + 600_000;
   for (;;) {
     const status = await page.locator("h1 .badge").getAttribute("data-status").catch(() => null);
     const now = await page.locator("#job-info [role=progressbar]").getAttribute("aria-valuenow", { timeout: 200 }).catch(() => null);
@@ -129,7 +140,7 @@ try {
     }
     if (status === "succeeded") break;
     assert.ok(!["failed", "cancelled"].includes(status), `job ended ${status}`);
-    assert.ok(Date.now() < deadline, "the job did not finish in 4 minutes");
+    assert.ok(Date.now() < deadline, "the job did not finish in 10 minutes");
     await page.waitForTimeout(250);
   }
   assert.ok(progress.size >= 2, `the progress bar moved: ${[...progress]}`);
@@ -179,7 +190,7 @@ try {
   await page.screenshot({ path: join(SHOTS, "jobs-list.png"), fullPage: true });
   await page.locator(`tr[data-job="${second.json.id}"] a`).click();
   await page.locator("#cancel-btn").click();
-  await page.locator('h1 .badge[data-status="cancelled"]').waitFor({ timeout: 60_000 });
+  await page.locator('h1 .badge[data-status="cancelled"]').waitFor({ timeout: 180_000 });
 
   step("keyboard and labels");
   await page.reload();
