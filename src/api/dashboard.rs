@@ -11,16 +11,39 @@ use axum::Router;
 use super::AppState;
 
 const FILES: &[(&str, &str, &str)] = &[
-    ("index.html", "text/html; charset=utf-8", include_str!("../../static/index.html")),
-    ("app.js", "text/javascript; charset=utf-8", include_str!("../../static/app.js")),
-    ("api.js", "text/javascript; charset=utf-8", include_str!("../../static/api.js")),
-    ("chart.js", "text/javascript; charset=utf-8", include_str!("../../static/chart.js")),
-    ("style.css", "text/css; charset=utf-8", include_str!("../../static/style.css")),
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_str!("../../static/index.html"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../static/app.js"),
+    ),
+    (
+        "api.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../static/api.js"),
+    ),
+    (
+        "chart.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../static/chart.js"),
+    ),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("../../static/style.css"),
+    ),
 ];
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/", get(|h: HeaderMap| async move { serve("index.html", &h) }))
+        .route(
+            "/",
+            get(|h: HeaderMap| async move { serve("index.html", &h) }),
+        )
         .route(
             "/static/{file}",
             get(|Path(f): Path<String>, h: HeaderMap| async move { serve(&f, &h) }),
