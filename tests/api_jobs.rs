@@ -431,6 +431,16 @@ async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
     assert_eq!(s, StatusCode::OK, "{p}");
     let preds = p["data"].as_array().unwrap();
     assert_eq!(preds.len(), 2);
+    // Asked again: the same answer from the model already loaded.
+    let (_, again) = post_json(
+        st,
+        &format!("/v1/fine_tuning/jobs/{id}/predict"),
+        Some(key),
+        inputs.clone(),
+    )
+    .await;
+    assert_eq!(again["data"], p["data"]);
+    assert_eq!(st.predict_cache.loads(), 1);
     assert!(preds
         .iter()
         .all(|p| ["pos", "neg"].contains(&p["label"].as_str().unwrap())));

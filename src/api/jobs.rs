@@ -14,7 +14,7 @@ use axum::Router;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sparsegrad_engine::train::{PredictInput, Prediction};
+use sparsegrad_engine::train::PredictInput;
 
 use super::{list_body, AppState, Json, ListParams, Tenant};
 use crate::db::jobs::{self as q, ArtifactRow, EventRow, JobRow};
@@ -786,8 +786,18 @@ async fn predict(
     }
     let max_len = job.spec["max_seq_len"].as_u64().unwrap_or(128) as usize;
     let inputs = req.inputs;
+    let cache = st.predict_cache.clone();
+    // Loading and running a model: a blocking thread.
     let preds = tokio::task::spawn_blocking(move || {
-        predict_blocking(&model_dir, &local, &inputs, max_len, max_new)
+        let l = cache.get(&model_dir, &local, &delta.sha256)?;
+        sparsegrad_engine::train::predict(
+            &l.model,
+            &l.tok,
+            l.labels.as_ref(),
+            &inputs,
+            max_len,
+            max_new,
+        )
     })
     .await
     .map_err(ApiError::internal)?
@@ -806,30 +816,56 @@ async fn predict(
     })))
 }
 
-/// Base + delta on a few inputs (a blocking thread: it loads and runs a model).
-pub fn predict_blocking(
-    model_dir: &std::path::Path,
-    delta: &std::path::Path,
-    inputs: &[PredictInput],
-    max_seq_len: usize,
-    max_new_tokens: usize,
-) -> sparsegrad_engine::Result<Vec<Prediction>> {
-    let art = sparsegrad_engine::artifact::Artifact::load(delta)?;
-    let (model, tok, labels) = sparsegrad_engine::pipeline::load_for_inference(
-        model_dir,
-        Some(&art),
-        None,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
-    sparsegrad_engine::train::predict(
-        &model,
-        &tok,
-        labels.as_ref(),
-        inputs,
-        max_seq_len,
-        max_new_tokens,
-    )
+/// Base + delta, loaded for predictions.
+pub struct Loaded {
+    model: sparsegrad_engine::models::Model,
+    tok: sparsegrad_engine::data::TextTokenizer,
+    labels: Option<sparsegrad_engine::data::LabelMap>,
+}
+
+/// The last base + delta predict loaded, kept while the same delta is asked for (the
+/// dashboard's predict box asks again and again; loading dominates a small request). One
+/// model stays resident at most.
+#[derive(Default)]
+pub struct PredictCache {
+    last: std::sync::Mutex<Option<(String, std::sync::Arc<Loaded>)>>,
+    loads: std::sync::atomic::AtomicUsize,
+}
+
+impl PredictCache {
+    /// How many times a model was loaded (not found in the cache).
+    pub fn loads(&self) -> usize {
+        self.loads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn get(
+        &self,
+        model_dir: &std::path::Path,
+        delta: &std::path::Path,
+        delta_sha: &str,
+    ) -> sparsegrad_engine::Result<std::sync::Arc<Loaded>> {
+        let key = format!("{}\n{delta_sha}", model_dir.display());
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, l)) = last.as_ref() {
+            if *k == key {
+                return Ok(l.clone());
+            }
+        }
+        // Loading under the lock: two requests for a new delta load it once.
+        let art = sparsegrad_engine::artifact::Artifact::load(delta)?;
+        let (model, tok, labels) = sparsegrad_engine::pipeline::load_for_inference(
+            model_dir,
+            Some(&art),
+            None,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        self.loads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let l = std::sync::Arc::new(Loaded { model, tok, labels });
+        *last = Some((key, l.clone()));
+        Ok(l)
+    }
 }
 
 #[cfg(test)]

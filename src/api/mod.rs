@@ -29,6 +29,7 @@ pub struct AppState {
     pub storage: Storage,
     pub cfg: Arc<Config>,
     pub http: Arc<metrics::HttpMetrics>,
+    pub predict_cache: Arc<jobs::PredictCache>,
 }
 
 impl AppState {
@@ -38,6 +39,7 @@ impl AppState {
             storage,
             cfg,
             http: Default::default(),
+            predict_cache: Default::default(),
         }
     }
 }
