@@ -205,7 +205,7 @@ try {
   step("phone width");
   await page.setViewportSize({ width: 390, height: 844 });
   await page.getByRole("link", { name: "Jobs" }).click();
-  await page.locator("#jobs-table").waitFor();
+  await page.locator("#jobs-table tr[data-job]").first().waitFor();
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   assert.ok(overflow <= 1, `no horizontal scrolling at phone width (${overflow}px)`);
   await page.screenshot({ path: join(SHOTS, "jobs-list-phone.png"), fullPage: true });
