@@ -198,6 +198,9 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let settled = match result {
         Ok((summary, artifacts)) => {
+            // Like every ending's event: a lost lease shows in the fenced completion below.
+            let data = Some(summary.clone());
+            let _ = event(&ctx.db, &lease, "info", "status", "succeeded", data).await;
             queue::complete_with_artifacts(&ctx.db, &lease, &summary, &artifacts)
                 .await
                 .map(|()| "succeeded".to_string())
@@ -282,10 +285,12 @@ async fn store_artifacts(
     let mut out = Vec::new();
     for name in names {
         let path = dir.join(name);
-        let p = path.clone();
-        let sha256 = tokio::task::spawn_blocking(move || sha256_file(&p))
-            .await
-            .map_err(|e| Stop::Infra(format!("hashing: {e}")))??;
+        let p = vec![path.clone()];
+        let sha256 =
+            tokio::task::spawn_blocking(move || sparsegrad_engine::checkpoint::sha256_files(&p))
+                .await
+                .map_err(|e| Stop::Infra(format!("hashing: {e}")))?
+                .map_err(|e| Stop::Infra(format!("hashing: {e}")))?;
         let key = keys::artifact(job_id, &format!("{kind}/{name}"));
         let bytes = st.put_file(&key, &path).await?;
         out.push(NewArtifact {
@@ -298,13 +303,6 @@ async fn store_artifacts(
         });
     }
     Ok(out)
-}
-
-fn sha256_file(p: &Path) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(p)?, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 type Done = (serde_json::Value, Vec<NewArtifact>);
@@ -474,15 +472,6 @@ async fn run(
         "optimizer_state": summary.optimizer_state,
         "method_stats": summary.method_stats,
     });
-    event(
-        &ctx.db,
-        lease,
-        "info",
-        "status",
-        "succeeded",
-        Some(summary.clone()),
-    )
-    .await?;
     Ok((summary, artifacts))
 }
 
@@ -531,15 +520,6 @@ async fn run_merge(
         "result_files": artifacts.iter().map(|a| &a.id).collect::<Vec<_>>(),
         "bytes": artifacts.iter().map(|a| a.bytes).sum::<u64>(),
     });
-    event(
-        &ctx.db,
-        lease,
-        "info",
-        "status",
-        "succeeded",
-        Some(summary.clone()),
-    )
-    .await?;
     Ok((summary, artifacts))
 }
 
