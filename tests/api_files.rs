@@ -37,6 +37,30 @@ async fn health_and_readiness(db: PgPool) {
     assert_eq!((s, b.as_slice()), (StatusCode::OK, b"ok".as_slice()));
     let (s, _, b) = call(&st, "GET", "/readyz", None, Body::empty(), None).await;
     assert_eq!((s, b.as_slice()), (StatusCode::OK, b"ready".as_slice()));
+    // The dashboard: an ETag per file, and 304 when the browser already has it.
+    let r = common::api::request(&st, "GET", "/static/app.js", None, Body::empty(), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let etag = r.headers["etag"].to_str().unwrap().to_string();
+    let r = common::api::request(
+        &st,
+        "GET",
+        "/static/app.js",
+        None,
+        Body::empty(),
+        &[("if-none-match", &etag)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    let r = common::api::request(
+        &st,
+        "GET",
+        "/",
+        None,
+        Body::empty(),
+        &[("if-none-match", &etag)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "another file, another tag");
 }
 
 #[sqlx::test(migrations = "./migrations")]

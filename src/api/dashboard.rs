@@ -38,6 +38,17 @@ const FILES: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The files are fixed at compile time: their ETags are computed once, on first use.
+static ETAGS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    FILES
+        .iter()
+        .map(|(_, _, body)| {
+            let sha = sparsegrad_engine::checkpoint::sha256_bytes(body.as_bytes());
+            format!("\"{}\"", &sha[..16])
+        })
+        .collect()
+});
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route(
@@ -51,13 +62,11 @@ pub fn router() -> Router<AppState> {
 }
 
 fn serve(name: &str, headers: &HeaderMap) -> Response {
-    let Some((_, ctype, body)) = FILES.iter().find(|(n, _, _)| *n == name) else {
+    let Some(i) = FILES.iter().position(|(n, _, _)| *n == name) else {
         return crate::error::ApiError::not_found("file", name).into_response();
     };
-    let etag = format!(
-        "\"{}\"",
-        &sparsegrad_engine::checkpoint::sha256_bytes(body.as_bytes())[..16]
-    );
+    let (_, ctype, body) = FILES[i];
+    let etag = ETAGS[i].clone();
     let common = [
         (header::ETAG, etag.clone()),
         (header::CACHE_CONTROL, "no-cache".to_string()),
@@ -81,7 +90,7 @@ fn serve(name: &str, headers: &HeaderMap) -> Response {
         StatusCode::OK,
         common,
         [(header::CONTENT_TYPE, ctype.to_string())],
-        *body,
+        body,
     )
         .into_response()
 }
