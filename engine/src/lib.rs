@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod methods;
 pub mod metrics;
 pub mod models;

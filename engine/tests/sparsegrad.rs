@@ -148,7 +148,7 @@ fn sparse_adam_equals_dense_adam_restricted_to_the_support() {
         Var::from_tensor(&Tensor::from_vec(w0.clone(), (out, inp), &Device::Cpu).unwrap()).unwrap();
     let cfg = AdamConfig::default();
     let mut dense = AdamW::new(vec![("w".into(), var.clone())], cfg.clone()).unwrap();
-    let mut sparse = SparseAdam::with_support(&support);
+    let mut sparse = SparseAdam::with_support(&support, &Device::Cpu).unwrap();
     let mut w_sparse = w0.clone();
     for t in 1..=6u64 {
         let g: Vec<f32> = (0..out * inp).map(|_| rng.random::<f32>() - 0.5).collect();
@@ -168,7 +168,12 @@ fn sparse_adam_equals_dense_adam_restricted_to_the_support() {
         );
         dense.step(&grads, 1e-2).unwrap();
         let gs: Vec<f32> = support.iter().map(|&i| g[i as usize]).collect();
-        let ch = sparse.update(&support, &gs, 1.0, 1e-2, &cfg, t);
+        let gs = Tensor::new(gs.as_slice(), &Device::Cpu).unwrap();
+        let ch: Vec<f32> = sparse
+            .update(&support, &gs, 1.0, 1e-2, &cfg, t)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (&i, c) in support.iter().zip(ch) {
             w_sparse[i as usize] += c;
         }

@@ -9,11 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 
 use super::adam::{SparseAdam, SparseValues};
 use super::basis::{Basis, GramAccumulator};
-use super::topk::topk_abs_fast;
+use crate::kernels::{self, Csr};
 use crate::models::MlpKind;
 use crate::nn::WeightGradHook;
 use crate::{Error, Result};
@@ -34,30 +33,12 @@ pub enum Phase {
 }
 
 /// A basis laid out for sparse expansion: `P` and `Q` are kept as transposed views of
-/// contiguous `Pᵀ`, `Qᵀ`, whose rows (the basis vectors) the expansion reads in place on the
-/// CPU — one copy of each basis, not two.
+/// contiguous `Pᵀ`, `Qᵀ`, whose rows (the basis vectors) the expansion reads in place — one
+/// copy of each basis, not two.
 pub struct HostBasis {
     pub basis: Basis,
     pt: Tensor,
     qt: Tensor,
-}
-
-/// The rows of a contiguous f32 matrix: borrowed on the CPU, copied from other devices.
-fn with_rows<R>(m: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    {
-        let (st, l) = m.storage_and_layout();
-        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)), Some((a, b))) =
-            (&*st, l.contiguous_offsets())
-        {
-            return Ok(f(&d[a..b]));
-        }
-    }
-    let host: Vec<f32> = m
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1()?;
-    Ok(f(&host))
 }
 
 impl HostBasis {
@@ -80,75 +61,43 @@ impl HostBasis {
         Ok(self.pt.matmul(g)?.matmul(&self.basis.q)?)
     }
 
-    /// `P S Qᵀ` for a sparse `S (out×in)` given by flat indices and values, as a dense f32
-    /// tensor on the basis' device. The sparse factor is multiplied first, with the larger
-    /// basis, so the one dense product costs `out·in·min(out, in)`.
-    pub fn expand(&self, out: usize, inp: usize, idx: &[u32], vals: &[f32]) -> Result<Tensor> {
-        let dev = self.basis.p.device();
+    /// The sparse factor of `P S Qᵀ` grouped for [`kernels::scatter_rows`]: it is multiplied
+    /// first, with the larger basis, so the one dense product costs `out·in·min(out, in)`.
+    pub fn csr(out: usize, inp: usize, idx: &[u32], dev: &Device) -> Result<Csr> {
+        let inp32 = inp as u32;
         if out >= inp {
             // (P S)ᵀ (in×out): row c += v · P[:, r]
-            let rows = with_rows(&self.pt, |pt| {
-                scatter_rows(
-                    inp,
-                    out,
-                    idx,
-                    vals,
-                    |i| {
-                        let i = i as usize;
-                        (i % inp, i / inp)
-                    },
-                    pt,
-                )
-            })?;
-            let m = Tensor::from_vec(rows, (inp, out), dev)?;
-            Ok(m.t()?.matmul(&self.qt)?)
+            let pairs: Vec<(u32, u32)> = idx.iter().map(|&i| (i % inp32, i / inp32)).collect();
+            Csr::new(inp, &pairs, dev)
         } else {
             // S Qᵀ (out×in): row r += v · Q[:, c]
-            let rows = with_rows(&self.qt, |qt| {
-                scatter_rows(
-                    out,
-                    inp,
-                    idx,
-                    vals,
-                    |i| {
-                        let i = i as usize;
-                        (i / inp, i % inp)
-                    },
-                    qt,
-                )
-            })?;
-            let n = Tensor::from_vec(rows, (out, inp), dev)?;
-            Ok(self.basis.p.matmul(&n)?)
+            let pairs: Vec<(u32, u32)> = idx.iter().map(|&i| (i / inp32, i % inp32)).collect();
+            Csr::new(out, &pairs, dev)
         }
     }
-}
 
-/// A dense `(n_rows × width)` buffer where, for each entry, row `dst` gets `v ·
-/// src_rows[src]` (`src_rows` is row-major with rows of length `width`). Rows are filled in
-/// parallel, each by the entries that target it.
-fn scatter_rows(
-    n_rows: usize,
-    width: usize,
-    idx: &[u32],
-    vals: &[f32],
-    split: impl Fn(u32) -> (usize, usize),
-    src_rows: &[f32],
-) -> Vec<f32> {
-    let mut by_row: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_rows];
-    for (&i, &v) in idx.iter().zip(vals) {
-        let (dst, src) = split(i);
-        by_row[dst].push((src, v));
+    /// `W += P S Qᵀ` in place, for a contiguous f32 `W (out×in)` the caller owns; `S` is the
+    /// entries of `csr` (from [`Self::csr`]) with values `vals` in index order.
+    pub fn add_expanded(&self, w: &Tensor, csr: &Csr, vals: &Tensor) -> Result<()> {
+        let (out, inp) = w.dims2()?;
+        if out >= inp {
+            let r = kernels::scatter_rows(csr, vals, &self.pt)?;
+            kernels::gemm_acc(w, &r.t()?, &self.qt)
+        } else {
+            let n = kernels::scatter_rows(csr, vals, &self.qt)?;
+            kernels::gemm_acc(w, &self.basis.p, &n)
+        }
     }
-    let mut buf = vec![0f32; n_rows * width];
-    buf.par_chunks_mut(width)
-        .zip(by_row.par_iter())
-        .for_each(|(row, entries)| {
-            for &(src, v) in entries {
-                let s = &src_rows[src * width..(src + 1) * width];
-                row.iter_mut().zip(s).for_each(|(d, &x)| *d += v * x);
-            }
-        });
-    buf
+
+    /// `P S Qᵀ` for a sparse `S (out×in)` given by flat indices and values, as a dense f32
+    /// tensor on the basis' device.
+    pub fn expand(&self, out: usize, inp: usize, idx: &[u32], vals: &[f32]) -> Result<Tensor> {
+        let dev = self.basis.p.device();
+        let w = Tensor::zeros((out, inp), DType::F32, dev)?;
+        let csr = Self::csr(out, inp, idx, dev)?;
+        self.add_expanded(&w, &csr, &Tensor::from_slice(vals, vals.len(), dev)?)?;
+        Ok(w)
+    }
 }
 
 /// `S` itself as a dense f32 tensor (MeProp: no rotation).
@@ -166,17 +115,19 @@ pub fn expand_plain(
     Ok(Tensor::from_vec(buf, (out, inp), dev)?)
 }
 
-struct SupportBlock {
+pub struct SupportBlock {
     rows: Tensor,
     cols: Tensor,
     n_rows: usize,
     n_cols: usize,
     /// Position of each support entry (in support order) in the row-major block.
     pos: Tensor,
+    /// The support grouped for the update `W += P S Qᵀ` (built once per support).
+    pub csr: Csr,
 }
 
 impl SupportBlock {
-    fn new(support: &[u32], inp: usize, dev: &Device) -> Result<Self> {
+    fn new(support: &[u32], out: usize, inp: usize, dev: &Device) -> Result<Self> {
         let mut rows: Vec<u32> = support.iter().map(|&i| i / inp as u32).collect();
         let mut cols: Vec<u32> = support.iter().map(|&i| i % inp as u32).collect();
         rows.sort_unstable();
@@ -198,6 +149,7 @@ impl SupportBlock {
             rows: Tensor::from_slice(&rows, rows.len(), dev)?,
             cols: Tensor::from_slice(&cols, nc, dev)?,
             pos: Tensor::from_slice(&pos, pos.len(), dev)?,
+            csr: HostBasis::csr(out, inp, support, dev)?,
         })
     }
 
@@ -231,7 +183,11 @@ pub struct MatrixState {
     pub support: Option<Vec<u32>>,
     /// The support's distinct rows and columns, and its entries' positions in the
     /// `rows × cols` block: the rotated gradient is only ever formed on that block.
-    block: Option<SupportBlock>,
+    pub block: Option<SupportBlock>,
+    /// The CSR of every entry of `delta` (low-precision weights re-expand all of it each
+    /// step), with the entry count it was built for: slots only grow, so the count says
+    /// whether it is current.
+    pub delta_csr: Option<(usize, Csr)>,
     pub adam: SparseAdam,
     /// Accumulated `ΔW̃` on every entry ever updated.
     pub delta: SparseValues,
@@ -242,8 +198,8 @@ pub struct MatrixState {
     pub w0: Option<Tensor>,
     /// This step's rotated gradient summed over micro-batches, until selection.
     acc: Option<Tensor>,
-    /// This step's gradient: indices and values.
-    pub grad: Option<(Vec<u32>, Vec<f32>)>,
+    /// This step's gradient: indices (host) and values (f32 on the model's device).
+    pub grad: Option<(Vec<u32>, Tensor)>,
     seen: usize,
     /// Basis phase with updates: the dense gradient of this micro-batch.
     pub dense_grad: Option<Tensor>,
@@ -258,8 +214,9 @@ impl MatrixState {
         out: usize,
         inp: usize,
         k: usize,
-    ) -> Self {
-        MatrixState {
+        dev: &Device,
+    ) -> Result<Self> {
+        Ok(MatrixState {
             prefix,
             kind,
             layer,
@@ -268,8 +225,9 @@ impl MatrixState {
             k,
             support: None,
             block: None,
-            adam: SparseAdam::default(),
-            delta: SparseValues::default(),
+            delta_csr: None,
+            adam: SparseAdam::new(dev)?,
+            delta: SparseValues::new(dev)?,
             warm: None,
             w0: None,
             acc: None,
@@ -277,7 +235,7 @@ impl MatrixState {
             seen: 0,
             dense_grad: None,
             score: None,
-        }
+        })
     }
 
     pub fn weight_name(&self) -> String {
@@ -285,7 +243,7 @@ impl MatrixState {
     }
 
     pub fn set_support(&mut self, support: Vec<u32>, dev: &Device) -> Result<()> {
-        self.block = Some(SupportBlock::new(&support, self.inp, dev)?);
+        self.block = Some(SupportBlock::new(&support, self.out, self.inp, dev)?);
         self.support = Some(support);
         Ok(())
     }
@@ -339,7 +297,9 @@ impl Core {
         let g = g.to_dtype(DType::F32)?;
         let kind = self.matrices[id].kind;
         if let Phase::Train { select: false } = phase {
-            if let Some(block) = &self.matrices[id].block {
+            if self.matrices[id].block.is_some() {
+                let prev = self.matrices[id].grad.take().map(|(_, v)| v);
+                let block = self.matrices[id].block.as_ref().expect("checked");
                 // Fixed support: only the support's rows and columns of G̃ are formed.
                 let on_block = match self.bases.get(&kind) {
                     Some(b) if self.rotate => block.rotated(b, &x, &g)?,
@@ -349,15 +309,9 @@ impl Core {
                         gr.t()?.matmul(&xc)?
                     }
                 };
-                let vals: Vec<f32> = on_block
-                    .flatten_all()?
-                    .index_select(&block.pos, 0)?
-                    .to_vec1()?;
+                let vals = kernels::gather_acc(&on_block, &block.pos, prev.as_ref())?;
                 let m = &mut self.matrices[id];
-                match &mut m.grad {
-                    Some((_, acc)) => acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v),
-                    None => m.grad = Some((m.support.clone().unwrap_or_default(), vals)),
-                }
+                m.grad = Some((m.support.clone().unwrap_or_default(), vals));
                 return Ok(());
             }
         }
@@ -390,10 +344,7 @@ impl Core {
                     None => gt,
                 };
                 if m.seen >= self.micro_batches {
-                    let host: Vec<f32> = acc.flatten_all()?.to_vec1()?;
-                    let idx = topk_abs_fast(&host, m.k);
-                    let vals = idx.iter().map(|&i| host[i as usize]).collect();
-                    m.grad = Some((idx, vals));
+                    m.grad = Some(kernels::topk_abs(&acc, m.k)?);
                 } else {
                     m.acc = Some(acc);
                 }

@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use self::adam::{Slots, SparseAdam, SparseValues};
+use self::adam::{SparseAdam, SparseValues};
 use self::basis::Basis;
-use self::core::{expand_plain, Core, HostBasis, MatrixState, Phase, Tap};
-use self::topk::topk_abs_fast;
+use self::core::{Core, HostBasis, MatrixState, Phase, Tap};
 use super::{BasisSide, Calibration, DeltaEntry, DenseTrainer, Method};
+use crate::kernels::{self, Csr};
 use crate::models::{MlpKind, Model};
 use crate::nn::{Adapter, Param};
 use crate::optim::{clip_scale, grad_norm, AdamConfig, AdamW};
@@ -284,12 +284,17 @@ impl SparseMlp {
     /// (flat indices into the `(out, in)` matrix, values in the rotated basis).
     #[allow(clippy::type_complexity)]
     pub fn pending_gradients(&self) -> Result<Vec<(String, Option<(Vec<u32>, Vec<f32>)>)>> {
-        Ok(self
-            .core()?
+        self.core()?
             .matrices
             .iter()
-            .map(|m| (m.weight_name(), m.grad.clone()))
-            .collect())
+            .map(|m| {
+                let g = match &m.grad {
+                    Some((i, v)) => Some((i.clone(), v.to_device(&Device::Cpu)?.to_vec1()?)),
+                    None => None,
+                };
+                Ok((m.weight_name(), g))
+            })
+            .collect()
     }
 
     fn cache_file(&self, cal: &Calibration<'_>, model: &Model) -> Option<PathBuf> {
@@ -377,29 +382,45 @@ impl SparseMlp {
                 .score
                 .take()
                 .ok_or_else(|| Error::Other(format!("no gradient reached {}", m.prefix)))?;
-            let host: Vec<f32> = score.flatten_all()?.to_vec1()?;
-            let sup = topk_abs_fast(&host, m.k);
-            m.adam = SparseAdam::with_support(&sup);
+            let (sup, _) = kernels::topk_abs(&score, m.k)?;
+            m.adam = SparseAdam::with_support(&sup, &dev)?;
             m.set_support(sup, &dev)?;
         }
         Ok(())
     }
 
-    fn expand(
+    /// Adds `S` (entries `idx`, values `vals`; `csr` when the caller has it cached) to the
+    /// f32 weight `w`: in place `W += P S Qᵀ` for SparseGrad (`w` must be owned by the
+    /// caller), a new tensor `W + S` for MeProp.
+    fn add_sparse(
         core: &Core,
         m: &MatrixState,
+        w: Tensor,
         idx: &[u32],
-        vals: &[f32],
-        dev: &Device,
+        vals: &Tensor,
+        csr: Option<&Csr>,
     ) -> Result<Tensor> {
-        if core.rotate {
-            core.bases
-                .get(&m.kind)
-                .ok_or_else(|| Error::Other(format!("no basis for {:?}", m.kind)))?
-                .expand(m.out, m.inp, idx, vals)
-        } else {
-            expand_plain(m.out, m.inp, idx, vals, dev)
+        if !core.rotate {
+            let ids = Tensor::from_slice(idx, idx.len(), w.device())?;
+            return Ok(w
+                .flatten_all()?
+                .index_add(&ids, vals, 0)?
+                .reshape((m.out, m.inp))?);
         }
+        let b = core
+            .bases
+            .get(&m.kind)
+            .ok_or_else(|| Error::Other(format!("no basis for {:?}", m.kind)))?;
+        let built;
+        let csr = match csr {
+            Some(c) => c,
+            None => {
+                built = HostBasis::csr(m.out, m.inp, idx, w.device())?;
+                &built
+            }
+        };
+        b.add_expanded(&w, csr, vals)?;
+        Ok(w)
     }
 
     fn train_phase(&self) -> Phase {
@@ -445,8 +466,15 @@ impl Method for SparseMlp {
                     .unwrap_or_else(|| (self.cfg.density * (out * inp) as f64).round() as usize)
                     .clamp(1, out * inp);
                 let id = core.matrices.len();
-                core.matrices
-                    .push(MatrixState::new(prefix.clone(), kind, layer, out, inp, k));
+                core.matrices.push(MatrixState::new(
+                    prefix.clone(),
+                    kind,
+                    layer,
+                    out,
+                    inp,
+                    k,
+                    &self.device,
+                )?);
                 sparse_weights.push(format!("{prefix}.weight"));
                 model.weights.adapters.insert(
                     prefix,
@@ -530,8 +558,14 @@ impl Method for SparseMlp {
         let phase = self.train_phase();
         let mut core = self.core()?;
         for m in core.matrices.iter_mut() {
+            let w = model.weights.get(&m.weight_name())?;
             if low_precision {
-                m.w0 = Some(model.weights.get(&m.weight_name())?.clone());
+                m.w0 = Some(w.clone());
+            } else {
+                // f32 weights are updated in place: give each its own storage first, so no
+                // clone of the loaded model (or the basis phase's variables) sees the change.
+                let own = w.to_dtype(DType::F32)?.copy()?;
+                model.weights.insert(m.weight_name(), Param::Frozen(own));
             }
         }
         core.phase = phase;
@@ -567,7 +601,11 @@ impl Method for SparseMlp {
             .map_err(|_| Error::Other("sparse state poisoned".into()))?;
         for m in &core.matrices {
             if let Some((_, g)) = &m.grad {
-                sq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+                sq += g
+                    .to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?;
             }
         }
         let norm = sq.sqrt();
@@ -576,35 +614,48 @@ impl Method for SparseMlp {
             .apply(&grads, lr * self.dense_lr_scale(), scale)?;
         self.t += 1;
         let dev = self.device.clone();
-        let n = core.matrices.len();
+        let (n, rotate) = (core.matrices.len(), core.rotate);
         for i in 0..n {
             let Some((idx, g)) = core.matrices[i].grad.take() else {
                 continue;
             };
             let m = &mut core.matrices[i];
             if self.refreshing {
-                m.adam.retain_support(&idx);
+                m.adam.retain_support(&idx)?;
                 m.set_support(idx.clone(), &dev)?;
             }
             let ch = m
                 .adam
-                .update(&idx, &g, scale as f32, lr as f32, &self.adam, self.t);
-            m.delta.add(&idx, &ch);
-            let m = &core.matrices[i];
+                .update(&idx, &g, scale as f32, lr as f32, &self.adam, self.t)?;
+            m.delta.add(&idx, &ch)?;
             let name = m.weight_name();
-            let w = model.weights.get(&name)?;
-            let new = match &m.w0 {
+            let w = model.weights.get(&name)?.clone();
+            let new = if m.w0.is_some() {
                 // Low-precision weights: W = W₀ + P ΔW̃ Qᵀ from the f32 delta every step, so
                 // small updates are not lost to rounding of the running weight.
-                Some(w0) => {
-                    let (i_all, v_all) = m.delta.sorted();
-                    let d = Self::expand(&core, m, &i_all, &v_all, &dev)?;
-                    (w0.to_dtype(DType::F32)? + d)?.to_dtype(w.dtype())?
+                let count = m.delta.slots.len();
+                if m.delta_csr.as_ref().map(|(c, _)| *c) != Some(count) && rotate {
+                    let csr = HostBasis::csr(m.out, m.inp, &m.delta.slots.index, &dev)?;
+                    core.matrices[i].delta_csr = Some((count, csr));
                 }
-                None => {
-                    let d = Self::expand(&core, m, &idx, &ch, &dev)?;
-                    (w + d.to_dtype(w.dtype())?)?
-                }
+                let m = &core.matrices[i];
+                let base =
+                    m.w0.as_ref()
+                        .expect("checked")
+                        .to_dtype(DType::F32)?
+                        .copy()?;
+                let csr = m.delta_csr.as_ref().map(|(_, c)| c);
+                Self::add_sparse(&core, m, base, &m.delta.slots.index, &m.delta.values, csr)?
+                    .to_dtype(w.dtype())?
+            } else {
+                let m = &core.matrices[i];
+                // On a fixed support the step's entries are the support: its CSR is cached.
+                let csr = m
+                    .block
+                    .as_ref()
+                    .filter(|_| m.support.as_deref() == Some(idx.as_slice()))
+                    .map(|b| &b.csr);
+                Self::add_sparse(&core, m, w, &idx, &ch, csr)?
             };
             model.weights.insert(name, Param::Frozen(new));
         }
@@ -637,16 +688,17 @@ impl Method for SparseMlp {
                 out.insert(format!("{p}.support"), u32_tensor(s)?);
             }
             if !m.adam.slots.is_empty() {
+                let (am, av) = m.adam.host_moments()?;
                 out.insert(format!("{p}.adam_index"), u32_tensor(&m.adam.slots.index)?);
-                out.insert(format!("{p}.adam_m"), f32_tensor(&m.adam.m)?);
-                out.insert(format!("{p}.adam_v"), f32_tensor(&m.adam.v)?);
+                out.insert(format!("{p}.adam_m"), f32_tensor(&am)?);
+                out.insert(format!("{p}.adam_v"), f32_tensor(&av)?);
             }
             if !m.delta.slots.is_empty() {
                 out.insert(
                     format!("{p}.delta_index"),
                     u32_tensor(&m.delta.slots.index)?,
                 );
-                out.insert(format!("{p}.delta"), f32_tensor(&m.delta.values)?);
+                out.insert(format!("{p}.delta"), f32_tensor(&m.delta.host_values()?)?);
             }
             out.insert(
                 format!("{p}.weight"),
@@ -720,21 +772,24 @@ impl Method for SparseMlp {
             if let Some(s) = state.get(&format!("{p}.support")) {
                 m.set_support(s.to_vec1()?, &dev)?;
             }
-            let idx = u32s(&format!("{p}.adam_index"))?;
-            m.adam = SparseAdam {
-                slots: Slots::from_index(idx),
-                m: f32s(&format!("{p}.adam_m"))?,
-                v: f32s(&format!("{p}.adam_v"))?,
-            };
-            m.delta = SparseValues {
-                slots: Slots::from_index(u32s(&format!("{p}.delta_index"))?),
-                values: f32s(&format!("{p}.delta"))?,
-            };
-            let w = get(&format!("{p}.weight"))?;
-            model.weights.insert(
-                m.weight_name(),
-                Param::Frozen(w.to_device(&dev)?.to_dtype(model.weights.dtype)?),
-            );
+            m.adam = SparseAdam::from_parts(
+                u32s(&format!("{p}.adam_index"))?,
+                f32s(&format!("{p}.adam_m"))?,
+                f32s(&format!("{p}.adam_v"))?,
+                &dev,
+            )?;
+            m.delta = SparseValues::from_parts(
+                u32s(&format!("{p}.delta_index"))?,
+                f32s(&format!("{p}.delta"))?,
+                &dev,
+            )?;
+            m.delta_csr = None;
+            // A copy of its own: f32 weights are updated in place.
+            let w = get(&format!("{p}.weight"))?
+                .to_device(&dev)?
+                .to_dtype(model.weights.dtype)?
+                .copy()?;
+            model.weights.insert(m.weight_name(), Param::Frozen(w));
             m.warm = state.get(&format!("{p}.warm")).cloned();
             m.w0 = state
                 .get(&format!("{p}.w0"))
@@ -804,7 +859,7 @@ impl Method for SparseMlp {
         }
         for m in &core.matrices {
             let w = m.weight_name();
-            let (idx, vals) = m.delta.sorted();
+            let (idx, vals) = m.delta.sorted()?;
             let n = idx.len();
             let mut rc: Vec<i32> = Vec::with_capacity(2 * n);
             rc.extend(idx.iter().map(|&i| (i as usize / m.inp) as i32));
