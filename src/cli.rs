@@ -47,6 +47,8 @@ pub enum Command {
     Fixtures(FixturesArgs),
     /// Benchmarks (printed, never asserted).
     Bench(crate::bench::BenchArgs),
+    /// Device-vs-CPU correctness checks and GPU benchmarks (deploy/cuda/gpu-check.sh).
+    GpuCheck(crate::gpu_check::GpuCheckArgs),
     /// Run the HTTP API with in-process workers (`--workers N`).
     Serve(ServiceArgs),
     /// Run workers only (claim jobs from the shared Postgres queue).
@@ -353,6 +355,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => crate::bench::run(a),
+        Command::GpuCheck(a) => crate::gpu_check::run(a),
         Command::Serve(a) => runtime()?.block_on(crate::server::run(a.config, true)),
         Command::Worker(a) => runtime()?.block_on(crate::server::run(a.config, false)),
         Command::Migrate(a) => runtime()?.block_on(async {

@@ -49,6 +49,10 @@ pub struct Config {
     pub lease_secs: u64,
     #[arg(long, env = "SPARSEGRAD_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: i32,
+    /// Where workers train: `auto` (the first GPU when the binary was built with CUDA and one
+    /// is present, else the CPU), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "SPARSEGRAD_DEVICE", default_value = "auto")]
+    pub device: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -66,6 +70,7 @@ impl std::fmt::Debug for Config {
             .field("admin_key", &redact(&self.admin_key))
             .field("max_upload_bytes", &self.max_upload_bytes)
             .field("workers", &self.workers)
+            .field("device", &self.device)
             .finish()
     }
 }

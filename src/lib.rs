@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod fixtures;
+pub mod gpu_check;
 pub mod jobs;
 pub mod models;
 pub mod queue;

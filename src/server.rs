@@ -92,6 +92,15 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
     let cfg = Arc::new(cfg);
     let stop = shutdown_signal();
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    // One device for every in-process worker (they share its stream); a bad explicit choice
+    // stops startup rather than failing every job.
+    let device = sparsegrad_engine::device::resolve_device(&cfg.device)?;
+    if cfg.workers > 0 {
+        tracing::info!(
+            "workers train on {}",
+            sparsegrad_engine::device::device_name(&device)
+        );
+    }
     let mut workers = Vec::new();
     for i in 0..cfg.workers {
         let ctx = WorkerCtx {
@@ -103,6 +112,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             heartbeat: cfg.queue().lease / 5,
             cache_dir: Some(cfg.data_dir.join("cache")),
             model_cache: cfg.data_dir.join("cache").join("models"),
+            device: device.clone(),
         };
         workers.push(tokio::spawn(worker_loop(ctx, stop.clone())));
     }

@@ -55,6 +55,7 @@ fn env(db: PgPool) -> Env {
         heartbeat: Duration::from_millis(50),
         cache_dir: None,
         model_cache: tmp.path().join("model-cache"),
+        device: candle_core::Device::Cpu,
     };
     Env { tmp, st, worker }
 }

@@ -61,6 +61,7 @@ async fn upload_train_follow_download_merge_predict_over_http(db: PgPool) {
             heartbeat: Duration::from_secs(1),
             cache_dir: Some(tmp.path().join("cache")),
             model_cache: tmp.path().join("model-cache"),
+            device: candle_core::Device::Cpu,
         },
         stop,
     ));

@@ -53,6 +53,7 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
         heartbeat: Duration::from_millis(50),
         cache_dir: None,
         model_cache: tmp.path().join("models"),
+        device: candle_core::Device::Cpu,
     };
     Env {
         _tmp: tmp,
@@ -201,6 +202,17 @@ async fn a_job_runs_to_success_and_its_artifact_is_stored(db: PgPool) {
     assert_eq!(msgs[..2], ["queued", "running"]);
     assert_eq!(msgs.last().map(String::as_str), Some("succeeded"));
     assert_eq!(msgs.iter().filter(|m| m.starts_with("step ")).count(), 6);
+    // The events say where the job trained (the worker's device).
+    let (running, done): (serde_json::Value, serde_json::Value) = sqlx::query_as(
+        "select (select data from job_events where job_id = $1 and message = 'running'),
+                (select data from job_events where job_id = $1 and message = 'succeeded')",
+    )
+    .bind("job_a")
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(running["device"], "cpu", "{running}");
+    assert_eq!(done["device"], "cpu", "{done}");
     // Scratch space is cleaned up; nothing else is runnable.
     assert!(!e.ctx.work_dir.join("job_a").join("attempt-1").exists());
     assert_eq!(try_run_one(&e.ctx).await.unwrap(), Outcome::Empty);

@@ -290,8 +290,10 @@ impl AdamW {
                     v: v_new.to_device(&dev)?,
                 },
             };
-            if s.master.is_some() {
-                let m = get("master")?.to_device(&dev)?;
+            // An f32 state has no master copies: loaded into a low-precision model, the
+            // masters stay the model's own values widened to f32.
+            if let (Some(_), Some(m)) = (&s.master, state.get(&format!("{n}.master"))) {
+                let m = m.to_device(&dev)?;
                 s.var.set(&m.to_dtype(s.var.dtype())?)?;
                 s.master = Some(m);
             }

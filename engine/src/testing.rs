@@ -72,6 +72,31 @@ pub fn random_tensors(
     Ok(out)
 }
 
+/// Like [`random_tensors`] but drawn on `device` in `dtype` (fast for billion-parameter shapes;
+/// not reproducible across devices — for timing, not for comparisons).
+pub fn random_tensors_on(
+    arch: Arch,
+    config: &serde_json::Value,
+    task: &Task,
+    std: f32,
+    device: &Device,
+    dtype: DType,
+) -> Result<BTreeMap<String, Tensor>> {
+    let cfg = crate::checkpoint::parse_config(arch, config)?;
+    let mut out = BTreeMap::new();
+    for (name, shape) in crate::checkpoint::expected_params(arch, &cfg, task) {
+        let is_norm = shape.len() == 1 && (name.contains("LayerNorm") || name.contains("norm"));
+        let mean = if is_norm && name.ends_with(".weight") {
+            1.0f32
+        } else {
+            0.0
+        };
+        let t = Tensor::randn(mean, std, shape.as_slice(), device)?.to_dtype(dtype)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
 pub fn tiny_model(arch: Arch, task: Task, dtype: DType, seed: u64) -> Result<Model> {
     let cfg = tiny_config(arch);
     let tensors = random_tensors(arch, &cfg, &task, 0.3, seed)?;

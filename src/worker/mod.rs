@@ -91,6 +91,8 @@ pub struct WorkerCtx {
     pub cache_dir: Option<PathBuf>,
     /// Local copies of base models registered in object storage.
     pub model_cache: PathBuf,
+    /// Where fine-tunes train (merges run on the CPU: they read and write whole models).
+    pub device: candle_core::Device,
 }
 
 /// What a merge job asks for: the fine-tune's base model and delta.
@@ -363,11 +365,12 @@ async fn run(
     let thread_ckpt = ckpt_dir.clone();
     let cache_dir = ctx.cache_dir.clone();
     let thread_out = out_dir.clone();
+    let device = ctx.device.clone();
+    let device_label = sparsegrad_engine::device::device_name(&device);
     // Training owns a whole thread: it would starve the runtime's workers.
     let handle = std::thread::Builder::new()
         .name(format!("train-{}", lease.job_id))
         .spawn(move || {
-            let device = candle_core::Device::Cpu;
             let mut on_event = |e: &Event| {
                 if matches!(e, Event::Checkpoint { .. }) {
                     let (ack, done) = std::sync::mpsc::channel();
@@ -398,8 +401,11 @@ async fn run(
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_progress: Option<serde_json::Value> = None;
     // The first reason to stop; training is told to cancel and drained to its end.
-    let running =
-        serde_json::json!({"device": "cpu", "attempt": lease.attempt, "worker": lease.worker_id});
+    let running = serde_json::json!({
+        "device": device_label,
+        "attempt": lease.attempt,
+        "worker": lease.worker_id,
+    });
     let mut abort: Option<Stop> =
         match event(&ctx.db, lease, "info", "status", "running", Some(running)).await {
             Ok(()) => None,
@@ -460,7 +466,7 @@ async fn run(
     let names = ["delta.safetensors", "delta.json"].map(String::from);
     let artifacts = store_artifacts(&ctx.storage, &lease.job_id, "delta", &out_dir, &names).await?;
     let summary = serde_json::json!({
-        "device": "cpu",
+        "device": device_label,
         "result_files": artifacts.iter().map(|a| &a.id).collect::<Vec<_>>(),
         "trained_steps": summary.steps,
         "trained_tokens": summary.tokens,

@@ -7,7 +7,7 @@
 
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::driver::{
-    self, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+    self, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
@@ -22,8 +22,10 @@ const BLOCK: u32 = 256;
 /// Entries per block in the top-k compaction (a multiple of BLOCK).
 pub const SELECT_CHUNK: usize = 4096;
 
-fn func(dev: &CudaDevice, name: &str) -> Result<candle_core::cuda_backend::CudaFunc> {
-    Ok(dev.get_or_load_custom_func(name, MODULE, PTX)?)
+fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, MODULE, PTX)?
+        .into_cuda_function())
 }
 
 fn grid(n: usize) -> LaunchConfig {
@@ -92,7 +94,8 @@ pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
                 ..grid(n)
             };
             let n64 = n as u64;
-            let mut b = hist_f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&hist_f);
             b.arg(&xs).arg(&n64).arg(&prefix).arg(&mask);
             b.arg(&shift).arg(&bin_mask).arg(&hist);
             unsafe { b.launch(cfg) }.w()?;
@@ -113,7 +116,8 @@ pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
             shared_mem_bytes: 0,
         };
         let (n64, chunk) = (n as u64, SELECT_CHUNK as u32);
-        let mut b = count_f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&count_f);
         b.arg(&xs).arg(&n64).arg(&thr).arg(&chunk).arg(&gt).arg(&eq);
         unsafe { b.launch(cfg) }.w()?;
         let (gh, eh) = (dev.clone_dtoh(&gt)?, dev.clone_dtoh(&eq)?);
@@ -131,7 +135,8 @@ pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
         let eq_base = dev.clone_htod(&scan(&eh))?;
         let out_idx = dev.alloc_zeros::<u32>(k)?;
         let out_val = dev.alloc_zeros::<f32>(k)?;
-        let mut b = write_f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&write_f);
         b.arg(&xs).arg(&n64).arg(&thr).arg(&need).arg(&chunk);
         b.arg(&gt_base).arg(&eq_base).arg(&out_idx).arg(&out_val);
         unsafe { b.launch(cfg) }.w()?;
@@ -170,7 +175,8 @@ pub fn gather_acc(block: &Tensor, pos: &Tensor, acc: Option<&Tensor>) -> Result<
     with_slice::<f32, _>(block, |bs| {
         with_slice::<u32, _>(&pos, |ps| {
             let (k64, accumulate) = (k as u64, acc.is_some() as u32);
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&bs).arg(&ps).arg(&out).arg(&k64).arg(&accumulate);
             unsafe { b.launch(grid(k)) }.w()?;
             Ok(())
@@ -211,7 +217,8 @@ pub fn sparse_adam(
     let slot = slot.map(|t| t.contiguous()).transpose()?;
     with_slice::<f32, _>(&g, |gv| {
         let k64 = k as u64;
-        let mut b = f.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
         b.arg(&m2).arg(&v2);
         let null = 0usize;
         let launch = |b: &mut driver::LaunchArgs<'_>| -> Result<()> {
@@ -268,7 +275,8 @@ pub fn scatter_rows(csr: &Csr, vals: &Tensor, src_rows: &Tensor, width: usize) -
                         if csr.n_rows == 0 {
                             return Ok(());
                         }
-                        let mut b = f.builder();
+                        let stream = dev.cuda_stream();
+                        let mut b = stream.launch_builder(&f);
                         b.arg(&rp)
                             .arg(&sr)
                             .arg(&pm)
@@ -418,6 +426,3 @@ pub fn mem_info(dev: &Device) -> Result<(u64, u64)> {
     let (free, total) = driver::result::mem_get_info().w()?;
     Ok((free as u64, total as u64))
 }
-
-#[allow(dead_code)]
-fn _assert_ptr<T>(_: &impl DevicePtr<T>) {}

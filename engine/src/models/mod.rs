@@ -181,19 +181,27 @@ impl Model {
         }
     }
 
+    /// The loss, in f32 (f64 for f64 models): a bf16 log-softmax over a 32k vocabulary and a bf16 sum over
+    /// thousands of tokens lose most of their digits (the sum stalls once its spacing exceeds
+    /// the terms). The gradient flows back through the cast into the bf16 graph.
     pub fn loss(&self, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let dt = match logits.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        let logits = &logits.to_dtype(dt)?;
         match &batch.labels {
             Labels::Class(y) => {
-                let ones = Tensor::ones(y.dims1()?, logits.dtype(), logits.device())?;
+                let ones = Tensor::ones(y.dims1()?, dt, logits.device())?;
                 crate::nn::cross_entropy(logits, y, &ones)
             }
-            Labels::Value(y) => crate::nn::mse(logits, y),
+            Labels::Value(y) => crate::nn::mse(logits, &y.to_dtype(dt)?),
             Labels::NextToken { targets, mask } => {
                 let v = logits.dim(2)?;
                 crate::nn::cross_entropy(
                     &logits.reshape(((), v))?,
                     &targets.flatten_all()?,
-                    &mask.flatten_all()?,
+                    &mask.flatten_all()?.to_dtype(dt)?,
                 )
             }
             Labels::None => Err(Error::Other("batch has no labels".into())),

@@ -791,10 +791,15 @@ impl Method for SparseMlp {
                 .copy()?;
             model.weights.insert(m.weight_name(), Param::Frozen(w));
             m.warm = state.get(&format!("{p}.warm")).cloned();
-            m.w0 = state
-                .get(&format!("{p}.w0"))
-                .map(|t| t.to_device(&dev))
-                .transpose()?;
+            m.w0 = match state.get(&format!("{p}.w0")) {
+                Some(t) => Some(t.to_device(&dev)?),
+                // An f32 state loaded into a low-precision model (the GPU check does this):
+                // the loaded weight is the base the f32 delta is added to.
+                None if !matches!(model.weights.dtype, DType::F32 | DType::F64) => {
+                    Some(model.weights.get(&m.weight_name())?.clone())
+                }
+                None => None,
+            };
         }
         core.phase = phase;
         Ok(())
