@@ -4,7 +4,7 @@
 # driver/math libraries are linked against stubs that carry only their SONAMEs and the symbols
 # the binary calls; the real libraries are found on the GPU machine at run time.
 #
-#   deploy/cuda/build.sh            -> target/cuda/sparsegrad (stripped, ready to copy)
+#   deploy/cuda/build.sh    -> target/cuda/sparsegrad (stripped) and sparsegrad.gz (to copy)
 #
 # The first build compiles every candle kernel for sm_90 (~20 min on 2 cores); later builds
 # reuse target/cuda. Not part of CI.
@@ -73,15 +73,32 @@ for pass in 1 2; do
   touch src/main.rs   # forces the final link only
 done
 
+# Every library the binary calls into must be NEEDED (a stub without symbols is dropped by
+# --as-needed, which is right: the binary then does not use that library at all).
 needed=$(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p')
-for lib in "${soname[@]}" libcudart.so.13; do
-  grep -qx "$lib" <<<"$needed" || { echo "error: $bin does not list $lib as NEEDED" >&2; exit 1; }
+for lib in "${!soname[@]}"; do
+  if [ -s "deploy/cuda/stubs/$lib.txt" ] && ! grep -qx "${soname[$lib]}" <<<"$needed"; then
+    echo "error: $bin calls lib$lib but does not list ${soname[$lib]} as NEEDED" >&2
+    exit 1
+  fi
 done
+grep -qx libcudart.so.13 <<<"$needed" || { echo "error: libcudart.so.13 not NEEDED" >&2; exit 1; }
+left=$(nm -u --format=just-symbols "$bin" | sed 's/@.*//' | sort -u | while read -r sym; do
+  lib=$(lib_of "$sym")
+  if [ -n "$lib" ] && ! grep -qx "$sym" "deploy/cuda/stubs/$lib.txt"; then echo "$sym"; fi
+done)
+if [ -n "$left" ]; then
+  echo "error: no stub carries: $left" >&2
+  exit 1
+fi
 out="$CARGO_TARGET_DIR/sparsegrad"
 strip -o "$out" "$bin"
-size=$(stat -c %s "$out")
-echo "== $out: $((size / 1048576)) MiB stripped; NEEDED: $(tr '\n' ' ' <<<"$needed")"
-if [ "$size" -gt $((64 * 1048576)) ]; then
-  echo "error: the stripped binary is over 64 MiB" >&2
+# What travels to the GPU machine is the gzipped binary: candle embeds the PTX of all its
+# kernels (~40 MiB of text, GGUF ones included), which compresses ~4x.
+gzip -9c "$out" > "$out.gz"
+size=$(stat -c %s "$out") gz=$(stat -c %s "$out.gz")
+echo "== $out: $((size / 1048576)) MiB stripped, $((gz / 1048576)) MiB gzipped; NEEDED: $(tr '\n' ' ' <<<"$needed")"
+if [ "$gz" -gt $((64 * 1048576)) ]; then
+  echo "error: the gzipped binary is over 64 MiB" >&2
   exit 1
 fi

@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 carry=target/gpu-carry
 rm -rf "$carry" && mkdir -p "$carry/all-minilm-l6-v2"
-gzip -9c target/cuda/sparsegrad > "$carry/sparsegrad.gz"
-src=$(cargo run -q --release --bin sparsegrad -- fixtures | python3 -c 'import json,sys; print(json.load(sys.stdin)["minilm"])')
+cp target/cuda/sparsegrad.gz "$carry/sparsegrad.gz"
+src=$(cargo run -q --bin sparsegrad -- fixtures | python3 -c 'import json,sys; print(json.load(sys.stdin)["minilm"])')
 cp "$src"/config.json "$src"/tokenizer*.json "$carry/all-minilm-l6-v2/" 2>/dev/null || true
 cp "$src"/*.txt "$carry/all-minilm-l6-v2/" 2>/dev/null || true
 python3 - "$src/model.safetensors" "$carry/all-minilm-l6-v2/model.safetensors" <<'PY'

@@ -20,7 +20,12 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                     "this build has no CUDA support; rebuild with `--features cuda` (see the README's deploy section)",
                 ));
             }
-            Ok(Device::new_cuda(ordinal)?)
+            let d = Device::new_cuda(ordinal)?;
+            #[cfg(feature = "cuda")]
+            if let Err(e) = crate::kernels::cuda::retain_pool_memory(&d) {
+                tracing::warn!("CUDA memory pool left at its defaults: {e}");
+            }
+            Ok(d)
         }
         other => Err(Error::param(
             "device",
@@ -39,7 +44,7 @@ pub fn resolve_device(spec: &str) -> Result<Device> {
     if !candle_core::utils::cuda_is_available() {
         return Ok(Device::Cpu);
     }
-    match Device::new_cuda(0) {
+    match parse_device("cuda:0") {
         Ok(d) => Ok(d),
         Err(e) => {
             tracing::warn!("no usable GPU ({e}); training on the CPU");

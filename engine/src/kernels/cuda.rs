@@ -73,12 +73,26 @@ fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(
     f(s.slice(a..b))
 }
 
+/// The contiguous data of a CUDA storage as a typed view.
+fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+    st: &'a Storage,
+    l: &Layout,
+) -> Result<driver::CudaView<'a, T>> {
+    let Storage::Cuda(cs) = st else {
+        return Err(Error::Other("expected a CUDA tensor".into()));
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        return Err(Error::Other("kernel input must be contiguous".into()));
+    };
+    Ok(cs.as_cuda_slice::<T>()?.slice(a..b))
+}
+
 pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
     let dev = cuda_dev(x)?;
     let n = x.elem_count();
     let k = k.min(n);
     if k == 0 {
-        return Ok((Vec::new(), Tensor::zeros(0, DType::F32, x.device())?));
+        return Ok((Vec::new(), Tensor::zeros(0, DType::F32, &Device::Cpu)?));
     }
     let hist_f = func(&dev, "sg_radix_hist")?;
     let count_f = func(&dev, "sg_select_count")?;
@@ -148,6 +162,9 @@ pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
 pub fn gather_acc(block: &Tensor, pos: &Tensor, acc: Option<&Tensor>) -> Result<Tensor> {
     let dev = cuda_dev(block)?;
     let k = pos.elem_count();
+    if k == 0 {
+        return Ok(Tensor::zeros(0, DType::F32, &Device::Cpu)?);
+    }
     let f = func(&dev, "sg_gather_acc")?;
     let pos = pos.to_dtype(DType::U32)?.contiguous()?;
     // The output starts as a copy of `acc` (or uninitialised, fully written by the kernel).
@@ -194,6 +211,13 @@ pub fn sparse_adam(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = cuda_dev(m)?;
     let (cap, k) = (m.elem_count(), g.elem_count());
+    if k == 0 {
+        return Ok((
+            m.clone(),
+            v.clone(),
+            Tensor::zeros(0, DType::F32, &Device::Cpu)?,
+        ));
+    }
     if v.elem_count() != cap || (slot.is_none() && k != cap) {
         return Err(Error::Other("sparse_adam: state lengths".into()));
     }
@@ -215,33 +239,29 @@ pub fn sparse_adam(
     let ch = dev.alloc_zeros::<f32>(k)?;
     let g = g.contiguous()?;
     let slot = slot.map(|t| t.contiguous()).transpose()?;
-    with_slice::<f32, _>(&g, |gv| {
-        let k64 = k as u64;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&m2).arg(&v2);
-        let null = 0usize;
-        let launch = |b: &mut driver::LaunchArgs<'_>| -> Result<()> {
-            b.arg(&gv).arg(&ch).arg(&k64).arg(&s.gscale).arg(&s.lr);
-            b.arg(&s.beta1)
-                .arg(&s.beta2)
-                .arg(&s.eps)
-                .arg(&s.bc1)
-                .arg(&s.bc2);
-            unsafe { b.launch(grid(k)) }.w()?;
-            Ok(())
-        };
-        match &slot {
-            Some(st) => with_slice::<u32, _>(st, |sv| {
-                b.arg(&sv);
-                launch(&mut b)
-            }),
-            None => {
-                b.arg(&null);
-                launch(&mut b)
-            }
-        }
-    })?;
+    let (gst, gl) = g.storage_and_layout();
+    let gv = view::<f32>(&gst, gl)?;
+    let sguard = slot.as_ref().map(|t| t.storage_and_layout());
+    let sv = match &sguard {
+        Some((st, l)) => Some(view::<u32>(st, l)?),
+        None => None,
+    };
+    let (k64, null) = (k as u64, 0usize);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&m2).arg(&v2);
+    match &sv {
+        Some(v) => b.arg(v),
+        None => b.arg(&null),
+    };
+    b.arg(&gv).arg(&ch).arg(&k64).arg(&s.gscale).arg(&s.lr);
+    b.arg(&s.beta1)
+        .arg(&s.beta2)
+        .arg(&s.eps)
+        .arg(&s.bc1)
+        .arg(&s.bc2);
+    unsafe { b.launch(grid(k)) }.w()?;
+    drop(b);
     Ok((wrap(m2, &dev, cap), wrap(v2, &dev, cap), wrap(ch, &dev, k)))
 }
 
@@ -417,6 +437,36 @@ pub fn pool_peak(dev: &Device, reset: bool) -> Result<(u64, u64)> {
         }
     }
     Ok((high, reserved))
+}
+
+/// Lets the stream-ordered allocator keep freed memory for reuse instead of returning it to
+/// the driver at every synchronisation (its default): a training step frees and reallocates
+/// the same buffers each time, as PyTorch's caching allocator assumes too.
+pub fn retain_pool_memory(dev: &Device) -> Result<()> {
+    use driver::sys;
+    let d = dev.as_cuda_device()?;
+    d.cuda_stream().context().bind_to_thread().w()?;
+    let ordinal = match dev.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id as i32,
+        _ => 0,
+    };
+    let mut cu_dev: sys::CUdevice = 0;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    unsafe {
+        sys::cuDeviceGet(&mut cu_dev, ordinal).result().w()?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev)
+            .result()
+            .w()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        )
+        .result()
+        .w()?;
+    }
+    Ok(())
 }
 
 /// `(free, total)` device memory.

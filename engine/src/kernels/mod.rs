@@ -148,11 +148,13 @@ impl Csr {
     /// From `(dst, src)` pairs in value order.
     pub fn new(n_rows: usize, pairs: &[(u32, u32)], dev: &Device) -> Result<Self> {
         let (row_ptr, src, perm) = reference::csr(n_rows, pairs);
+        // CUDA has no zero-byte allocations: an empty entry list stays on the host.
+        let edev = if pairs.is_empty() { &Device::Cpu } else { dev };
         Ok(Csr {
             n_rows,
             row_ptr: Tensor::from_vec(row_ptr, n_rows + 1, dev)?,
-            src: Tensor::from_slice(&src, src.len(), dev)?,
-            perm: Tensor::from_slice(&perm, perm.len(), dev)?,
+            src: Tensor::from_slice(&src, src.len(), edev)?,
+            perm: Tensor::from_slice(&perm, perm.len(), edev)?,
         })
     }
 }
@@ -161,6 +163,13 @@ impl Csr {
 /// (contiguous f32, row-major with rows of `width`).
 pub fn scatter_rows(csr: &Csr, vals: &Tensor, src_rows: &Tensor) -> Result<Tensor> {
     let width = src_rows.dim(1)?;
+    if csr.src.elem_count() == 0 {
+        return Ok(Tensor::zeros(
+            (csr.n_rows, width),
+            DType::F32,
+            src_rows.device(),
+        )?);
+    }
     match src_rows.device() {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::scatter_rows(csr, vals, src_rows, width),

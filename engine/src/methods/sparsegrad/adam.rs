@@ -65,17 +65,25 @@ impl Slots {
     }
 }
 
-/// Appends `extra` zeros to a 1-d f32 tensor.
-fn grow(t: &Tensor, extra: usize) -> Result<Tensor> {
+/// Appends `extra` zeros to a 1-d f32 tensor; an empty one becomes a tensor on `dev`.
+fn grow(t: &Tensor, extra: usize, dev: &Device) -> Result<Tensor> {
     if extra == 0 {
         return Ok(t.clone());
     }
-    let z = Tensor::zeros(extra, DType::F32, t.device())?;
+    let z = Tensor::zeros(extra, DType::F32, dev)?;
     Ok(if t.elem_count() == 0 {
         z
     } else {
         Tensor::cat(&[t, &z], 0)?
     })
+}
+
+/// A 1-d f32 tensor of `v` on `dev` — on the host when empty (CUDA has no zero-byte
+/// allocations).
+fn values_on(v: Vec<f32>, dev: &Device) -> Result<Tensor> {
+    let n = v.len();
+    let dev = if n == 0 { &Device::Cpu } else { dev };
+    Ok(Tensor::from_vec(v, n, dev)?)
 }
 
 fn upload(v: &[u32], dev: &Device) -> Result<Tensor> {
@@ -87,27 +95,25 @@ fn upload(v: &[u32], dev: &Device) -> Result<Tensor> {
 pub struct SparseValues {
     pub slots: Slots,
     pub values: Tensor,
+    dev: Device,
 }
 
 impl SparseValues {
     pub fn new(dev: &Device) -> Result<Self> {
-        Ok(SparseValues {
-            slots: Slots::default(),
-            values: Tensor::zeros(0, DType::F32, dev)?,
-        })
+        Self::from_parts(Vec::new(), Vec::new(), dev)
     }
 
     pub fn from_parts(index: Vec<u32>, values: Vec<f32>, dev: &Device) -> Result<Self> {
-        let n = values.len();
         Ok(SparseValues {
             slots: Slots::from_index(index),
-            values: Tensor::from_vec(values, n, dev)?,
+            values: values_on(values, dev)?,
+            dev: dev.clone(),
         })
     }
 
     pub fn add(&mut self, idx: &[u32], vals: &Tensor) -> Result<()> {
         let (slots, added) = self.slots.slots_for(idx);
-        let grown = grow(&self.values, added)?;
+        let grown = grow(&self.values, added, &self.dev)?;
         self.values = match slots {
             None => (grown + vals)?,
             Some(s) => grown.index_add(&upload(&s, vals.device())?, vals, 0)?,
@@ -136,6 +142,7 @@ pub struct SparseAdam {
     pub slots: Slots,
     pub m: Tensor,
     pub v: Tensor,
+    dev: Device,
 }
 
 impl SparseAdam {
@@ -146,19 +153,15 @@ impl SparseAdam {
     /// Zero moments for exactly the entries of `support`.
     pub fn with_support(support: &[u32], dev: &Device) -> Result<Self> {
         let n = support.len();
-        Ok(SparseAdam {
-            slots: Slots::from_index(support.to_vec()),
-            m: Tensor::zeros(n, DType::F32, dev)?,
-            v: Tensor::zeros(n, DType::F32, dev)?,
-        })
+        Self::from_parts(support.to_vec(), vec![0.0; n], vec![0.0; n], dev)
     }
 
     pub fn from_parts(index: Vec<u32>, m: Vec<f32>, v: Vec<f32>, dev: &Device) -> Result<Self> {
-        let n = m.len();
         Ok(SparseAdam {
             slots: Slots::from_index(index),
-            m: Tensor::from_vec(m, n, dev)?,
-            v: Tensor::from_vec(v, n, dev)?,
+            m: values_on(m, dev)?,
+            v: values_on(v, dev)?,
+            dev: dev.clone(),
         })
     }
 
@@ -186,7 +189,7 @@ impl SparseAdam {
                 v[s] = ov[old];
             }
         }
-        *self = Self::from_parts(support.to_vec(), m, v, self.m.device())?;
+        *self = Self::from_parts(support.to_vec(), m, v, &self.dev.clone())?;
         Ok(())
     }
 
@@ -211,8 +214,11 @@ impl SparseAdam {
             bc2: (1.0 - cfg.beta2.powi(t as i32)) as f32,
         };
         let (slots, added) = self.slots.slots_for(idx);
-        let (m, v) = (grow(&self.m, added)?, grow(&self.v, added)?);
-        let slot_t = slots.map(|s| upload(&s, m.device())).transpose()?;
+        let (m, v) = (
+            grow(&self.m, added, &self.dev)?,
+            grow(&self.v, added, &self.dev)?,
+        );
+        let slot_t = slots.map(|s| upload(&s, &self.dev)).transpose()?;
         let (m, v, ch) = kernels::sparse_adam(&m, &v, slot_t.as_ref(), g, &step)?;
         self.m = m;
         self.v = v;
