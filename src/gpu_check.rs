@@ -330,7 +330,13 @@ fn model_checks(
             backward: &mut back,
         },
     )?;
+    // A deep copy: state tensors share storage with the live weights and optimizer, which the
+    // CPU step below updates in place.
     let (state, st) = mc.state(&cpu)?;
+    let state: BTreeMap<String, Tensor> = state
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.copy()?)))
+        .collect::<Result<_>>()?;
     let mut mg = SparseMlp::sparsegrad(sparse_cfg(), adam.clone());
     mg.prepare(&mut gpu, 0)?;
     mg.load_state(&mut gpu, &state, st)?;
@@ -432,30 +438,22 @@ fn model_checks(
     m16.begin_step(0, 1)?;
     let (_, _, grads) = loss_and_grads(&g16, &b16)?;
     m16.accumulate(&g16, grads)?;
-    m16.step(&mut g16, lr, Some(1.0))?;
-    // The f32 master update (ΔW̃ on the support) of the bf16 step against the f32 CPU step's:
-    // bf16 weights themselves round most of a 1e-3 step away (their spacing near 0.3 is 2e-3),
-    // which is why the delta is kept in f32.
-    let (d16, _) = m16.delta(&g16)?;
-    let (d32, _) = mc.delta(&cpu)?;
+    // bf16 compute against the f32 CPU gradients on the same support. (Not the first Adam
+    // step itself: it is ±lr·sign(g) per entry, so support entries whose gradient is ~0 — a
+    // short calibration leaves many — take a random sign under any rounding.)
     let mut cos_worst = 1f64;
-    for (k, t32) in d32.iter().filter(|(k, _)| k.ends_with(".sparse_values")) {
-        let t16 = d16
-            .get(k)
-            .with_context(|| format!("{k} missing from the bf16 delta"))?;
-        let idx = k.replace(".sparse_values", ".sparse_indices");
-        anyhow::ensure!(
-            host(&d16[&idx])? == host(&d32[&idx])?,
-            "{k}: the bf16 step touched other entries"
-        );
-        let (a, b) = (host(t16)?, host(t32)?);
-        let dot: f64 = a
+    for ((wn, c), (_, g)) in pc.iter().zip(&m16.pending_gradients()?) {
+        let (Some((ic, vc)), Some((ig, vg))) = (c, g) else {
+            anyhow::bail!("{wn}: no gradient in bf16");
+        };
+        anyhow::ensure!(ic == ig, "{wn}: the bf16 run holds another support");
+        let dot: f64 = vc
             .iter()
-            .zip(&b)
+            .zip(vg)
             .map(|(x, y)| (*x as f64) * (*y as f64))
             .sum();
-        let n = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
-            * b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let n = vc.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+            * vg.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         if n > 0.0 {
             cos_worst = cos_worst.min(dot / n);
         }
@@ -463,11 +461,32 @@ fn model_checks(
     out.push(
         "correctness",
         check(
+            "bf16 rotated gradient",
+            name,
+            "1 - cos",
+            1.0 - cos_worst,
+            2e-2,
+        ),
+    )?;
+    // The step runs in mixed precision: the f32 delta moves, and stays finite.
+    m16.step(&mut g16, lr, Some(1.0))?;
+    let (d16, _) = m16.delta(&g16)?;
+    let mut moved = 0usize;
+    let mut finite = true;
+    for (_, t) in d16.iter().filter(|(k, _)| k.ends_with(".sparse_values")) {
+        let v = host(t)?;
+        finite &= v.iter().all(|x| x.is_finite());
+        moved += v.iter().filter(|x| **x != 0.0).count();
+    }
+    let bad = if finite && moved > 0 { 0.0 } else { 1.0 };
+    out.push(
+        "correctness",
+        check(
             "bf16 sparsegrad step",
             name,
-            "1 - cos(f32 delta)",
-            1.0 - cos_worst,
-            0.05,
+            "non-finite or still",
+            bad,
+            0.0,
         ),
     )?;
     Ok(())

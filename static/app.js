@@ -249,6 +249,7 @@ function jobView(view, id) {
       ["Training file", job.training_file],
       ["Validation file", job.validation_file ?? "—"],
       ["Attempt", `${job.attempt} of ${job.max_attempts}`],
+      ["Trained on", job.result && job.result.device ? job.result.device : "—"],
       ["Error", job.error ? `${job.error.code}: ${job.error.message}` : "—"],
       ["Merge", job.merge ? job.merge.status : "—"],
     ]);

@@ -20,7 +20,13 @@ if [ -z "$bin" ]; then
     bin=target/cuda/sparsegrad
   fi
 fi
-minilm=${MINILM:-$carry/all-minilm-l6-v2}
+minilm=${MINILM:-}
+if [ -z "$minilm" ] && [ -f "$carry/all-minilm-l6-v2/model.safetensors.gz" ]; then
+  minilm=/tmp/all-minilm-l6-v2
+  mkdir -p "$minilm"
+  cp "$carry"/all-minilm-l6-v2/*.json "$carry"/all-minilm-l6-v2/*.txt "$minilm"/ 2>/dev/null
+  gzip -dc "$carry/all-minilm-l6-v2/model.safetensors.gz" > "$minilm/model.safetensors"
+fi
 
 # The CUDA libraries live in the image's Python environment; libcuda comes with the driver.
 libdirs=$(find / -xdev \( -name 'libcublas.so.13*' -o -name 'libcurand.so.10*' -o -name 'libnvrtc.so.13*' \

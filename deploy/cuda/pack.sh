@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Puts what the GPU check needs into target/gpu-carry/ (ignored by git; pass it as `carry`):
-# the CUDA binary gzipped, and the MiniLM-L6 fixture with its weights in f16 (the check loads
-# the same file on both devices, so the rounding does not affect the comparison) — together
-# under the 64 MiB a device run can carry.
+# the CUDA binary gzipped, and the MiniLM-L6 fixture with its weights in f16, gzipped (the
+# check loads the same file on both devices, so the rounding does not affect the comparison)
+# — together under the 64 MiB a device run can carry.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 carry=target/gpu-carry
@@ -35,4 +35,5 @@ h = json.dumps(meta).encode(); h += b" " * (-len(h) % 8)
 with open(dst, "wb") as f:
     f.write(struct.pack("<Q", len(h))); f.write(h); f.write(out)
 PY
-du -sh "$carry"/* "$carry"
+gzip -9 "$carry/all-minilm-l6-v2/model.safetensors"
+du -sh "$carry"/* "$carry"/all-minilm-l6-v2/* "$carry"

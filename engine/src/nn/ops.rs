@@ -3,8 +3,23 @@ use rand::Rng;
 
 use crate::Result;
 
+/// Mixed precision: normalisations and softmaxes of bf16/f16 activations run in f32 (as
+/// autocast does) — their reductions over hundreds of features in bf16 lose most digits, and
+/// the backward through them (differences of near-equal sums) far more.
+fn low_precision(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
+fn f32s(ts: &[&Tensor]) -> Result<Vec<Tensor>> {
+    ts.iter().map(|t| Ok(t.to_dtype(DType::F32)?)).collect()
+}
+
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if low_precision(x) {
+        let v = f32s(&[x, w, b])?;
+        return Ok(layer_norm(&v[0], &v[1], &v[2], eps)?.to_dtype(x.dtype())?);
+    }
     if super::fused::applies(x) && x.dtype() == w.dtype() {
         return Ok(super::fused::layer_norm(x, w, b, eps)?);
     }
@@ -22,6 +37,10 @@ pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resu
 
 /// RMS norm over the last dimension: `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if low_precision(x) {
+        let v = f32s(&[x, w])?;
+        return Ok(rms_norm(&v[0], &v[1], eps)?.to_dtype(x.dtype())?);
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
 }
@@ -29,6 +48,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Softmax over the last dimension. The max is detached: subtracting any constant leaves
 /// softmax unchanged, so its gradient through the max is exactly zero.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if low_precision(x) {
+        return Ok(softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?);
+    }
     if super::fused::applies(x) {
         return Ok(super::fused::softmax_last_dim(x)?);
     }

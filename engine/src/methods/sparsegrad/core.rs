@@ -293,8 +293,8 @@ impl Core {
         if phase == Phase::Idle {
             return Ok(());
         }
-        let x = x.to_dtype(DType::F32)?;
-        let g = g.to_dtype(DType::F32)?;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
         let kind = self.matrices[id].kind;
         if let Phase::Train { select: false } = phase {
             if self.matrices[id].block.is_some() {

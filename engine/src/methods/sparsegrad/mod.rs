@@ -662,6 +662,8 @@ impl Method for SparseMlp {
         Ok(norm)
     }
 
+    /// The tensors share storage with the live weights (f32 sparse matrices are updated in
+    /// place) and optimizer: serialise them before the next step, or copy them.
     fn state(&self, model: &Model) -> Result<(BTreeMap<String, Tensor>, u64)> {
         let (mut out, dense_t) = self.dense.state(model)?;
         out.insert(
