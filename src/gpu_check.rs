@@ -26,7 +26,7 @@ use sparsegrad_engine::data::{collate, Example, Target};
 use sparsegrad_engine::kernels::{self, reference, AdamStep, Csr};
 use sparsegrad_engine::methods::sparsegrad::basis::Basis;
 use sparsegrad_engine::methods::{
-    Calibration, Full, Lora, LoraConfig, Method, SparseGradConfig, SparseMlp, Support,
+    Calibration, Full, Lora, LoraConfig, MePropConfig, Method, SparseGradConfig, SparseMlp, Support,
 };
 use sparsegrad_engine::models::{Arch, Batch, MlpKind, Model, Task};
 use sparsegrad_engine::nn::Ctx;
@@ -373,14 +373,22 @@ fn model_checks(
         ),
     )?;
 
-    // Full fine-tuning and LoRA: one step each from fresh models.
+    // Full fine-tuning, LoRA and MeProp (top-k of the plain gradient on the device): one step
+    // each from fresh models.
     if tiny {
-        for method in ["full", "lora"] {
+        for method in ["full", "lora", "meprop"] {
             let mut cpu = build(&Device::Cpu, DType::F32)?;
             let mut gpu = build(dev, DType::F32)?;
             let make = || -> Box<dyn Method> {
                 match method {
                     "full" => Box::new(Full::new(adam.clone())),
+                    "meprop" => Box::new(SparseMlp::meprop(
+                        MePropConfig {
+                            density: 0.2,
+                            ..Default::default()
+                        },
+                        adam.clone(),
+                    )),
                     _ => Box::new(Lora::new(LoraConfig::default(), adam.clone())),
                 }
             };
