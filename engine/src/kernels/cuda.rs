@@ -392,9 +392,9 @@ impl InplaceOp3 for GemmAcc {
     }
 }
 
-/// Peak device memory, from the stream-ordered allocator's pool (what candle's allocations
-/// come from on GPUs with memory pools): `(high-water mark of bytes in use, bytes reserved)`.
-pub fn pool_peak(dev: &Device, reset: bool) -> Result<(u64, u64)> {
+/// The device's default memory pool — what cudarc's stream-ordered allocations (and so
+/// candle's) come from on GPUs that have pools.
+fn default_pool(dev: &Device) -> Result<driver::sys::CUmemoryPool> {
     use driver::sys;
     let d = dev.as_cuda_device()?;
     d.cuda_stream().context().bind_to_thread().w()?;
@@ -404,68 +404,62 @@ pub fn pool_peak(dev: &Device, reset: bool) -> Result<(u64, u64)> {
     };
     let mut cu_dev: sys::CUdevice = 0;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let (mut high, mut reserved) = (0u64, 0u64);
     unsafe {
         sys::cuDeviceGet(&mut cu_dev, ordinal).result().w()?;
         sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev)
             .result()
             .w()?;
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut high as *mut u64 as *mut _,
-        )
-        .result()
-        .w()?;
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-            &mut reserved as *mut u64 as *mut _,
-        )
-        .result()
-        .w()?;
-        if reset {
-            let mut zero = 0u64;
-            for attr in [
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-            ] {
-                sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _)
-                    .result()
-                    .w()?;
-            }
-        }
     }
-    Ok((high, reserved))
+    Ok(pool)
+}
+
+/// A u64 attribute of a memory pool: read, or written when `set` is given.
+fn pool_attr(
+    pool: driver::sys::CUmemoryPool,
+    attr: driver::sys::CUmemPool_attribute,
+    set: Option<u64>,
+) -> Result<u64> {
+    use driver::sys;
+    let mut v = set.unwrap_or(0);
+    unsafe {
+        match set {
+            Some(_) => sys::cuMemPoolSetAttribute(pool, attr, &mut v as *mut u64 as *mut _),
+            None => sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _),
+        }
+        .result()
+        .w()?;
+    }
+    Ok(v)
+}
+
+/// Peak device memory of the default pool: `(high-water mark of bytes in use, of bytes
+/// reserved)`, optionally resetting both marks.
+pub fn pool_peak(dev: &Device, reset: bool) -> Result<(u64, u64)> {
+    use driver::sys::CUmemPool_attribute::{
+        CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH as RESERVED, CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED,
+    };
+    let pool = default_pool(dev)?;
+    let out = (
+        pool_attr(pool, USED, None)?,
+        pool_attr(pool, RESERVED, None)?,
+    );
+    if reset {
+        pool_attr(pool, USED, Some(0))?;
+        pool_attr(pool, RESERVED, Some(0))?;
+    }
+    Ok(out)
 }
 
 /// Lets the stream-ordered allocator keep freed memory for reuse instead of returning it to
 /// the driver at every synchronisation (its default): a training step frees and reallocates
 /// the same buffers each time, as PyTorch's caching allocator assumes too.
 pub fn retain_pool_memory(dev: &Device) -> Result<()> {
-    use driver::sys;
-    let d = dev.as_cuda_device()?;
-    d.cuda_stream().context().bind_to_thread().w()?;
-    let ordinal = match dev.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id as i32,
-        _ => 0,
-    };
-    let mut cu_dev: sys::CUdevice = 0;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    unsafe {
-        sys::cuDeviceGet(&mut cu_dev, ordinal).result().w()?;
-        sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev)
-            .result()
-            .w()?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut _,
-        )
-        .result()
-        .w()?;
-    }
+    use driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    pool_attr(
+        default_pool(dev)?,
+        CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+        Some(u64::MAX),
+    )?;
     Ok(())
 }
 
