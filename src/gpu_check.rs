@@ -237,14 +237,33 @@ fn vocab_of(model: &Model) -> Result<u32> {
     Ok(model.weights.get(&name)?.dim(0)? as u32)
 }
 
+/// Training mode without dropout: the same numbers on every device.
+fn train_ctx() -> Ctx {
+    Ctx::train(sparsegrad_engine::rng::stream(0, "gpu-check", 0), false)
+}
+
+/// A method's calibration (SparseGrad's basis phase and support) on one repeated batch.
+fn calibrate(m: &mut dyn Method, model: &mut Model, batch: &Batch, lr: f64) -> Result<()> {
+    let mut back = |mm: &Model, _i: usize| -> sparsegrad_engine::Result<_> {
+        let logits = mm.forward(batch, &mut train_ctx())?;
+        Ok(mm.loss(&logits, batch)?.backward()?)
+    };
+    m.calibrate(
+        model,
+        Calibration {
+            lr,
+            cache: None,
+            backward: &mut back,
+        },
+    )?;
+    Ok(())
+}
+
 fn loss_and_grads(
     model: &Model,
     batch: &Batch,
 ) -> Result<(Tensor, f32, candle_core::backprop::GradStore)> {
-    let logits = model.forward(
-        batch,
-        &mut Ctx::train(sparsegrad_engine::rng::stream(0, "g", 0), false),
-    )?;
+    let logits = model.forward(batch, &mut train_ctx())?;
     let loss = model.loss(&logits, batch)?;
     let l = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     let grads = loss.backward()?;
@@ -264,9 +283,9 @@ fn sparse_cfg() -> SparseGradConfig {
 fn snapshot(model: &Model) -> Result<BTreeMap<String, Vec<f32>>> {
     model
         .weights
-        .params
-        .iter()
-        .map(|(k, p)| Ok((k.clone(), host(p.tensor())?)))
+        .snapshot()
+        .into_iter()
+        .map(|(k, t)| Ok((k, host(&t)?)))
         .collect()
 }
 
@@ -315,21 +334,7 @@ fn model_checks(
     let adam = AdamConfig::default();
     let mut mc = SparseMlp::sparsegrad(sparse_cfg(), adam.clone());
     mc.prepare(&mut cpu, 0)?;
-    let mut back = |m: &Model, _i: usize| -> sparsegrad_engine::Result<_> {
-        let logits = m.forward(
-            &bc,
-            &mut Ctx::train(sparsegrad_engine::rng::stream(0, "c", 0), false),
-        )?;
-        Ok(m.loss(&logits, &bc)?.backward()?)
-    };
-    mc.calibrate(
-        &mut cpu,
-        Calibration {
-            lr,
-            cache: None,
-            backward: &mut back,
-        },
-    )?;
+    calibrate(&mut mc, &mut cpu, &bc, lr)?;
     // A deep copy: state tensors share storage with the live weights and optimizer, which the
     // CPU step below updates in place.
     let (state, st) = mc.state(&cpu)?;
@@ -509,11 +514,14 @@ fn step_error(cpu: &Model, gpu: &Model, before: &BTreeMap<String, Vec<f32>>) -> 
         let vg = g
             .get(k)
             .with_context(|| format!("{k} missing on the device"))?;
-        match before.get(k) {
-            Some(b0) if b0 != vc => worst = worst.max(rel_update(vg, vc, b0)),
-            Some(_) => worst = worst.max(rel_max(vg, vc, 1.0)),
-            None => worst = worst.max(rel_max(vg, vc, 1e-3)),
-        }
+        let b0 = before
+            .get(k)
+            .with_context(|| format!("{k} appeared during the step"))?;
+        worst = worst.max(if b0 != vc {
+            rel_update(vg, vc, b0)
+        } else {
+            rel_max(vg, vc, 1.0)
+        });
     }
     Ok(worst)
 }
@@ -760,21 +768,7 @@ fn bench_one(
     let vocab = vocab_of(&model)?;
     let batch = batch_for(&model, b, t, vocab, 2)?;
     let t_cal = Instant::now();
-    let mut back = |mm: &Model, _i: usize| -> sparsegrad_engine::Result<_> {
-        let logits = mm.forward(
-            &batch,
-            &mut Ctx::train(sparsegrad_engine::rng::stream(0, "c", 0), false),
-        )?;
-        Ok(mm.loss(&logits, &batch)?.backward()?)
-    };
-    m.calibrate(
-        &mut model,
-        Calibration {
-            lr: 1e-5,
-            cache: None,
-            backward: &mut back,
-        },
-    )?;
+    calibrate(m.as_mut(), &mut model, &batch, 1e-5)?;
     dev.synchronize()?;
     let calibration_ms = t_cal.elapsed().as_secs_f64() * 1e3;
     let mut times = Vec::new();
@@ -786,10 +780,7 @@ fn bench_one(
         }
         let s0 = Instant::now();
         m.begin_step(step, 1)?;
-        let logits = model.forward(
-            &batch,
-            &mut Ctx::train(sparsegrad_engine::rng::stream(0, "b", step as u64), false),
-        )?;
+        let logits = model.forward(&batch, &mut train_ctx())?;
         let l = model.loss(&logits, &batch)?;
         let grads = l.backward()?;
         m.accumulate(&model, grads)?;

@@ -93,7 +93,7 @@ impl InplaceOp1 for FusedAdam<'_> {
 }
 
 /// A contiguous CPU f32 tensor's data, for read-only use while `f` runs.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     let (st, l) = t.storage_and_layout();
     let (a, b) = l.contiguous_offsets()?;
     match &*st {

@@ -34,6 +34,13 @@ pub fn tiny_config(arch: Arch) -> serde_json::Value {
     }
 }
 
+/// A norm layer's scale: drawn around 1, not 0.
+fn is_norm_scale(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 1
+        && (name.contains("LayerNorm") || name.contains("norm"))
+        && name.ends_with(".weight")
+}
+
 /// Random weights (normal, std `std`; norm weights near 1) for every parameter the config
 /// and task need, by canonical name.
 pub fn random_tensors(
@@ -53,11 +60,11 @@ pub fn random_tensors(
     let mut out = BTreeMap::new();
     for (name, shape) in shapes {
         let n: usize = shape.iter().product();
-        let is_norm = shape.len() == 1 && (name.contains("LayerNorm") || name.contains("norm"));
+        let scale = is_norm_scale(&name, &shape);
         let vals: Vec<f32> = (0..n)
             .map(|_| {
                 let r = normal.sample(&mut rng);
-                if is_norm && name.ends_with(".weight") {
+                if scale {
                     1.0 + r
                 } else {
                     r
@@ -85,8 +92,7 @@ pub fn random_tensors_on(
     let cfg = crate::checkpoint::parse_config(arch, config)?;
     let mut out = BTreeMap::new();
     for (name, shape) in crate::checkpoint::expected_params(arch, &cfg, task) {
-        let is_norm = shape.len() == 1 && (name.contains("LayerNorm") || name.contains("norm"));
-        let mean = if is_norm && name.ends_with(".weight") {
+        let mean = if is_norm_scale(&name, &shape) {
             1.0f32
         } else {
             0.0

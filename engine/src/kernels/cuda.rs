@@ -63,14 +63,17 @@ fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(
     f: impl FnOnce(driver::CudaView<'_, T>) -> Result<R>,
 ) -> Result<R> {
     let (st, l) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*st else {
-        return Err(Error::Other("expected a CUDA tensor".into()));
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        return Err(Error::Other("kernel input must be contiguous".into()));
-    };
-    let s = cs.as_cuda_slice::<T>()?;
-    f(s.slice(a..b))
+    f(view::<T>(&st, l)?)
+}
+
+/// A fresh device copy of a 1-d f32 tensor, for kernels that update their output in place.
+fn copy_f32(dev: &CudaDevice, t: &Tensor) -> Result<CudaSlice<f32>> {
+    let t = t.contiguous()?;
+    with_slice::<f32, _>(&t, |tv| {
+        let mut o = unsafe { dev.alloc::<f32>(tv.len())? };
+        dev.memcpy_dtod(&tv, &mut o)?;
+        Ok(o)
+    })
 }
 
 /// The contiguous data of a CUDA storage as a typed view.
@@ -169,22 +172,13 @@ pub fn gather_acc(block: &Tensor, pos: &Tensor, acc: Option<&Tensor>) -> Result<
     let pos = pos.to_dtype(DType::U32)?.contiguous()?;
     // The output starts as a copy of `acc` (or uninitialised, fully written by the kernel).
     let out: CudaSlice<f32> = match acc {
-        Some(a) => {
-            if a.elem_count() != k {
-                return Err(Error::Other("gather_acc: accumulator length".into()));
-            }
-            let a = a.contiguous()?;
-            with_slice::<f32, _>(&a, |av| {
-                let mut o = unsafe { dev.alloc::<f32>(k)? };
-                dev.memcpy_dtod(&av, &mut o)?;
-                Ok(o)
-            })?
-        }
+        Some(a) if a.elem_count() == k => copy_f32(&dev, a)?,
+        Some(_) => return Err(Error::Other("gather_acc: accumulator length".into())),
         None => dev.alloc_zeros::<f32>(k)?,
     };
     let n = block.elem_count();
     let max_pos = pos.max(0)?.to_scalar::<u32>()? as usize;
-    if k > 0 && max_pos >= n {
+    if max_pos >= n {
         return Err(Error::Other(format!(
             "gather_acc: position {max_pos} outside {n}"
         )));
@@ -222,20 +216,12 @@ pub fn sparse_adam(
         return Err(Error::Other("sparse_adam: state lengths".into()));
     }
     if let Some(sl) = slot {
-        if sl.elem_count() != k || (k > 0 && sl.max(0)?.to_scalar::<u32>()? as usize >= cap) {
+        if sl.elem_count() != k || sl.max(0)?.to_scalar::<u32>()? as usize >= cap {
             return Err(Error::Other("sparse_adam: slot outside the state".into()));
         }
     }
     let f = func(&dev, "sg_sparse_adam")?;
-    let copy = |t: &Tensor| -> Result<CudaSlice<f32>> {
-        let t = t.contiguous()?;
-        with_slice::<f32, _>(&t, |tv| {
-            let mut o = unsafe { dev.alloc::<f32>(cap)? };
-            dev.memcpy_dtod(&tv, &mut o)?;
-            Ok(o)
-        })
-    };
-    let (m2, v2) = (copy(m)?, copy(v)?);
+    let (m2, v2) = (copy_f32(&dev, m)?, copy_f32(&dev, v)?);
     let ch = dev.alloc_zeros::<f32>(k)?;
     let g = g.contiguous()?;
     let slot = slot.map(|t| t.contiguous()).transpose()?;
@@ -272,45 +258,37 @@ pub fn scatter_rows(csr: &Csr, vals: &Tensor, src_rows: &Tensor, width: usize) -
     if vals.elem_count() != entries || csr.perm.elem_count() != entries {
         return Err(Error::Other("scatter_rows: entry counts".into()));
     }
-    if entries > 0 && csr.src.max(0)?.to_scalar::<u32>()? as usize >= n_src {
+    if csr.src.max(0)?.to_scalar::<u32>()? as usize >= n_src {
         return Err(Error::Other(
             "scatter_rows: source row outside the basis".into(),
         ));
     }
     let f = func(&dev, "sg_scatter_rows")?;
     let out = dev.alloc_zeros::<f32>(csr.n_rows * width)?;
-    let src_rows = src_rows.contiguous()?;
-    let vals = vals.contiguous()?;
-    with_slice::<u32, _>(&csr.row_ptr, |rp| {
-        with_slice::<u32, _>(&csr.src, |sr| {
-            with_slice::<u32, _>(&csr.perm, |pm| {
-                with_slice::<f32, _>(&vals, |vv| {
-                    with_slice::<f32, _>(&src_rows, |rows| {
-                        let w = width as u32;
-                        let cfg = LaunchConfig {
-                            grid_dim: (csr.n_rows.max(1) as u32, 1, 1),
-                            block_dim: (BLOCK, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        if csr.n_rows == 0 {
-                            return Ok(());
-                        }
-                        let stream = dev.cuda_stream();
-                        let mut b = stream.launch_builder(&f);
-                        b.arg(&rp)
-                            .arg(&sr)
-                            .arg(&pm)
-                            .arg(&vv)
-                            .arg(&rows)
-                            .arg(&out)
-                            .arg(&w);
-                        unsafe { b.launch(cfg) }.w()?;
-                        Ok(())
-                    })
-                })
-            })
-        })
-    })?;
+    let (src_rows, vals) = (src_rows.contiguous()?, vals.contiguous()?);
+    let guards =
+        [&csr.row_ptr, &csr.src, &csr.perm, &vals, &src_rows].map(|t| t.storage_and_layout());
+    let [rp, sr, pm] = [0, 1, 2].map(|i| view::<u32>(&guards[i].0, guards[i].1));
+    let (rp, sr, pm) = (rp?, sr?, pm?);
+    let vv = view::<f32>(&guards[3].0, guards[3].1)?;
+    let rows = view::<f32>(&guards[4].0, guards[4].1)?;
+    let w = width as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (csr.n_rows as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&rp)
+        .arg(&sr)
+        .arg(&pm)
+        .arg(&vv)
+        .arg(&rows)
+        .arg(&out)
+        .arg(&w);
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
     Ok(wrap(out, &dev, csr.n_rows * width).reshape((csr.n_rows, width))?)
 }
 

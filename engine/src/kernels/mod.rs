@@ -20,22 +20,18 @@ use rayon::prelude::*;
 
 use crate::{Error, Result};
 
-/// The contiguous f32 data of a CPU tensor, borrowed.
-pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
-    let (st, l) = t.storage_and_layout();
-    if let (candle_core::Storage::Cpu(CpuStorage::F32(d)), Some((a, b))) =
-        (&*st, l.contiguous_offsets())
-    {
-        return Ok(Some(f(&d[a..b])));
+/// Runs `f` on the data of `t` as contiguous f32: borrowed when it already is (on the CPU),
+/// else from a host copy.
+fn on_host_f32<R>(t: &Tensor, f: impl Fn(&[f32]) -> R) -> Result<R> {
+    if let Some(r) = crate::optim::with_f32(t, &f) {
+        return Ok(r);
     }
-    Ok(None)
-}
-
-fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?
+    let host: Vec<f32> = t
+        .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .flatten_all()?
-        .to_vec1()?)
+        .to_vec1()?;
+    Ok(f(&host))
 }
 
 fn unsupported(what: &str, dev: &Device) -> Error {
@@ -50,20 +46,11 @@ pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
     let x = x.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
     match x.device() {
         Device::Cpu => {
-            let picked = with_cpu_f32(&x, |v| {
+            let (idx, vals) = on_host_f32(&x, |v| {
                 let idx = crate::methods::sparsegrad::topk::topk_abs_fast(v, k);
                 let vals: Vec<f32> = idx.iter().map(|&i| v[i as usize]).collect();
                 (idx, vals)
             })?;
-            let (idx, vals) = match picked {
-                Some(p) => p,
-                None => {
-                    let v = host_f32(&x)?;
-                    let idx = crate::methods::sparsegrad::topk::topk_abs_fast(&v, k);
-                    let vals = idx.iter().map(|&i| v[i as usize]).collect();
-                    (idx, vals)
-                }
-            };
             let n = vals.len();
             Ok((idx, Tensor::from_vec(vals, n, &Device::Cpu)?))
         }
@@ -178,15 +165,9 @@ pub fn scatter_rows(csr: &Csr, vals: &Tensor, src_rows: &Tensor) -> Result<Tenso
             let src: Vec<u32> = csr.src.to_vec1()?;
             let perm: Vec<u32> = csr.perm.to_vec1()?;
             let vals: Vec<f32> = vals.to_vec1()?;
-            let rows = src_rows.contiguous()?;
-            let buf = match with_cpu_f32(&rows, |s| {
+            let buf = on_host_f32(&src_rows.contiguous()?, |s| {
                 reference::scatter_rows(&row_ptr, &src, &perm, &vals, s, width)
-            })? {
-                Some(b) => b,
-                None => {
-                    reference::scatter_rows(&row_ptr, &src, &perm, &vals, &host_f32(&rows)?, width)
-                }
-            };
+            })?;
             Ok(Tensor::from_vec(buf, (csr.n_rows, width), &Device::Cpu)?)
         }
         d => Err(unsupported("sparse scatter", d)),

@@ -181,9 +181,10 @@ impl Model {
         }
     }
 
-    /// The loss, in f32 (f64 for f64 models): a bf16 log-softmax over a 32k vocabulary and a bf16 sum over
-    /// thousands of tokens lose most of their digits (the sum stalls once its spacing exceeds
-    /// the terms). The gradient flows back through the cast into the bf16 graph.
+    /// The loss, in f32 (f64 for f64 models): a bf16 log-softmax over a 32k vocabulary and a
+    /// bf16 sum over thousands of tokens lose most of their digits (the sum stalls once its
+    /// spacing exceeds the terms). The gradient flows back through the cast into the bf16
+    /// graph.
     pub fn loss(&self, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
         let dt = match logits.dtype() {
             DType::F64 => DType::F64,

@@ -691,14 +691,6 @@ pub fn scaled_masked_softmax(
     rows: MaskRows,
 ) -> crate::Result<Tensor> {
     let (b, h, tq, tk) = scores.dims4()?;
-    if matches!(scores.dtype(), DType::BF16 | DType::F16) {
-        // In f32 (the fused CPU kernel, or f32 ops elsewhere), cast back: see ops::layer_norm.
-        let dt = scores.dtype();
-        let s32 = scores.to_dtype(DType::F32)?;
-        return Ok(
-            scaled_masked_softmax(&s32, scale, &mask.to_dtype(DType::F32)?, rows)?.to_dtype(dt)?,
-        );
-    }
     if applies(scores) && mask.dtype() == scores.dtype() {
         let op = ScaledMaskedSoftmax {
             scale,

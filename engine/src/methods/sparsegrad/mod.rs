@@ -639,11 +639,8 @@ impl Method for SparseMlp {
                     core.matrices[i].delta_csr = Some((count, csr));
                 }
                 let m = &core.matrices[i];
-                let base =
-                    m.w0.as_ref()
-                        .expect("checked")
-                        .to_dtype(DType::F32)?
-                        .copy()?;
+                // W₀ is low-precision, so the cast is a fresh f32 buffer the update may own.
+                let base = m.w0.as_ref().expect("checked").to_dtype(DType::F32)?;
                 let csr = m.delta_csr.as_ref().map(|(_, c)| c);
                 Self::add_sparse(&core, m, base, &m.delta.slots.index, &m.delta.values, csr)?
                     .to_dtype(w.dtype())?
