@@ -5,15 +5,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use secrecy::SecretString;
 
 use crate::queue::QueueConfig;
 use crate::storage::S3Settings;
 
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug)]
 pub struct Config {
     /// Postgres connection URL.
     #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     #[arg(long, env = "SPARSEGRAD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Local state: object storage (by default), scratch space for workers, caches.
@@ -29,7 +30,7 @@ pub struct Config {
     #[arg(long, env = "SPARSEGRAD_S3_ACCESS_KEY_ID")]
     pub s3_access_key_id: Option<String>,
     #[arg(long, env = "SPARSEGRAD_S3_SECRET_ACCESS_KEY")]
-    pub s3_secret_access_key: Option<String>,
+    pub s3_secret_access_key: Option<SecretString>,
     /// Allow plain-http S3 endpoints (local servers).
     #[arg(long, env = "SPARSEGRAD_S3_ALLOW_HTTP")]
     pub s3_allow_http: bool,
@@ -38,7 +39,7 @@ pub struct Config {
     pub models_dir: Option<PathBuf>,
     /// The admin key for `/v1/admin/*` (tenants and API keys); admin routes are off without it.
     #[arg(long, env = "SPARSEGRAD_ADMIN_KEY")]
-    pub admin_key: Option<String>,
+    pub admin_key: Option<SecretString>,
     /// Largest accepted dataset upload, bytes.
     #[arg(long, env = "SPARSEGRAD_MAX_UPLOAD_BYTES", default_value_t = 256 << 20)]
     pub max_upload_bytes: u64,
@@ -53,25 +54,30 @@ pub struct Config {
     /// is present, else the CPU), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "SPARSEGRAD_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Names this process's workers (`<host>-<pid>-<n>`) in job events and leases.
+    #[arg(long, env = "HOSTNAME", default_value = "local")]
+    pub host: String,
 }
 
-impl std::fmt::Debug for Config {
+/// A Postgres URL whose password never reaches a log.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(s: String) -> Self {
+        DatabaseUrl(s)
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
-        f.debug_struct("Config")
-            .field("database_url", &redact_url(&self.database_url))
-            .field("listen", &self.listen)
-            .field("data_dir", &self.data_dir)
-            .field("storage_url", &self.storage_url)
-            .field("s3_endpoint", &self.s3_endpoint)
-            .field("s3_access_key_id", &self.s3_access_key_id)
-            .field("s3_secret_access_key", &redact(&self.s3_secret_access_key))
-            .field("models_dir", &self.models_dir)
-            .field("admin_key", &redact(&self.admin_key))
-            .field("max_upload_bytes", &self.max_upload_bytes)
-            .field("workers", &self.workers)
-            .field("device", &self.device)
-            .finish()
+        f.write_str(&redact_url(&self.0))
     }
 }
 
@@ -122,6 +128,33 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        cfg: super::Config,
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let c = Wrap::parse_from([
+            "x",
+            "--database-url",
+            "postgres://u:hunter2@h/d",
+            "--admin-key",
+            "admin-s3cret",
+            "--s3-secret-access-key",
+            "s3-s3cret",
+        ])
+        .cfg;
+        let d = format!("{c:?}");
+        for secret in ["hunter2", "admin-s3cret", "s3-s3cret"] {
+            assert!(!d.contains(secret), "{secret} in {d}");
+        }
+        assert!(d.contains("postgres://u:<redacted>@h/d"), "{d}");
+    }
+
     #[test]
     fn database_password_is_redacted() {
         assert_eq!(

@@ -60,6 +60,16 @@ impl ApiError {
             code: Some("file_too_large"),
         }
     }
+    /// A `Range` outside an object of `size` bytes.
+    pub fn range_not_satisfiable(size: u64) -> Self {
+        ApiError {
+            status: StatusCode::RANGE_NOT_SATISFIABLE,
+            kind: "invalid_request_error",
+            message: format!("the range is outside the artifact's {size} bytes"),
+            param: Some("Range".into()),
+            code: Some("range_not_satisfiable"),
+        }
+    }
     /// A server-side failure: logged with its cause, answered opaquely.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {cause}");

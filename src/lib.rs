@@ -1,18 +1,22 @@
-//! sparsegrad-service: the `sparsegrad` binary's library. Engine commands (train, eval,
-//! predict, merge, import-gguf, fixtures, bench) live in [`cli`]; the Postgres job queue in
-//! [`queue`]; the training engine itself is the `sparsegrad-engine` crate.
+//! sparsegrad-service: the `sparsegrad` binary's library.
+//!
+//! The service, by role: [`api`] (HTTP: one module per resource) over [`domain`] (what jobs,
+//! requests, estimates and base models are), [`db`] (reads per aggregate), [`queue`] (every
+//! change to a job's lifecycle), [`storage`] (objects and local model copies), [`worker`]
+//! (claims jobs and drives the engine on its own thread), [`inference`] (loaded models for
+//! predictions), [`server`] (runs API and workers until shutdown), one typed [`config`] and
+//! one API [`error`] type. Beside it, [`tools`]: the command line, engine commands on local
+//! files, fixtures, benchmarks and the GPU check. The training engine is the
+//! `sparsegrad-engine` crate.
 
 pub mod api;
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod error;
-pub mod fixtures;
-pub mod gpu_check;
-pub mod jobs;
-pub mod models;
+pub mod inference;
 pub mod queue;
 pub mod server;
 pub mod storage;
+pub mod tools;
 pub mod worker;

@@ -11,5 +11,5 @@ fn main() -> std::process::ExitCode {
         // `mi_option_purge_delay` (15 in mimalloc v2, which the crate builds) is not exported.
         libmimalloc_sys::mi_option_set(15, -1);
     }
-    sparsegrad_service::cli::main()
+    sparsegrad_service::tools::cli::main()
 }

@@ -20,7 +20,7 @@ pub async fn connect(cfg: &Config) -> Result<(PgPool, Storage)> {
     let db = PgPoolOptions::new()
         .max_connections(16)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&cfg.database_url)
+        .connect(cfg.database_url.expose())
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
     sqlx::migrate!("./migrations")
@@ -91,7 +91,6 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
     let (db, storage) = connect(&cfg).await?;
     let cfg = Arc::new(cfg);
     let stop = shutdown_signal();
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     // One device for every in-process worker (they share its stream); a bad explicit choice
     // stops startup rather than failing every job.
     let device = sparsegrad_engine::device::resolve_device(&cfg.device)?;
@@ -107,7 +106,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             db: db.clone(),
             storage: storage.clone(),
             queue: cfg.queue(),
-            worker_id: format!("{host}-{}-{i}", std::process::id()),
+            worker_id: format!("{}-{}-{i}", cfg.host, std::process::id()),
             work_dir: cfg.data_dir.join("work"),
             heartbeat: cfg.queue().lease / 5,
             cache_dir: Some(cfg.data_dir.join("cache")),

@@ -62,7 +62,7 @@ fn env(db: PgPool) -> Env {
 
 async fn run_next(e: &Env) -> String {
     match try_run_one(&e.worker).await.unwrap() {
-        Outcome::Ran { status, .. } => status,
+        Outcome::Ran { status, .. } => status.to_string(),
         other => panic!("{other:?}"),
     }
 }
@@ -369,7 +369,7 @@ async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.bytes.len() as u64, delta["bytes"].as_u64().unwrap());
     assert_eq!(
-        sparsegrad_engine::checkpoint::sha256_bytes(&r.bytes),
+        sparsegrad_engine::io::sha256_bytes(&r.bytes),
         delta["sha256"].as_str().unwrap()
     );
     assert_eq!(r.headers["accept-ranges"], "bytes");
@@ -441,7 +441,7 @@ async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
     )
     .await;
     assert_eq!(again["data"], p["data"]);
-    assert_eq!(st.predict_cache.loads(), 1);
+    assert_eq!(st.predictor.loads(), 1);
     assert!(preds
         .iter()
         .all(|p| ["pos", "neg"].contains(&p["label"].as_str().unwrap())));
@@ -663,7 +663,7 @@ async fn cancel_queued_and_running_jobs_and_other_tenants_see_nothing(db: PgPool
     // The list computes positions and ETAs for the whole page: newest (b) first. With
     // estimates of 100 s (a) and 50 s (b), b should finish 150 s from now, a in 100 s.
     for (id, secs) in [(&a, 100), (&b, 50)] {
-        sqlx::query("update jobs set spec = jsonb_set(spec, '{api,estimate,duration_secs}', to_jsonb($2::float8)) where id = $1")
+        sqlx::query("update jobs set estimate_secs = $2, spec = jsonb_set(spec, '{api,estimate,duration_secs}', to_jsonb($2::float8)) where id = $1")
             .bind(id)
             .bind(secs as f64)
             .execute(&db)

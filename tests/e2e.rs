@@ -13,10 +13,11 @@ use common::api::{state_with, ADMIN};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use sparsegrad_service::api::router;
+use sparsegrad_service::domain::FineTune;
 use sparsegrad_service::queue::QueueConfig;
 use sparsegrad_service::server::worker_loop;
 use sparsegrad_service::storage::{S3Settings, Storage};
-use sparsegrad_service::worker::{JobSpec, WorkerCtx};
+use sparsegrad_service::worker::WorkerCtx;
 use sqlx::PgPool;
 
 /// The first `n` lines of a JSONL file.
@@ -194,7 +195,7 @@ async fn upload_train_follow_download_merge_predict_over_http(db: PgPool) {
         .await
         .unwrap();
     assert_eq!(
-        sparsegrad_engine::checkpoint::sha256_bytes(&bytes),
+        sparsegrad_engine::io::sha256_bytes(&bytes),
         delta["sha256"].as_str().unwrap()
     );
     let delta_dir = tmp.path().join("downloaded-delta");
@@ -247,11 +248,11 @@ async fn upload_train_follow_download_merge_predict_over_http(db: PgPool) {
         .fetch_one(&db)
         .await
         .unwrap();
-    let spec: JobSpec = serde_json::from_value(spec_row.0).unwrap();
+    let spec: FineTune = serde_json::from_value(spec_row.0).unwrap();
     let (tr, dv) = (tmp.path().join("t.jsonl"), tmp.path().join("d.jsonl"));
     std::fs::write(&tr, head(&fx.rt_polarity_train, 320)).unwrap();
     std::fs::write(&dv, &dev_rows).unwrap();
-    let engine = spec.engine_job(fx.minilm.clone(), tr, Some(dv));
+    let engine = spec.run_spec(fx.minilm.clone(), tr, Some(dv));
     let inputs_typed: Vec<sparsegrad_engine::train::PredictInput> =
         serde_json::from_value(Value::Array(inputs.clone())).unwrap();
     let local = tokio::task::spawn_blocking(move || {
@@ -367,8 +368,8 @@ async fn gguf_import_through_the_api(db: PgPool) {
         .unwrap();
     let want = std::fs::read(fx.smollm2.join("model.safetensors")).unwrap();
     assert_eq!(
-        sparsegrad_engine::checkpoint::sha256_bytes(&weights),
-        sparsegrad_engine::checkpoint::sha256_bytes(&want)
+        sparsegrad_engine::io::sha256_bytes(&weights),
+        sparsegrad_engine::io::sha256_bytes(&want)
     );
     let (s, l) = common::api::get(&st, "/v1/models/smollm2", &key).await;
     assert_eq!((s.as_u16(), l["source"].clone()), (200, json!("storage")));

@@ -7,12 +7,12 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use sparsegrad_engine::checkpoint::{
-    build_model, load_model, read_config, read_tensors, LoadOptions,
-};
 use sparsegrad_engine::data::{collate, Example, Target, TextTokenizer};
 use sparsegrad_engine::models::{Arch, Task};
 use sparsegrad_engine::nn::Ctx;
+use sparsegrad_engine::pretrained::{
+    build_model, load_model, read_config, read_tensors, LoadOptions,
+};
 
 fn reference(name: &str) -> serde_json::Value {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

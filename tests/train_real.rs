@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
 use sparsegrad_engine::methods::{LoraConfig, LoraTargets, MethodSpec, SparseGradConfig};
-use sparsegrad_engine::pipeline::{load_dataset, load_for_inference, run_job, JobSpec};
+use sparsegrad_engine::pipeline::{load_dataset, load_for_inference, run_job, RunSpec};
 use sparsegrad_engine::train::{evaluate, TrainConfig, TrainIo};
 
 fn majority(dev: &Path, n: usize) -> f64 {
@@ -264,7 +264,7 @@ fn smollm2_first_layers_sft_lowers_validation_loss() {
         (&lora, &fx.chitchat_chat, 48, 6),
         (&sparse, &fx.chitchat_train, 160, 20),
     ] {
-        let spec = JobSpec {
+        let spec = RunSpec {
             model_dir: fx.smollm2_4l.clone(),
             model_name: Some("SmolLM2-135M-Instruct (first 4 layers)".into()),
             train_file: train.clone(),

@@ -14,10 +14,10 @@ use sparsegrad_engine::models::Arch;
 use sparsegrad_engine::optim::Schedule;
 use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir};
 use sparsegrad_engine::train::TrainConfig;
-use sparsegrad_service::models::ModelSource;
-use sparsegrad_service::queue::{self, Cancelled, NewJob, QueueConfig};
+use sparsegrad_service::domain::{FileRef, FineTune, JobStatus, ModelSource};
+use sparsegrad_service::queue::{self, Cancelled, NewJob, QueueConfig, RetryPolicy};
 use sparsegrad_service::storage::{S3Settings, Storage};
-use sparsegrad_service::worker::{try_run_one, FileRef, JobSpec, Outcome, WorkerCtx};
+use sparsegrad_service::worker::{try_run_one, Outcome, WorkerCtx};
 use sqlx::PgPool;
 
 use common::tiny_rows as rows;
@@ -45,8 +45,12 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
         storage,
         queue: QueueConfig {
             lease: Duration::from_secs(30),
-            backoff_base: Duration::from_secs(10),
-            backoff_max: Duration::from_secs(60),
+            retry: RetryPolicy {
+                base: Duration::from_secs(10),
+                max: Duration::from_secs(60),
+                jitter_min: 0.5,
+            },
+            clock: Default::default(),
         },
         worker_id: "w1".into(),
         work_dir: tmp.path().join("work"),
@@ -62,8 +66,8 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
     }
 }
 
-fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: Option<usize>) -> JobSpec {
-    JobSpec {
+fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: Option<usize>) -> FineTune {
+    FineTune {
         base: ModelSource::Dir {
             path: model.to_path_buf(),
         },
@@ -92,7 +96,7 @@ fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: Option<usize>) 
     }
 }
 
-async fn enqueue(db: &PgPool, id: &str, spec: &JobSpec) {
+async fn enqueue(db: &PgPool, id: &str, spec: &FineTune) {
     queue::enqueue(
         db,
         &NewJob::fine_tune(id, "t1", serde_json::to_value(spec).unwrap()),
@@ -157,14 +161,14 @@ async fn a_job_runs_to_success_and_its_artifact_is_stored(db: PgPool) {
         out,
         Outcome::Ran {
             job_id: "job_a".into(),
-            status: "succeeded".into()
+            status: JobStatus::Succeeded
         }
     );
     let (status, attempt, error, result) = job_row(&db, "job_a").await;
     assert_eq!((status.as_str(), attempt, error), ("succeeded", 1, None));
     let result = result.unwrap();
     assert_eq!(result["trained_steps"], 6);
-    let arts = sparsegrad_service::db::jobs::artifacts(&db, "job_a")
+    let arts = sparsegrad_service::db::job_records::artifacts(&db, "job_a")
         .await
         .unwrap();
     let names: Vec<_> = arts
@@ -184,12 +188,9 @@ async fn a_job_runs_to_success_and_its_artifact_is_stored(db: PgPool) {
     let a = &arts[1];
     let bytes = e.ctx.storage.get(&a.object_key).await.unwrap();
     assert_eq!(a.bytes as usize, bytes.len());
-    assert_eq!(
-        a.sha256,
-        sparsegrad_engine::checkpoint::sha256_bytes(&bytes)
-    );
+    assert_eq!(a.sha256, sparsegrad_engine::io::sha256_bytes(&bytes));
     // One training point per step for the curves.
-    let points = sparsegrad_service::db::jobs::metrics(&db, "job_a")
+    let points = sparsegrad_service::db::job_records::metrics(&db, "job_a")
         .await
         .unwrap();
     assert_eq!(points.iter().filter(|m| m.kind == "train").count(), 6);
@@ -234,7 +235,7 @@ async fn bad_data_fails_at_once_naming_the_line(db: PgPool) {
         out,
         Outcome::Ran {
             job_id: "job_b".into(),
-            status: "failed".into()
+            status: JobStatus::Failed
         }
     );
     let (status, attempt, error, _) = job_row(&db, "job_b").await;
@@ -277,7 +278,7 @@ async fn cancelling_a_running_job_stops_it(db: PgPool) {
         out,
         Outcome::Ran {
             job_id: "job_c".into(),
-            status: "cancelled".into()
+            status: JobStatus::Cancelled
         }
     );
     assert_eq!(job_row(&db, "job_c").await.0, "cancelled");
@@ -318,7 +319,7 @@ async fn a_storage_outage_is_retried_not_corrupted(db: PgPool) {
         out,
         Outcome::Ran {
             job_id: "job_d".into(),
-            status: "queued".into()
+            status: JobStatus::Queued
         }
     );
     let (status, attempt, error, _) = job_row(&db, "job_d").await;
@@ -340,7 +341,7 @@ async fn a_storage_outage_is_retried_not_corrupted(db: PgPool) {
         out,
         Outcome::Ran {
             job_id: "job_d".into(),
-            status: "succeeded".into()
+            status: JobStatus::Succeeded
         }
     );
     assert_eq!(job_row(&db, "job_d").await.1, 2);
@@ -415,7 +416,7 @@ async fn a_lost_lease_resumes_from_the_last_checkpoint(db: PgPool) {
         out,
         Outcome::Ran {
             job_id: "job_e".into(),
-            status: "succeeded".into()
+            status: JobStatus::Succeeded
         }
     );
     let msgs = messages(&db, "job_e").await;

@@ -8,14 +8,15 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{read_config, read_tensors};
 use crate::data::LabelMap;
+use crate::io::{sha256_files, write_json, write_safetensors};
 use crate::methods::sparsegrad::basis::Basis;
 use crate::methods::sparsegrad::basis_tensor_name;
-use crate::methods::sparsegrad::core::{expand_plain, HostBasis};
+use crate::methods::sparsegrad::state::{expand_plain, HostBasis};
 use crate::methods::{BasisSide, DeltaEntry};
 use crate::models::{Arch, MlpKind, Model, Task};
 use crate::nn::Param;
+use crate::pretrained::{copy_tokenizer_files, read_config, read_tensors, weight_files};
 use crate::{Error, Result};
 
 pub const FORMAT: &str = "sparsegrad-delta";
@@ -31,7 +32,7 @@ pub struct Descriptor {
     pub task: Task,
     pub method: String,
     pub hyperparameters: serde_json::Value,
-    /// sha256 of the base model's weight files (see `checkpoint::sha256_files`).
+    /// sha256 of the base model's weight files (see `io::sha256_files`).
     pub base_model_sha256: String,
     /// Where the base model came from, as given (informational).
     #[serde(default)]
@@ -62,9 +63,7 @@ impl Artifact {
         );
         meta.insert("descriptor".to_string(), desc);
         write_safetensors(&self.tensors, Some(meta), &dir.join(TENSORS_FILE))?;
-        let pretty = serde_json::to_vec_pretty(&self.descriptor).expect("serialisable");
-        let p = dir.join(DESCRIPTOR_FILE);
-        std::fs::write(&p, pretty).map_err(|e| Error::io(&p, e))
+        write_json(&dir.join(DESCRIPTOR_FILE), &self.descriptor)
     }
 
     /// Loads from a folder holding `delta.safetensors` (the descriptor is read from its
@@ -274,43 +273,12 @@ impl Artifact {
     }
 }
 
-pub fn write_safetensors(
-    tensors: &BTreeMap<String, Tensor>,
-    metadata: Option<HashMap<String, String>>,
-    path: &Path,
-) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    let data: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    safetensors::tensor::serialize_to_file(
-        data.iter().map(|(k, v)| (k.as_str(), v)),
-        metadata,
-        &tmp,
-    )
-    .map_err(|e| Error::Artifact(format!("{}: {e}", path.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// Files a merged folder copies from the base so it loads with the same tokenizer.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "merges.txt",
-    "vocab.json",
-    "chat_template.jinja",
-    "generation_config.json",
-];
-
 /// Writes `base + delta` as a Hugging Face-layout folder (`config.json`,
 /// `model.safetensors`, tokenizer files). Checks the base model's identity first.
 pub fn merge(base_dir: &Path, artifact: &Artifact, out: &Path, seed: u64) -> Result<()> {
     let d = &artifact.descriptor;
-    let files = crate::checkpoint::weight_files(base_dir)?;
-    let sha = crate::checkpoint::sha256_files(&files)?;
+    let files = weight_files(base_dir)?;
+    let sha = sha256_files(&files)?;
     if sha != d.base_model_sha256 {
         return Err(Error::Artifact(format!(
             "base model mismatch: the artifact was trained on sha256 {} but {} has {}",
@@ -333,20 +301,18 @@ pub fn merge(base_dir: &Path, artifact: &Artifact, out: &Path, seed: u64) -> Res
         .next()
         .map(|t| t.dtype())
         .unwrap_or(DType::F32);
-    let opts = crate::checkpoint::LoadOptions {
+    let opts = crate::pretrained::LoadOptions {
         task: d.task.clone(),
         dtype,
         device: Device::Cpu,
         seed,
     };
     let mut report = Default::default();
-    let mut model = crate::checkpoint::build_model(arch, raw, tensors, &opts, &mut report)?;
+    let mut model = crate::pretrained::build_model(arch, raw, tensors, &opts, &mut report)?;
     artifact.apply(&mut model)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let cfg = model.merged_config(d.labels.as_ref().map(|l| l.names.as_slice()));
-    let p = out.join("config.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("json"))
-        .map_err(|e| Error::io(&p, e))?;
+    write_json(&out.join("config.json"), &cfg)?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     write_safetensors(
@@ -354,13 +320,7 @@ pub fn merge(base_dir: &Path, artifact: &Artifact, out: &Path, seed: u64) -> Res
         Some(meta),
         &out.join("model.safetensors"),
     )?;
-    for f in TOKENIZER_FILES {
-        let src = base_dir.join(f);
-        if src.exists() {
-            std::fs::copy(&src, out.join(f)).map_err(|e| Error::io(&src, e))?;
-        }
-    }
-    Ok(())
+    copy_tokenizer_files(base_dir, out)
 }
 
 /// What `sparsegrad inspect` prints.

@@ -251,17 +251,13 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Imp
         "model_max_length": ctx_len,
         "tokenizer_class": "PreTrainedTokenizerFast",
     });
-    let write = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let p = out_dir.join(name);
-        std::fs::write(&p, serde_json::to_vec_pretty(v).expect("json"))
-            .map_err(|e| Error::io(&p, e))
-    };
+    let write = |name: &str, v: &serde_json::Value| crate::io::write_json(&out_dir.join(name), v);
     write("config.json", &config)?;
     write("tokenizer.json", &tok_json)?;
     write("tokenizer_config.json", &tok_cfg)?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    crate::artifact::write_safetensors(&tensors, Some(meta), &out_dir.join("model.safetensors"))?;
+    crate::io::write_safetensors(&tensors, Some(meta), &out_dir.join("model.safetensors"))?;
     Ok(ImportReport {
         tensors: tensors.len(),
         parameters,

@@ -8,20 +8,22 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{Artifact, Descriptor, FORMAT, FORMAT_VERSION};
-use crate::checkpoint::{load_model, LoadOptions, LoadReport};
 use crate::data::{encode_records, infer_task, read_records, Dataset, LabelMap, TextTokenizer};
 use crate::methods::MethodSpec;
 use crate::models::{Model, Task};
 use crate::optim::AdamConfig;
+use crate::pretrained::{load_model, read_config, LoadOptions, LoadReport};
 use crate::train::{train, TrainConfig, TrainIo, TrainSummary};
 use crate::{Error, Result};
 
 fn default_max_len() -> usize {
-    128
+    crate::train::config::DEFAULT_MAX_SEQ_LEN
 }
 
+/// One run of the engine on local files (what a service job becomes once its inputs are
+/// downloaded).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JobSpec {
+pub struct RunSpec {
     pub model_dir: PathBuf,
     /// How the user named the base model (a path or hub id), recorded in the artifact.
     #[serde(default)]
@@ -94,7 +96,7 @@ pub fn load_dataset(
     })
 }
 
-pub fn run_job(spec: &JobSpec, device: &candle_core::Device, io: TrainIo<'_>) -> Result<JobOutput> {
+pub fn run_job(spec: &RunSpec, device: &candle_core::Device, io: TrainIo<'_>) -> Result<JobOutput> {
     let tok = TextTokenizer::from_dir(&spec.model_dir)?;
     let train_set = load_dataset(
         &spec.train_file,
@@ -188,16 +190,10 @@ pub fn load_for_inference(
         (Some(a), _) => a.descriptor.task.clone(),
         (None, Some(t)) => t,
         (None, None) => {
-            let (arch, _) = crate::checkpoint::read_config(model_dir)?;
-            match arch {
-                crate::models::Arch::Llama => Task::CausalLm,
-                _ => {
-                    return Err(Error::param(
-                        "task",
-                        "give a task (or an artifact) for an encoder model",
-                    ))
-                }
-            }
+            let (arch, raw) = read_config(model_dir)?;
+            arch.parse(&raw)?.default_task().ok_or_else(|| {
+                Error::param("task", "give a task (or an artifact) for an encoder model")
+            })?
         }
     };
     let opts = LoadOptions {

@@ -6,32 +6,21 @@ use candle_core::{DType, Device, Tensor};
 use rand_distr::{Distribution, Normal};
 use serde_json::json;
 
-use crate::checkpoint::{build_model, LoadOptions, LoadReport};
 use crate::models::{Arch, Model, Task};
+use crate::pretrained::{build_model, LoadOptions, LoadReport};
 use crate::Result;
 
 /// A config.json for a tiny model of the given architecture.
 pub fn tiny_config(arch: Arch) -> serde_json::Value {
-    match arch {
-        Arch::Bert => json!({
-            "model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "intermediate_size": 24, "hidden_act": "gelu",
-            "max_position_embeddings": 32, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
-            "pad_token_id": 0
-        }),
-        Arch::Roberta => json!({
-            "model_type": "roberta", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "intermediate_size": 24, "hidden_act": "gelu",
-            "max_position_embeddings": 40, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
-            "pad_token_id": 1
-        }),
-        Arch::Llama => json!({
-            "model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
-            "max_position_embeddings": 64
-        }),
-    }
+    arch.tiny_config()
+}
+
+/// The task a tiny model of `arch` is built for: its own (a causal LM's), else two classes.
+pub fn tiny_task(arch: Arch) -> Task {
+    arch.parse(&arch.tiny_config())
+        .ok()
+        .and_then(|a| a.default_task())
+        .unwrap_or(Task::Classification { num_labels: 2 })
 }
 
 /// A norm layer's scale: drawn around 1, not 0.
@@ -50,11 +39,11 @@ pub fn random_tensors(
     std: f32,
     seed: u64,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let mut shapes = BTreeMap::new();
-    let cfg = crate::checkpoint::parse_config(arch, config)?;
-    for (name, shape) in crate::checkpoint::expected_params(arch, &cfg, task) {
-        shapes.insert(name, shape);
-    }
+    let shapes: BTreeMap<String, Vec<usize>> = arch
+        .parse(config)?
+        .expected_params(task)
+        .into_iter()
+        .collect();
     let mut rng = crate::rng::stream(seed, "tiny-model", 0);
     let normal = Normal::new(0.0f32, std).expect("valid");
     let mut out = BTreeMap::new();
@@ -89,9 +78,8 @@ pub fn random_tensors_on(
     device: &Device,
     dtype: DType,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let cfg = crate::checkpoint::parse_config(arch, config)?;
     let mut out = BTreeMap::new();
-    for (name, shape) in crate::checkpoint::expected_params(arch, &cfg, task) {
+    for (name, shape) in arch.parse(config)?.expected_params(task) {
         let mean = if is_norm_scale(&name, &shape) {
             1.0f32
         } else {
@@ -125,7 +113,7 @@ pub const TINY_WORDS: &[&str] = &[
 ];
 
 /// A WordLevel `tokenizer.json` over `[CLS] [PAD] [SEP] [UNK] <eos>` + [`TINY_WORDS`]
-/// (BERT-style `[CLS] … [SEP]` for encoders, nothing added for LLaMA).
+/// (BERT-style `[CLS] … [SEP]` for classifiers, nothing added for a causal LM).
 pub fn tiny_tokenizer_json(arch: Arch) -> serde_json::Value {
     let specials = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "<eos>"];
     let mut vocab = serde_json::Map::new();
@@ -137,8 +125,8 @@ pub fn tiny_tokenizer_json(arch: Arch) -> serde_json::Value {
         .enumerate()
         .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
         .collect();
-    let post = match arch {
-        Arch::Llama => serde_json::Value::Null,
+    let post = match tiny_task(arch) {
+        Task::CausalLm => serde_json::Value::Null,
         _ => json!({"type": "BertProcessing", "sep": ["[SEP]", 2], "cls": ["[CLS]", 0]}),
     };
     json!({
@@ -155,28 +143,22 @@ pub fn write_tiny_model_dir(dir: &std::path::Path, arch: Arch, seed: u64) -> Res
     let mut cfg = tiny_config(arch);
     cfg["vocab_size"] = json!(5 + TINY_WORDS.len());
     cfg["pad_token_id"] = json!(1);
-    if arch == Arch::Llama {
+    let task = tiny_task(arch);
+    if task == Task::CausalLm {
         cfg["eos_token_id"] = json!(4);
     }
-    let task = match arch {
-        Arch::Llama => Task::CausalLm,
-        _ => Task::Classification { num_labels: 2 },
-    };
     let mut tensors = random_tensors(arch, &cfg, &task, 0.3, seed)?;
-    tensors.retain(|k, _| !k.starts_with("classifier") && !k.contains("pooler"));
+    // Pretrained checkpoints come without a task head: loading initialises one.
+    let head = arch.parse(&cfg)?.head_linears();
+    tensors.retain(|k, _| !head.iter().any(|h| k.starts_with(&format!("{h}."))));
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
-    let w = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let p = dir.join(name);
-        std::fs::write(&p, serde_json::to_vec_pretty(v).expect("json"))
-            .map_err(|e| crate::Error::io(&p, e))
-    };
-    w("config.json", &cfg)?;
-    w("tokenizer.json", &tiny_tokenizer_json(arch))?;
-    w(
-        "tokenizer_config.json",
+    crate::io::write_json(&dir.join("config.json"), &cfg)?;
+    crate::io::write_json(&dir.join("tokenizer.json"), &tiny_tokenizer_json(arch))?;
+    crate::io::write_json(
+        &dir.join("tokenizer_config.json"),
         &json!({"eos_token": "<eos>", "pad_token": "[PAD]"}),
     )?;
-    crate::artifact::write_safetensors(&tensors, None, &dir.join("model.safetensors"))
+    crate::io::write_safetensors(&tensors, None, &dir.join("model.safetensors"))
 }
 
 /// Largest absolute difference between two tensors of the same shape, as f64.

@@ -174,7 +174,7 @@ fn batch_for(model: &Model, seed: u64) -> sparsegrad_engine::models::Batch {
         })
         .collect();
     let refs: Vec<&Example> = ex.iter().collect();
-    let pad = sparsegrad_engine::train::pad_id(model);
+    let pad = model.pad_id();
     collate(&refs, pad, model.dtype(), &Device::Cpu).unwrap()
 }
 

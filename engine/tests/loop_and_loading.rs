@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor, Var};
-use sparsegrad_engine::artifact::write_safetensors;
-use sparsegrad_engine::checkpoint::{load_model, LoadOptions};
+use sparsegrad_engine::io::write_safetensors;
 use sparsegrad_engine::methods::MethodSpec;
 use sparsegrad_engine::models::{Arch, Task};
 use sparsegrad_engine::optim::{lr_at, AdamConfig, AdamW, Schedule};
-use sparsegrad_engine::pipeline::{run_job, JobSpec};
+use sparsegrad_engine::pipeline::{run_job, RunSpec};
+use sparsegrad_engine::pretrained::{load_model, LoadOptions};
 use sparsegrad_engine::testing::{write_tiny_model_dir, TINY_WORDS};
 use sparsegrad_engine::train::{TrainConfig, TrainIo};
 
@@ -230,13 +230,13 @@ fn gradient_accumulation_equals_the_larger_batch() {
     let data = tmp.path().join("d.jsonl");
     std::fs::write(&data, rows).unwrap();
     let run = |batch, accum| {
-        let spec = JobSpec {
+        let spec = RunSpec {
             model_dir: dir.clone(),
             model_name: None,
             train_file: data.clone(),
             valid_file: None,
             task: None,
-            method: MethodSpec::Full,
+            method: MethodSpec::Full(Default::default()),
             train: TrainConfig {
                 max_steps: Some(1),
                 batch_size: batch,

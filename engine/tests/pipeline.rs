@@ -4,10 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rand::Rng;
 use sparsegrad_engine::artifact::{merge, Artifact};
-use sparsegrad_engine::checkpoint::{load_model, LoadOptions};
 use sparsegrad_engine::data::{collate, Example};
 use sparsegrad_engine::methods::{
     BasisDtype, LoraConfig, LoraTargets, MePropConfig, MethodSpec, Scope, SparseGradConfig, Support,
@@ -15,7 +14,8 @@ use sparsegrad_engine::methods::{
 use sparsegrad_engine::models::{Arch, Model, Task};
 use sparsegrad_engine::nn::Ctx;
 use sparsegrad_engine::optim::Schedule;
-use sparsegrad_engine::pipeline::{load_for_inference, run_job, JobSpec};
+use sparsegrad_engine::pipeline::{load_for_inference, run_job, RunSpec};
+use sparsegrad_engine::pretrained::{load_model, LoadOptions};
 use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir, TINY_WORDS};
 use sparsegrad_engine::train::{Event, PredictInput, Prediction, TrainConfig, TrainIo};
 
@@ -48,8 +48,8 @@ fn write_data(dir: &Path, arch: Arch, rows: usize, seed: u64) -> PathBuf {
     p
 }
 
-fn spec(model: &Path, data: &Path, method: MethodSpec, max_steps: usize) -> JobSpec {
-    JobSpec {
+fn spec(model: &Path, data: &Path, method: MethodSpec, max_steps: usize) -> RunSpec {
+    RunSpec {
         model_dir: model.to_path_buf(),
         model_name: None,
         train_file: data.to_path_buf(),
@@ -105,7 +105,7 @@ fn lora() -> MethodSpec {
 #[test]
 fn resume_from_checkpoint_equals_uninterrupted_run() {
     for (arch, method) in [
-        (Arch::Bert, MethodSpec::Full),
+        (Arch::Bert, MethodSpec::Full(Default::default())),
         (Arch::Roberta, lora()),
         (Arch::Llama, lora()),
         (Arch::Bert, sparsegrad(Support::Fixed, Scope::Mlp)),
@@ -209,10 +209,10 @@ fn probe_batch(model: &Model) -> sparsegrad_engine::models::Batch {
 fn merged_model_equals_in_memory_fine_tuned_model() {
     for (arch, method) in [
         (Arch::Bert, lora()),
-        (Arch::Bert, MethodSpec::Full),
+        (Arch::Bert, MethodSpec::Full(Default::default())),
         (Arch::Roberta, lora()),
         (Arch::Llama, lora()),
-        (Arch::Llama, MethodSpec::Full),
+        (Arch::Llama, MethodSpec::Full(Default::default())),
         (Arch::Bert, sparsegrad(Support::Fixed, Scope::Mlp)),
         (Arch::Roberta, sparsegrad(Support::Refreshed, Scope::Mlp)),
         (Arch::Llama, sparsegrad(Support::Dynamic, Scope::Paper)),
@@ -321,7 +321,7 @@ fn training_learns_a_simple_rule_and_predicts_labels() {
     write_tiny_model_dir(&mdir, Arch::Bert, 1).unwrap();
     let data = write_data(tmp.path(), Arch::Bert, 200, 2);
     let valid = write_data(tmp.path(), Arch::Bert, 100, 3);
-    let mut s = spec(&mdir, &data, MethodSpec::Full, 150);
+    let mut s = spec(&mdir, &data, MethodSpec::Full(Default::default()), 150);
     s.valid_file = Some(valid);
     s.train.lr = 3e-3;
     s.train.dropout = false;
@@ -385,7 +385,7 @@ fn causal_lm_generates_and_bf16_trains() {
     let mdir = tmp.path().join("model");
     write_tiny_model_dir(&mdir, Arch::Llama, 1).unwrap();
     let data = write_data(tmp.path(), Arch::Llama, 16, 2);
-    let mut s = spec(&mdir, &data, MethodSpec::Full, 3);
+    let mut s = spec(&mdir, &data, MethodSpec::Full(Default::default()), 3);
     s.dtype = Some("bf16".into());
     let cancel = AtomicBool::new(false);
     let out = run_job(&s, &Device::Cpu, TrainIo::new(&mut |_| {}, &cancel)).unwrap();

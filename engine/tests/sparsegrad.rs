@@ -10,8 +10,7 @@ use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use rand::Rng;
 use sparsegrad_engine::data::{collate, Dataset, EncodeStats, Example, Target};
 use sparsegrad_engine::methods::sparsegrad::adam::SparseAdam;
-use sparsegrad_engine::methods::sparsegrad::basis::{rotate, topk_abs, Basis};
-use sparsegrad_engine::methods::sparsegrad::topk::topk_abs_fast;
+use sparsegrad_engine::methods::sparsegrad::basis::{rotate, Basis};
 use sparsegrad_engine::methods::{
     Calibration, DeltaEntry, Method, MethodSpec, Scope, SparseGradConfig, SparseMlp, Support,
 };
@@ -19,6 +18,8 @@ use sparsegrad_engine::models::{Arch, MlpKind, Model, Task};
 use sparsegrad_engine::nn::Ctx;
 use sparsegrad_engine::optim::{AdamConfig, AdamW, Schedule};
 use sparsegrad_engine::testing::{max_abs_diff, tiny_model};
+use sparsegrad_engine::topk::topk_abs;
+use sparsegrad_engine::topk::topk_abs_fast;
 use sparsegrad_engine::train::{train, TrainConfig, TrainIo, TrainSummary};
 
 fn dataset(arch: Arch, rows: usize, seed: u64) -> Dataset {

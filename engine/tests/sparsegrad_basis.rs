@@ -3,9 +3,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
-use sparsegrad_engine::methods::sparsegrad::basis::{rotate, topk_abs, GramAccumulator};
+use sparsegrad_engine::methods::sparsegrad::basis::{rotate, GramAccumulator};
 use sparsegrad_engine::models::MlpKind;
 use sparsegrad_engine::testing::max_abs_diff;
+use sparsegrad_engine::topk::topk_abs;
 
 fn grad(out: usize, inp: usize, seed: u64) -> Tensor {
     // Low-rank plus noise, like real weight gradients (energy concentrated in few directions).

@@ -5,9 +5,10 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
 use serde::Deserialize;
-use serde_json::json;
 
+use super::objects::{ApiKeyObject, TenantObject};
 use super::{Admin, AppState, Json};
+use crate::db::tenants;
 use crate::error::{ApiError, ApiResult};
 
 pub fn router() -> Router<AppState> {
@@ -27,7 +28,7 @@ async fn create_tenant(
     _: Admin,
     State(st): State<AppState>,
     Json(b): Json<NewTenant>,
-) -> ApiResult<(StatusCode, axum::Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, axum::Json<TenantObject>)> {
     let name = b.name.trim();
     if name.is_empty() || name.len() > 200 {
         return Err(ApiError::invalid(
@@ -36,13 +37,8 @@ async fn create_tenant(
             "invalid_name",
         ));
     }
-    let t = crate::db::create_tenant(&st.db, name).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(
-            json!({"object": "tenant", "id": t.id, "name": t.name, "created_at": t.created_at.timestamp()}),
-        ),
-    ))
+    let t = tenants::create(&st.db, name).await?;
+    Ok((StatusCode::CREATED, axum::Json(TenantObject::from(&t))))
 }
 
 #[derive(Deserialize)]
@@ -55,18 +51,13 @@ async fn create_key(
     _: Admin,
     State(st): State<AppState>,
     Json(b): Json<NewKey>,
-) -> ApiResult<(StatusCode, axum::Json<serde_json::Value>)> {
-    let (k, secret) = crate::db::create_api_key(&st.db, &b.tenant_id)
+) -> ApiResult<(StatusCode, axum::Json<ApiKeyObject>)> {
+    let (k, secret) = tenants::create_key(&st.db, &b.tenant_id)
         .await?
         .ok_or_else(|| ApiError::not_found("tenant", &b.tenant_id))?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({
-            "object": "api_key", "id": k.id, "tenant_id": k.tenant_id, "prefix": k.prefix,
-            "created_at": k.created_at.timestamp(),
-            // Shown once; only its hash is stored.
-            "key": secret,
-        })),
+        axum::Json(ApiKeyObject::new(&k, Some(secret))),
     ))
 }
 
@@ -74,12 +65,9 @@ async fn revoke_key(
     _: Admin,
     State(st): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
-    let k = crate::db::revoke_api_key(&st.db, &id)
+) -> ApiResult<axum::Json<ApiKeyObject>> {
+    let k = tenants::revoke_key(&st.db, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("api key", &id))?;
-    Ok(axum::Json(json!({
-        "object": "api_key", "id": k.id, "tenant_id": k.tenant_id, "prefix": k.prefix,
-        "revoked_at": k.revoked_at.map(|t| t.timestamp()),
-    })))
+    Ok(axum::Json(ApiKeyObject::new(&k, None)))
 }

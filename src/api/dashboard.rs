@@ -43,7 +43,7 @@ static ETAGS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
     FILES
         .iter()
         .map(|(_, _, body)| {
-            let sha = sparsegrad_engine::checkpoint::sha256_bytes(body.as_bytes());
+            let sha = sparsegrad_engine::io::sha256_bytes(body.as_bytes());
             format!("\"{}\"", &sha[..16])
         })
         .collect()

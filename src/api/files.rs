@@ -9,10 +9,11 @@ use axum::routing::get;
 use axum::Router;
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::json;
 
-use super::{list_body, AppState, ListParams, Tenant};
-use crate::db::{self, FileRow};
+use super::objects::{Deleted, FileObject, List};
+use super::{AppState, ListParams, Tenant};
+use crate::db::datasets::{self, FileRow};
+use crate::db::new_id;
 use crate::error::{ApiError, ApiResult};
 use crate::storage::keys;
 
@@ -23,14 +24,6 @@ pub fn router() -> Router<AppState> {
         .route("/files/{id}/content", get(content))
         // Uploads are bounded by `max_upload_bytes` below, not by axum's 2 MB default.
         .layer(axum::extract::DefaultBodyLimit::disable())
-}
-
-fn object(f: &FileRow) -> serde_json::Value {
-    json!({
-        "id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at.timestamp(),
-        "filename": f.filename, "purpose": f.purpose, "format": f.format, "task": f.task,
-        "rows": f.rows,
-    })
 }
 
 #[derive(Deserialize, Default)]
@@ -133,7 +126,7 @@ async fn upload(
         .map_err(ApiError::internal)?
         .map_err(|e| ApiError::invalid(e.to_string(), Some("file"), "invalid_file"))?;
     let len = bytes.len() as i64;
-    let id = db::new_id("file");
+    let id = new_id("file");
     let key = keys::file(&tenant, &id);
     st.storage.put(&key, bytes.into()).await?;
     let row = FileRow {
@@ -148,8 +141,8 @@ async fn upload(
         object_key: key.clone(),
         created_at: chrono::Utc::now(),
     };
-    match db::insert_file(&st.db, &row).await {
-        Ok(f) => Ok((axum::http::StatusCode::OK, axum::Json(object(&f))).into_response()),
+    match datasets::insert(&st.db, &row).await {
+        Ok(f) => Ok((axum::http::StatusCode::OK, axum::Json(FileObject::from(&f))).into_response()),
         Err(e) => {
             // No row, no object.
             let _ = st.storage.delete(&key).await;
@@ -162,10 +155,10 @@ async fn list(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
     Query(q): ListParams,
-) -> ApiResult<axum::Json<serde_json::Value>> {
-    let (rows, more) = db::list_files(&st.db, &tenant, &q.page()?).await?;
-    Ok(axum::Json(list_body(
-        rows.iter().map(object).collect(),
+) -> ApiResult<axum::Json<List<FileObject>>> {
+    let (rows, more) = datasets::list(&st.db, &tenant, &q.page()?).await?;
+    Ok(axum::Json(List::new(
+        rows.iter().map(FileObject::from).collect(),
         more,
     )))
 }
@@ -174,11 +167,11 @@ async fn get_one(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
-    let f = db::get_file(&st.db, &tenant, &id)
+) -> ApiResult<axum::Json<FileObject>> {
+    let f = datasets::get(&st.db, &tenant, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("file", &id))?;
-    Ok(axum::Json(object(&f)))
+    Ok(axum::Json(FileObject::from(&f)))
 }
 
 async fn content(
@@ -186,7 +179,7 @@ async fn content(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let f = db::get_file(&st.db, &tenant, &id)
+    let f = datasets::get(&st.db, &tenant, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("file", &id))?;
     let bytes = st.storage.get(&f.object_key).await?;
@@ -197,12 +190,14 @@ async fn delete(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
-    let f = db::delete_file(&st.db, &tenant, &id)
+) -> ApiResult<axum::Json<Deleted>> {
+    let f = datasets::delete(&st.db, &tenant, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("file", &id))?;
     st.storage.delete(&f.object_key).await?;
-    Ok(axum::Json(
-        json!({"id": f.id, "object": "file", "deleted": true}),
-    ))
+    Ok(axum::Json(Deleted {
+        id: f.id,
+        object: "file",
+        deleted: true,
+    }))
 }

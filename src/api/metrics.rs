@@ -95,13 +95,13 @@ async fn metrics(State(st): State<AppState>) -> ApiResult<Response> {
     let mut out = String::new();
     let _ = writeln!(out, "# HELP sparsegrad_jobs Jobs by kind and status.");
     let _ = writeln!(out, "# TYPE sparsegrad_jobs gauge");
-    for (kind, status, n) in crate::db::jobs::status_counts(&st.db).await? {
+    for (kind, status, n) in crate::db::job_records::status_counts(&st.db).await? {
         let _ = writeln!(
             out,
             "sparsegrad_jobs{{kind=\"{kind}\",status=\"{status}\"}} {n}"
         );
     }
-    let depth = crate::db::jobs::runnable_now(&st.db).await?;
+    let depth = crate::db::job_records::runnable_now(&st.db).await?;
     let _ = writeln!(
         out,
         "# HELP sparsegrad_queue_depth Queued jobs runnable now."

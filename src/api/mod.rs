@@ -1,25 +1,31 @@
 //! The HTTP API under `/v1`: one module per resource, each with its `router()`. Handlers
-//! validate, call `db`/`queue`/`storage` functions and shape responses; they hold no SQL.
+//! validate, call `db`/`queue`/`storage`/`inference` functions and answer with the typed
+//! objects of [`objects`]; they hold no SQL.
 
 pub mod admin;
 pub mod dashboard;
 pub mod files;
+pub mod fine_tuning;
 pub mod health;
-pub mod jobs;
+pub mod methods;
 pub mod metrics;
 pub mod models;
+pub mod objects;
 
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
 use axum::Router;
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use sqlx::PgPool;
 
 use crate::config::Config;
+use crate::db::tenants::key_hash;
 use crate::db::Page;
 use crate::error::{ApiError, ApiResult};
+use crate::inference::Predictor;
 use crate::storage::Storage;
 
 /// Cheap handles shared by every handler.
@@ -29,7 +35,7 @@ pub struct AppState {
     pub storage: Storage,
     pub cfg: Arc<Config>,
     pub http: Arc<metrics::HttpMetrics>,
-    pub predict_cache: Arc<jobs::PredictCache>,
+    pub predictor: Arc<Predictor>,
 }
 
 impl AppState {
@@ -39,7 +45,7 @@ impl AppState {
             storage,
             cfg,
             http: Default::default(),
-            predict_cache: Default::default(),
+            predictor: Default::default(),
         }
     }
 }
@@ -54,8 +60,9 @@ pub fn router(state: AppState) -> Router {
             Router::new()
                 .merge(admin::router())
                 .merge(files::router())
+                .merge(methods::router())
                 .merge(models::router())
-                .merge(jobs::router()),
+                .merge(fine_tuning::router()),
         )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -83,7 +90,7 @@ impl FromRequestParts<AppState> for Tenant {
         let key = bearer(parts).ok_or_else(|| {
             ApiError::unauthorized("missing `Authorization: Bearer <api key>` header")
         })?;
-        match crate::db::tenant_for_key(&st.db, key).await? {
+        match crate::db::tenants::for_key(&st.db, key).await? {
             Some(t) => Ok(Tenant(t)),
             None => Err(ApiError::unauthorized("invalid or revoked API key")),
         }
@@ -103,7 +110,7 @@ impl FromRequestParts<AppState> for Admin {
         };
         let got = bearer(parts).unwrap_or_default();
         // Compare hashes: equal-length inputs, no early exit on the secret itself.
-        if crate::db::key_hash(got) == crate::db::key_hash(want) && !got.is_empty() {
+        if key_hash(got) == key_hash(want.expose_secret()) && !got.is_empty() {
             Ok(Admin)
         } else {
             Err(ApiError::unauthorized("invalid admin key"))
@@ -132,11 +139,6 @@ impl ListQuery {
             limit,
         })
     }
-}
-
-/// `{"object": "list", "data": [...], "has_more": bool}`
-pub fn list_body<T: serde::Serialize>(data: Vec<T>, has_more: bool) -> serde_json::Value {
-    serde_json::json!({"object": "list", "data": data, "has_more": has_more})
 }
 
 pub type ListParams = Query<ListQuery>;

@@ -6,13 +6,16 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sparsegrad_engine::models::Arch;
 
-use super::jobs::find_model;
-use super::{list_body, AppState, Json, Tenant};
-use crate::db::models::ModelRow;
+use super::fine_tuning::find_model;
+use super::objects::{List, ModelObject};
+use super::{AppState, Json, Tenant};
+use crate::db::registered_models::{self, ModelRow};
+use crate::domain::estimate::shape_of;
+use crate::domain::request::check_model_name;
+use crate::domain::{catalog, BaseModel, ModelSource};
 use crate::error::{ApiError, ApiResult};
-use crate::jobs::{check_model_name, Shape};
-use crate::models::{self, BaseModel, ModelSource};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -20,23 +23,22 @@ pub fn router() -> Router<AppState> {
         .route("/models/{id}", get(get_one))
 }
 
-fn object(m: &BaseModel, owned_by: &str, created: Option<i64>) -> Value {
-    let shape = Shape::from_config(&m.config);
-    json!({
-        "id": m.id,
-        "object": "model",
-        "created": created,
-        "owned_by": owned_by,
-        "architecture": m.architecture,
-        "hidden_size": m.config.get("hidden_size"),
-        "num_hidden_layers": m.config.get("num_hidden_layers"),
-        "intermediate_size": m.config.get("intermediate_size"),
-        "parameters": shape.map(|s| s.params()),
-        "source": match &m.source {
+fn object(m: &BaseModel, owned_by: &str, created: Option<i64>) -> ModelObject {
+    ModelObject {
+        id: m.id.clone(),
+        object: "model",
+        created,
+        owned_by: owned_by.to_string(),
+        architecture: m.architecture.clone(),
+        hidden_size: m.config.get("hidden_size").cloned(),
+        num_hidden_layers: m.config.get("num_hidden_layers").cloned(),
+        intermediate_size: m.config.get("intermediate_size").cloned(),
+        parameters: shape_of(&m.config).map(|s| s.params()),
+        source: match &m.source {
             ModelSource::Dir { .. } => "models_dir",
             ModelSource::Storage { .. } => "storage",
         },
-    })
+    }
 }
 
 fn row_model(r: &ModelRow) -> BaseModel {
@@ -50,30 +52,33 @@ fn row_model(r: &ModelRow) -> BaseModel {
     }
 }
 
-async fn list(Tenant(tenant): Tenant, State(st): State<AppState>) -> ApiResult<axum::Json<Value>> {
+async fn list(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+) -> ApiResult<axum::Json<List<ModelObject>>> {
     let mut data = Vec::new();
     if let Some(dir) = st.cfg.models_dir.clone() {
-        let shared = tokio::task::spawn_blocking(move || models::list_dir(&dir))
+        let shared = tokio::task::spawn_blocking(move || catalog::list_dir(&dir))
             .await
             .map_err(ApiError::internal)?;
         data.extend(shared.iter().map(|m| object(m, "system", None)));
     }
-    for r in crate::db::models::list(&st.db, &tenant).await? {
+    for r in registered_models::list(&st.db, &tenant).await? {
         data.push(object(
             &row_model(&r),
             &tenant,
             Some(r.created_at.timestamp()),
         ));
     }
-    Ok(axum::Json(list_body(data, false)))
+    Ok(axum::Json(List::new(data, false)))
 }
 
 async fn get_one(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<axum::Json<Value>> {
-    if let Some(r) = crate::db::models::get(&st.db, &tenant, &id).await? {
+) -> ApiResult<axum::Json<ModelObject>> {
+    if let Some(r) = registered_models::get(&st.db, &tenant, &id).await? {
         return Ok(axum::Json(object(
             &row_model(&r),
             &tenant,
@@ -152,11 +157,8 @@ async fn stored_config(st: &AppState, prefix: &str, param: &str) -> ApiResult<(S
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| bad_model("config.json has no `model_type`", param))
-        .and_then(|mt| {
-            sparsegrad_engine::models::Arch::from_model_type(mt)
-                .map_err(|e| bad_model(e.to_string(), param))
-        })?;
-    if Shape::from_config(&cfg).is_none() {
+        .and_then(|mt| Arch::from_model_type(mt).map_err(|e| bad_model(e.to_string(), param)))?;
+    if shape_of(&cfg).is_none() {
         return Err(bad_model("config.json lacks the model's sizes", param));
     }
     Ok((arch.as_str().to_string(), cfg))
@@ -166,7 +168,7 @@ async fn create(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
     Json(req): Json<CreateModel>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<ModelObject>> {
     check_model_name(&req.id, "id")?;
     let taken = || {
         ApiError::conflict(
@@ -209,7 +211,7 @@ async fn create(
         source,
         created_at: chrono::Utc::now(),
     };
-    match crate::db::models::insert(&st.db, &row).await? {
+    match registered_models::insert(&st.db, &row).await? {
         Some(r) => Ok(axum::Json(object(
             &row_model(&r),
             &tenant,
@@ -275,7 +277,7 @@ async fn import_gguf(
                 .put_file(&format!("{prefix}/{name}"), &e.path())
                 .await?;
         }
-        let (arch, cfg) = sparsegrad_engine::checkpoint::read_config(&out)
+        let (arch, cfg) = sparsegrad_engine::pretrained::read_config(&out)
             .map_err(|e| ApiError::invalid(e.to_string(), Some("source.key"), "invalid_gguf"))?;
         Ok((arch.as_str().to_string(), cfg))
     }

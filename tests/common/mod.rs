@@ -5,7 +5,7 @@
 
 pub mod api;
 
-use sparsegrad_service::fixtures::{default_root, ensure, Fixtures};
+use sparsegrad_service::tools::fixtures::{default_root, ensure, Fixtures};
 
 pub fn fixtures() -> Option<Fixtures> {
     let root = std::env::var_os("SPARSEGRAD_FIXTURES")

@@ -103,7 +103,7 @@ pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
     with_slice::<f32, _>(x, |xs| {
         // Radix select: three histogram passes pin the k-th largest magnitude key.
         let (mut prefix, mut mask, mut above) = (0u32, 0u32, 0usize);
-        for (shift, bits) in super::reference::RADIX_PASSES {
+        for (shift, bits) in crate::topk::RADIX_PASSES {
             let bin_mask = (1u32 << bits) - 1;
             let hist = dev.alloc_zeros::<u32>(1 << bits)?;
             let cfg = LaunchConfig {
@@ -117,7 +117,7 @@ pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
             b.arg(&shift).arg(&bin_mask).arg(&hist);
             unsafe { b.launch(cfg) }.w()?;
             let h = dev.clone_dtoh(&hist)?;
-            let bin = super::reference::radix_step(&h, k, &mut above);
+            let bin = crate::topk::radix_step(&h, k, &mut above);
             prefix |= bin << shift;
             mask |= bin_mask << shift;
         }

@@ -47,7 +47,7 @@ pub fn topk_abs(x: &Tensor, k: usize) -> Result<(Vec<u32>, Tensor)> {
     match x.device() {
         Device::Cpu => {
             let (idx, vals) = on_host_f32(&x, |v| {
-                let idx = crate::methods::sparsegrad::topk::topk_abs_fast(v, k);
+                let idx = crate::topk::topk_abs_fast(v, k);
                 let vals: Vec<f32> = idx.iter().map(|&i| v[i as usize]).collect();
                 (idx, vals)
             })?;
@@ -248,11 +248,11 @@ mod tests {
             for v in [&ties, &wide] {
                 for k in [1, n / 100 + 1, n / 3 + 1, n] {
                     let k = k.min(n);
-                    let want: Vec<u32> = crate::methods::sparsegrad::basis::topk_abs(v, k)
+                    let want: Vec<u32> = crate::topk::topk_abs(v, k)
                         .into_iter()
                         .map(|i| i as u32)
                         .collect();
-                    let (idx, vals) = reference::topk_abs_radix(v, k, 4096);
+                    let (idx, vals) = crate::topk::topk_abs_radix(v, k, 4096);
                     assert_eq!(idx, want, "n {n} k {k}");
                     let expect: Vec<f32> = want.iter().map(|&i| v[i as usize]).collect();
                     assert_eq!(vals, expect);

@@ -1,93 +1,10 @@
 //! The CUDA kernels' algorithms on the host, step for step (same passes, same arithmetic
 //! order), so a GPU result can be compared with what the same algorithm gives on the CPU.
+//! Top-k's host mirror is [`crate::topk::topk_abs_radix`], beside the other top-k code.
 
 use rayon::prelude::*;
 
 use super::AdamStep;
-
-/// `|x|` as an integer ordered like `|x|`.
-#[inline]
-pub fn mag_key(x: f32) -> u32 {
-    x.to_bits() & 0x7fff_ffff
-}
-
-/// The radix-select passes over the 31-bit magnitude key: (shift, bits). Each pass takes a
-/// 2^bits-bin histogram of the keys that match the prefix found so far.
-pub const RADIX_PASSES: [(u32, u32); 3] = [(20, 11), (10, 10), (0, 10)];
-
-/// Narrows the prefix by one pass: the bin that holds the k-th largest key, given the
-/// histogram of that pass and the count of keys already known to be larger.
-pub fn radix_step(hist: &[u32], k: usize, above: &mut usize) -> u32 {
-    for b in (0..hist.len()).rev() {
-        let c = hist[b] as usize;
-        if *above + c >= k {
-            return b as u32;
-        }
-        *above += c;
-    }
-    0
-}
-
-/// The k-th largest key (`thr`) and how many keys equal to it are taken (`need`): every key
-/// above `thr` is selected, plus the first `need` equal to it.
-pub fn radix_threshold(values: &[f32], k: usize) -> (u32, usize) {
-    let (mut prefix, mut mask, mut above) = (0u32, 0u32, 0usize);
-    for (shift, bits) in RADIX_PASSES {
-        let bin_mask = (1u32 << bits) - 1;
-        let mut hist = vec![0u32; 1 << bits];
-        for &x in values {
-            let key = mag_key(x);
-            if key & mask == prefix {
-                hist[((key >> shift) & bin_mask) as usize] += 1;
-            }
-        }
-        let b = radix_step(&hist, k, &mut above);
-        prefix |= b << shift;
-        mask |= bin_mask << shift;
-    }
-    (prefix, k - above)
-}
-
-/// Top-k by magnitude as the GPU does it: radix threshold, per-chunk counts, exclusive scans,
-/// then each chunk writes its selected entries at their rank. Indices ascending, ties to the
-/// lower index.
-pub fn topk_abs_radix(values: &[f32], k: usize, chunk: usize) -> (Vec<u32>, Vec<f32>) {
-    let n = values.len();
-    let k = k.min(n);
-    if k == 0 {
-        return (Vec::new(), Vec::new());
-    }
-    let (thr, need) = radix_threshold(values, k);
-    let counts: Vec<(u32, u32)> = values
-        .chunks(chunk)
-        .map(|c| {
-            c.iter().fold((0, 0), |(g, e), &x| {
-                let key = mag_key(x);
-                (g + (key > thr) as u32, e + (key == thr) as u32)
-            })
-        })
-        .collect();
-    let (mut gt_base, mut eq_base) = (0u32, 0u32);
-    let mut idx = vec![0u32; k];
-    let mut val = vec![0f32; k];
-    for (ci, c) in values.chunks(chunk).enumerate() {
-        let (mut og, mut oe) = (gt_base, eq_base);
-        for (j, &x) in c.iter().enumerate() {
-            let key = mag_key(x);
-            let (g, e) = (key > thr, key == thr);
-            if g || (e && (oe as usize) < need) {
-                let pos = og as usize + (oe as usize).min(need);
-                idx[pos] = (ci * chunk + j) as u32;
-                val[pos] = x;
-            }
-            og += g as u32;
-            oe += e as u32;
-        }
-        gt_base += counts[ci].0;
-        eq_base += counts[ci].1;
-    }
-    (idx, val)
-}
 
 /// Adam on support entries, in place on the moments; returns each entry's change.
 pub fn sparse_adam(

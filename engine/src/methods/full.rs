@@ -1,11 +1,36 @@
 use std::collections::BTreeMap;
 
 use candle_core::{backprop::GradStore, Tensor};
+use serde::{Deserialize, Serialize};
 
+use super::registry::{Footprint, MethodConfig, MethodInfo};
 use super::{DeltaEntry, DenseTrainer, Method};
-use crate::models::Model;
+use crate::models::{Model, ParamShape};
 use crate::optim::AdamConfig;
 use crate::Result;
+
+/// Full fine-tuning has no settings of its own.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FullConfig {}
+
+impl MethodConfig for FullConfig {
+    const INFO: MethodInfo = MethodInfo {
+        name: "full",
+        description: "Every parameter trains with AdamW; the artifact holds every tensor.",
+        default_lr: 5e-5,
+        hyperparameters: &[],
+    };
+    fn build(&self, adam: AdamConfig) -> Box<dyn Method> {
+        Box::new(Full::new(adam))
+    }
+    fn footprint(&self, shape: &ParamShape) -> Footprint {
+        Footprint {
+            trainable: shape.params(),
+            ..Default::default()
+        }
+    }
+}
 
 /// Full fine-tuning: every parameter trains with AdamW; the artifact holds every tensor.
 pub struct Full {

@@ -4,8 +4,9 @@ use candle_core::{backprop::GradStore, Tensor};
 use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 
+use super::registry::{Bound, Footprint, Hyper, MethodConfig, MethodInfo};
 use super::{DeltaEntry, DenseTrainer, Method};
-use crate::models::Model;
+use crate::models::{Model, ParamShape};
 use crate::nn::{Adapter, Param};
 use crate::optim::AdamConfig;
 use crate::{Error, Result};
@@ -65,18 +66,40 @@ impl Default for LoraConfig {
     }
 }
 
-impl LoraConfig {
-    pub fn validate(&self) -> Result<()> {
-        if self.r == 0 || self.r > 1024 {
-            return Err(Error::param("r", "must be between 1 and 1024"));
+impl MethodConfig for LoraConfig {
+    const INFO: MethodInfo = MethodInfo {
+        name: "lora",
+        description: "LoRA (Hu et al. 2021): frozen weights plus a trained low-rank update B·A on \
+                      the target linears; the task head trains densely.",
+        default_lr: 5e-4,
+        hyperparameters: &[
+            Hyper::integer("r", "rank of the update")
+                .min(Bound::Incl(1.0))
+                .max(Bound::Incl(1024.0)),
+            Hyper::number("alpha", "scale: the update is multiplied by alpha / r")
+                .min(Bound::Excl(0.0)),
+            Hyper::number("dropout", "dropout on the adapter's input")
+                .min(Bound::Incl(0.0))
+                .max(Bound::Excl(1.0)),
+            Hyper::choice(
+                "targets",
+                &["mlp", "attention", "all"],
+                "which linears get adapters",
+            ),
+        ],
+    };
+    fn build(&self, adam: AdamConfig) -> Box<dyn Method> {
+        Box::new(Lora::new(self.clone(), adam))
+    }
+    fn footprint(&self, shape: &ParamShape) -> Footprint {
+        // Adapters on the MLP matrices (the default targets): r·(in + out) each.
+        Footprint {
+            trainable: shape.layers
+                * shape.mlp_matrices
+                * self.r as u64
+                * (shape.hidden + shape.ffn),
+            ..Default::default()
         }
-        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
-            return Err(Error::param("alpha", "must be a positive number"));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::param("dropout", "must be in [0, 1)"));
-        }
-        Ok(())
     }
 }
 

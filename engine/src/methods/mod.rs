@@ -1,9 +1,12 @@
 //! Fine-tuning methods behind one trait the trainer drives. A method decides what trains
 //! (freezing, adapters, gradient hooks), turns accumulated gradients into updates, keeps its
-//! optimizer state for checkpoints, and says what goes into the artifact.
+//! optimizer state for checkpoints, and says what goes into the artifact. Each method's file
+//! holds its settings type too; [`registry`] lists them by name (adding a method = its file
+//! plus one line there).
 
 pub mod full;
 pub mod lora;
+pub mod registry;
 pub mod sparsegrad;
 
 use std::collections::BTreeMap;
@@ -15,8 +18,9 @@ use crate::models::Model;
 use crate::optim::{clip_scale, grad_norm, AdamConfig, AdamW};
 use crate::{Error, Result};
 
-pub use full::Full;
+pub use full::{Full, FullConfig};
 pub use lora::{Lora, LoraConfig, LoraTargets};
+pub use registry::{resolve, MethodSpec, Resolved, DEFAULT_METHOD, METHODS};
 pub use sparsegrad::{BasisDtype, MePropConfig, Scope, SparseGradConfig, SparseMlp, Support};
 
 /// How an artifact tensor is applied to the base model.
@@ -218,54 +222,5 @@ impl DenseTrainer {
             .as_mut()
             .ok_or_else(|| Error::Other("optimizer used before prepare".into()))?
             .load_state(&opt_state, t)
-    }
-}
-
-/// Method hyperparameters as submitted (CLI flags or the API's `method` object).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum MethodSpec {
-    Full,
-    Lora(LoraConfig),
-    Sparsegrad(SparseGradConfig),
-    Meprop(MePropConfig),
-}
-
-impl MethodSpec {
-    pub fn build(&self, adam: AdamConfig) -> Result<Box<dyn Method>> {
-        Ok(match self {
-            MethodSpec::Full => Box::new(Full::new(adam)),
-            MethodSpec::Lora(c) => {
-                c.validate()?;
-                Box::new(Lora::new(c.clone(), adam))
-            }
-            MethodSpec::Sparsegrad(c) => {
-                c.validate()?;
-                Box::new(SparseMlp::sparsegrad(c.clone(), adam))
-            }
-            MethodSpec::Meprop(c) => {
-                c.validate()?;
-                Box::new(SparseMlp::meprop(c.clone(), adam))
-            }
-        })
-    }
-    pub fn name(&self) -> &'static str {
-        match self {
-            MethodSpec::Full => "full",
-            MethodSpec::Lora(_) => "lora",
-            MethodSpec::Sparsegrad(_) => "sparsegrad",
-            MethodSpec::Meprop(_) => "meprop",
-        }
-    }
-
-    /// The learning rate a method works with when the job gives none: sparse methods update
-    /// ~1% of each MLP matrix and need about 10× full fine-tuning's rate (at 1e-4 a fixed
-    /// support did not learn at all in our PyTorch re-implementation).
-    pub fn default_lr(&self) -> f64 {
-        match self {
-            MethodSpec::Full => 5e-5,
-            MethodSpec::Lora(_) => 5e-4,
-            MethodSpec::Sparsegrad(_) | MethodSpec::Meprop(_) => 1e-3,
-        }
     }
 }

@@ -3,11 +3,52 @@
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
-use super::{Batch, Task};
+use super::{Arch, ArchEntry, Architecture, Batch, MlpKind, ParamShape, Task};
 use crate::nn::fused::{scaled_masked_softmax, MaskRows};
 use crate::nn::{Ctx, Weights};
 use crate::{Error, Result};
+
+pub const ENTRY: ArchEntry = ArchEntry {
+    model_type: "bert",
+    canonical_name: |n| encoder_canonical_name(PREFIX, n),
+    parse: |raw| Ok(Box::new(Bert(EncoderConfig::parse(raw)?))),
+    tiny_config: || {
+        json!({
+            "model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 24, "hidden_act": "gelu",
+            "max_position_embeddings": 32, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+            "pad_token_id": 0
+        })
+    },
+};
+
+const PREFIX: &str = "bert";
+const POOLER: &str = "bert.pooler.dense";
+const CLASSIFIER: &str = "classifier";
+
+// Submodules of one encoder layer (relative to `{prefix}.encoder.layer.{i}`): written once,
+// used by the forward pass, the expected parameters and the linear lists alike.
+const QUERY: &str = "attention.self.query";
+const KEY: &str = "attention.self.key";
+const VALUE: &str = "attention.self.value";
+const ATTN_OUT: &str = "attention.output.dense";
+const ATTN_NORM: &str = "attention.output.LayerNorm";
+const INTERMEDIATE: &str = "intermediate.dense";
+const OUTPUT: &str = "output.dense";
+const OUT_NORM: &str = "output.LayerNorm";
+const ATTENTION: [&str; 4] = [QUERY, KEY, VALUE, ATTN_OUT];
+const MLP: [(&str, MlpKind); 2] = [
+    (INTERMEDIATE, MlpKind::Intermediate),
+    (OUTPUT, MlpKind::Output),
+];
+
+// Embedding tables and norm (relative to `{prefix}.embeddings`).
+const WORDS: &str = "word_embeddings.weight";
+const POSITIONS: &str = "position_embeddings.weight";
+const TOKEN_TYPES: &str = "token_type_embeddings.weight";
+const EMB_NORM: &str = "LayerNorm";
 
 fn default_eps() -> f64 {
     1e-12
@@ -47,8 +88,15 @@ pub struct EncoderConfig {
 }
 
 impl EncoderConfig {
+    pub fn parse(raw: &Value) -> Result<Self> {
+        let c: EncoderConfig = super::parse_json(raw)?;
+        c.validate()?;
+        Ok(c)
+    }
     pub fn validate(&self) -> Result<()> {
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::Model(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -60,6 +108,96 @@ impl EncoderConfig {
     pub fn head_dropout(&self) -> f64 {
         self.classifier_dropout.unwrap_or(self.hidden_dropout_prob)
     }
+}
+
+/// Parameter names of an encoder whose backbone lives under `prefix` (`bert`, `roberta`).
+#[derive(Clone, Copy)]
+pub struct EncoderNames {
+    pub prefix: &'static str,
+}
+
+impl EncoderNames {
+    pub fn embeddings(&self, sub: &str) -> String {
+        format!("{}.embeddings.{sub}", self.prefix)
+    }
+    pub fn layer(&self, i: usize, sub: &str) -> String {
+        format!("{}.encoder.layer.{i}.{sub}", self.prefix)
+    }
+}
+
+/// The canonical names an encoder checkpoint's tensors take: bare backbone names go under
+/// `prefix`, the sequence-classification head keeps its own names.
+pub fn encoder_canonical_name(prefix: &str, name: &str) -> Option<String> {
+    super::canonical_under(
+        name,
+        prefix,
+        &["embeddings.", "encoder.", "pooler."],
+        &["classifier."],
+    )
+}
+
+/// The backbone's parameters (embeddings and layers, not the head) with their shapes.
+pub fn encoder_params(c: &EncoderConfig, n: EncoderNames) -> Vec<(String, Vec<usize>)> {
+    let (h, f) = (c.hidden_size, c.intermediate_size);
+    let mut out = vec![
+        (n.embeddings(WORDS), vec![c.vocab_size, h]),
+        (n.embeddings(POSITIONS), vec![c.max_position_embeddings, h]),
+        (n.embeddings(TOKEN_TYPES), vec![c.type_vocab_size, h]),
+    ];
+    for s in ["weight", "bias"] {
+        out.push((n.embeddings(&format!("{EMB_NORM}.{s}")), vec![h]));
+    }
+    for i in 0..c.num_hidden_layers {
+        for (sub, o, inp) in [
+            (QUERY, h, h),
+            (KEY, h, h),
+            (VALUE, h, h),
+            (ATTN_OUT, h, h),
+            (INTERMEDIATE, f, h),
+            (OUTPUT, h, f),
+        ] {
+            out.push((n.layer(i, &format!("{sub}.weight")), vec![o, inp]));
+            out.push((n.layer(i, &format!("{sub}.bias")), vec![o]));
+        }
+        for norm in [ATTN_NORM, OUT_NORM] {
+            for s in ["weight", "bias"] {
+                out.push((n.layer(i, &format!("{norm}.{s}")), vec![h]));
+            }
+        }
+    }
+    out
+}
+
+/// `(prefix, kind, layer)` of every MLP linear of an encoder.
+pub fn encoder_mlp_linears(c: &EncoderConfig, n: EncoderNames) -> Vec<(String, MlpKind, usize)> {
+    (0..c.num_hidden_layers)
+        .flat_map(|i| MLP.map(|(sub, kind)| (n.layer(i, sub), kind, i)))
+        .collect()
+}
+
+pub fn encoder_attention_linears(c: &EncoderConfig, n: EncoderNames) -> Vec<String> {
+    (0..c.num_hidden_layers)
+        .flat_map(|i| ATTENTION.map(|sub| n.layer(i, sub)))
+        .collect()
+}
+
+/// An encoder's sizes; `head` is its two-label head (a dense layer on `<s>`/`[CLS]` plus the
+/// classifier, the same size for BERT's pooler and RoBERTa's head).
+pub fn encoder_shape(c: &EncoderConfig) -> ParamShape {
+    let h = c.hidden_size as u64;
+    ParamShape {
+        vocab: c.vocab_size as u64,
+        hidden: h,
+        layers: c.num_hidden_layers as u64,
+        ffn: c.intermediate_size as u64,
+        kv_dim: h,
+        mlp_matrices: MLP.len() as u64,
+        head: h * h + 3 * h + 2,
+    }
+}
+
+pub fn encoder_supports(task: &Task) -> bool {
+    matches!(task, Task::Classification { .. } | Task::Regression)
 }
 
 #[derive(Clone, Copy)]
@@ -103,24 +241,24 @@ pub fn additive_key_mask(mask: &Tensor) -> Result<Tensor> {
 pub fn encoder(
     cfg: &EncoderConfig,
     w: &Weights,
-    prefix: &str,
+    n: EncoderNames,
     batch: &Batch,
     position_ids: &Tensor,
     ctx: &mut Ctx,
 ) -> Result<Tensor> {
     let act = activation(&cfg.hidden_act)?;
-    let e = format!("{prefix}.embeddings");
-    let mut h = w.embedding(&format!("{e}.word_embeddings.weight"), &batch.input_ids)?;
-    h = h.broadcast_add(&w.embedding(&format!("{e}.position_embeddings.weight"), position_ids)?)?;
-    if let Some(tt) = w.get_opt(&format!("{e}.token_type_embeddings.weight")) {
+    let mut h = w.embedding(&n.embeddings(WORDS), &batch.input_ids)?;
+    h = h.broadcast_add(&w.embedding(&n.embeddings(POSITIONS), position_ids)?)?;
+    let tt_name = n.embeddings(TOKEN_TYPES);
+    if let Some(tt) = w.get_opt(&tt_name) {
         let ids = if tt.dim(0)? == 1 {
             batch.token_type_ids.zeros_like()?
         } else {
             batch.token_type_ids.clone()
         };
-        h = (h + w.embedding(&format!("{e}.token_type_embeddings.weight"), &ids)?)?;
+        h = (h + w.embedding(&tt_name, &ids)?)?;
     }
-    h = w.layer_norm(&format!("{e}.LayerNorm"), &h, cfg.layer_norm_eps)?;
+    h = w.layer_norm(&n.embeddings(EMB_NORM), &h, cfg.layer_norm_eps)?;
     h = ctx.dropout(&h, cfg.hidden_dropout_prob)?;
 
     let (b, t, hidden) = h.dims3()?;
@@ -129,72 +267,99 @@ pub fn encoder(
     let mask = additive_key_mask(&batch.attention_mask)?;
     let scale = 1.0 / (hd as f64).sqrt();
     for i in 0..cfg.num_hidden_layers {
-        let l = format!("{prefix}.encoder.layer.{i}");
+        let l = |sub: &str| n.layer(i, sub);
         let split = |x: Tensor| -> Result<Tensor> {
             Ok(x.reshape((b, t, heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = split(w.linear(&format!("{l}.attention.self.query"), &h, ctx)?)?;
-        let k = split(w.linear(&format!("{l}.attention.self.key"), &h, ctx)?)?;
-        let v = split(w.linear(&format!("{l}.attention.self.value"), &h, ctx)?)?;
+        let q = split(w.linear(&l(QUERY), &h, ctx)?)?;
+        let k = split(w.linear(&l(KEY), &h, ctx)?)?;
+        let v = split(w.linear(&l(VALUE), &h, ctx)?)?;
         let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerBatch)?;
         let probs = ctx.dropout(&probs, cfg.attention_probs_dropout_prob)?;
         let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))?;
-        let a = w.linear(&format!("{l}.attention.output.dense"), &a, ctx)?;
+        let a = w.linear(&l(ATTN_OUT), &a, ctx)?;
         let a = ctx.dropout(&a, cfg.hidden_dropout_prob)?;
-        let h1 = w.layer_norm(
-            &format!("{l}.attention.output.LayerNorm"),
-            &(a + &h)?,
-            cfg.layer_norm_eps,
-        )?;
-        let m = w.linear(&format!("{l}.intermediate.dense"), &h1, ctx)?;
+        let h1 = w.layer_norm(&l(ATTN_NORM), &(a + &h)?, cfg.layer_norm_eps)?;
+        let m = w.linear(&l(INTERMEDIATE), &h1, ctx)?;
         let m = apply_activation(act, &m)?;
-        let m = w.linear(&format!("{l}.output.dense"), &m, ctx)?;
+        let m = w.linear(&l(OUTPUT), &m, ctx)?;
         let m = ctx.dropout(&m, cfg.hidden_dropout_prob)?;
-        h = w.layer_norm(
-            &format!("{l}.output.LayerNorm"),
-            &(m + h1)?,
-            cfg.layer_norm_eps,
-        )?;
+        h = w.layer_norm(&l(OUT_NORM), &(m + h1)?, cfg.layer_norm_eps)?;
     }
     Ok(h)
-}
-
-/// Last hidden states `(B, T, H)`.
-pub fn hidden_states(
-    cfg: &EncoderConfig,
-    w: &Weights,
-    batch: &Batch,
-    ctx: &mut Ctx,
-) -> Result<Tensor> {
-    let (b, t) = batch.input_ids.dims2()?;
-    let pos: Vec<u32> = (0..t as u32).collect();
-    let pos = Tensor::from_vec(pos, (1, t), batch.input_ids.device())?
-        .broadcast_as((b, t))?
-        .contiguous()?;
-    encoder(cfg, w, "bert", batch, &pos, ctx)
-}
-
-/// Classification logits `(B, C)`, or `(B,)` for regression.
-pub fn forward(
-    cfg: &EncoderConfig,
-    w: &Weights,
-    task: &Task,
-    batch: &Batch,
-    ctx: &mut Ctx,
-) -> Result<Tensor> {
-    let h = hidden_states(cfg, w, batch, ctx)?;
-    let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
-    let pooled = w.linear("bert.pooler.dense", &cls, ctx)?.tanh()?;
-    let pooled = ctx.dropout(&pooled, cfg.head_dropout())?;
-    let logits = w.linear("classifier", &pooled, ctx)?;
-    finish_head(logits, task)
 }
 
 pub fn finish_head(logits: Tensor, task: &Task) -> Result<Tensor> {
     match task {
         Task::Regression => Ok(logits.squeeze(D::Minus1)?),
         _ => Ok(logits),
+    }
+}
+
+/// A head linear's weight and bias with their shapes.
+pub fn head_param(name: &str, out: usize, inp: usize) -> [(String, Vec<usize>); 2] {
+    [
+        (format!("{name}.weight"), vec![out, inp]),
+        (format!("{name}.bias"), vec![out]),
+    ]
+}
+
+pub struct Bert(pub EncoderConfig);
+
+const NAMES: EncoderNames = EncoderNames { prefix: PREFIX };
+
+impl Architecture for Bert {
+    fn arch(&self) -> Arch {
+        Arch::Bert
+    }
+    fn num_layers(&self) -> usize {
+        self.0.num_hidden_layers
+    }
+    fn pad_id(&self) -> u32 {
+        self.0.pad_token_id
+    }
+    fn supports(&self, task: &Task) -> bool {
+        encoder_supports(task)
+    }
+    fn expected_params(&self, task: &Task) -> Vec<(String, Vec<usize>)> {
+        let h = self.0.hidden_size;
+        let mut out = encoder_params(&self.0, NAMES);
+        out.extend(head_param(POOLER, h, h));
+        out.extend(head_param(CLASSIFIER, task.head_width().unwrap_or(1), h));
+        out
+    }
+    fn head_linears(&self) -> Vec<String> {
+        vec![POOLER.into(), CLASSIFIER.into()]
+    }
+    fn mlp_linears(&self) -> Vec<(String, MlpKind, usize)> {
+        encoder_mlp_linears(&self.0, NAMES)
+    }
+    fn attention_linears(&self) -> Vec<String> {
+        encoder_attention_linears(&self.0, NAMES)
+    }
+    fn hidden_states(&self, w: &Weights, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let pos: Vec<u32> = (0..t as u32).collect();
+        let pos = Tensor::from_vec(pos, (1, t), batch.input_ids.device())?
+            .broadcast_as((b, t))?
+            .contiguous()?;
+        encoder(&self.0, w, NAMES, batch, &pos, ctx)
+    }
+    /// Classification logits `(B, C)`, or `(B,)` for regression.
+    fn forward(&self, w: &Weights, task: &Task, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
+        let h = self.hidden_states(w, batch, ctx)?;
+        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
+        let pooled = w.linear(POOLER, &cls, ctx)?.tanh()?;
+        let pooled = ctx.dropout(&pooled, self.0.head_dropout())?;
+        let logits = w.linear(CLASSIFIER, &pooled, ctx)?;
+        finish_head(logits, task)
+    }
+    fn merged_config(&self, raw: &Value, task: &Task, labels: Option<&[String]>) -> Value {
+        super::classifier_config(raw, "BertForSequenceClassification", task, labels)
+    }
+    fn shape(&self) -> ParamShape {
+        encoder_shape(&self.0)
     }
 }

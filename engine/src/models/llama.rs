@@ -4,11 +4,64 @@
 
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
-use super::Batch;
+use super::{Arch, ArchEntry, Architecture, Batch, MlpKind, ParamShape, Task};
 use crate::nn::fused::{scaled_masked_softmax, MaskRows};
 use crate::nn::{rope, rope_tables, Ctx, Param, Weights};
 use crate::{Error, Result};
+
+pub const ENTRY: ArchEntry = ArchEntry {
+    model_type: "llama",
+    canonical_name: |n| {
+        super::canonical_under(
+            n,
+            PREFIX,
+            &["embed_tokens.", "layers.", "norm."],
+            &[LM_HEAD],
+        )
+    },
+    parse: |raw| {
+        let c: LlamaConfig = super::parse_json(raw)?;
+        c.validate()?;
+        Ok(Box::new(c))
+    },
+    tiny_config: || {
+        json!({
+            "model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
+            "max_position_embeddings": 64
+        })
+    },
+};
+
+const PREFIX: &str = "model";
+const EMBED: &str = "model.embed_tokens.weight";
+const FINAL_NORM: &str = "model.norm";
+const LM_HEAD: &str = "lm_head.weight";
+
+// Submodules of one block (relative to `model.layers.{i}`): written once, used by the forward
+// pass, the expected parameters and the linear lists alike.
+const Q: &str = "self_attn.q_proj";
+const K: &str = "self_attn.k_proj";
+const V: &str = "self_attn.v_proj";
+const O: &str = "self_attn.o_proj";
+const GATE: &str = "mlp.gate_proj";
+const UP: &str = "mlp.up_proj";
+const DOWN: &str = "mlp.down_proj";
+const INPUT_NORM: &str = "input_layernorm";
+const POST_NORM: &str = "post_attention_layernorm";
+const ATTENTION: [&str; 4] = [Q, K, V, O];
+const MLP: [(&str, MlpKind); 3] = [
+    (GATE, MlpKind::Gate),
+    (UP, MlpKind::Up),
+    (DOWN, MlpKind::Down),
+];
+
+fn layer(i: usize, sub: &str) -> String {
+    format!("{PREFIX}.layers.{i}.{sub}")
+}
 
 fn default_eps() -> f64 {
     1e-6
@@ -59,6 +112,11 @@ impl LlamaConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
     pub fn validate(&self) -> Result<()> {
+        if self.num_attention_heads == 0 || self.kv_heads() == 0 {
+            return Err(Error::Model(
+                "num_attention_heads and num_key_value_heads must be at least 1".into(),
+            ));
+        }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(Error::Model(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -100,58 +158,139 @@ fn causal_mask(
     Ok(Tensor::from_vec(m, (t, t), device)?.to_dtype(dtype)?)
 }
 
-/// Next-token logits `(B, T, V)`.
-pub fn forward(cfg: &LlamaConfig, w: &Weights, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
-    let (b, t) = batch.input_ids.dims2()?;
-    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-    let dev = batch.input_ids.device();
-    let dtype = w.dtype;
-    let (cos, sin) = rope_tables(t, hd, cfg.rope_theta, dtype, dev)?;
-    let mask = causal_mask(t, dtype, dev)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut h = w.embedding("model.embed_tokens.weight", &batch.input_ids)?;
-    for i in 0..cfg.num_hidden_layers {
-        let l = format!("model.layers.{i}");
-        let x = w.rms_norm(&format!("{l}.input_layernorm"), &h, cfg.rms_norm_eps)?;
-        let q = w.linear(&format!("{l}.self_attn.q_proj"), &x, ctx)?;
-        let k = w.linear(&format!("{l}.self_attn.k_proj"), &x, ctx)?;
-        let v = w.linear(&format!("{l}.self_attn.v_proj"), &x, ctx)?;
-        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = rope(&q, &cos, &sin)?;
-        let k = rope(&k, &cos, &sin)?;
-        let k = repeat_kv(k, nh / nkv)?;
-        let v = repeat_kv(v, nh / nkv)?;
-        let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
-        let a = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        let a = w.linear(&format!("{l}.self_attn.o_proj"), &a, ctx)?;
-        h = (h + a)?;
-        let x = w.rms_norm(
-            &format!("{l}.post_attention_layernorm"),
-            &h,
-            cfg.rms_norm_eps,
-        )?;
-        let g = w.linear(&format!("{l}.mlp.gate_proj"), &x, ctx)?;
-        let u = w.linear(&format!("{l}.mlp.up_proj"), &x, ctx)?;
-        let m = w.linear(&format!("{l}.mlp.down_proj"), &(g.silu()? * u)?, ctx)?;
-        h = (h + m)?;
+impl Architecture for LlamaConfig {
+    fn arch(&self) -> Arch {
+        Arch::Llama
     }
-    let h = w.rms_norm("model.norm", &h, cfg.rms_norm_eps)?;
-    let head = if w.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    };
-    let hidden = h.dim(D::Minus1)?;
-    let h2 = h.reshape(((), hidden))?;
-    let logits = match w.params.get(head) {
-        Some(Param::Trainable(v)) => h2.matmul(&v.as_tensor().t()?)?,
-        Some(Param::Frozen(t)) => crate::nn::frozen_linear(&h2, t, None)?,
-        None => return Err(Error::Model("missing lm_head".into())),
-    };
-    Ok(logits.reshape((b, t, ()))?)
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn pad_id(&self) -> u32 {
+        self.pad_token_id.unwrap_or(0)
+    }
+    fn supports(&self, task: &Task) -> bool {
+        *task == Task::CausalLm
+    }
+    fn default_task(&self) -> Option<Task> {
+        Some(Task::CausalLm)
+    }
+    fn expected_params(&self, _task: &Task) -> Vec<(String, Vec<usize>)> {
+        let (h, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let (qd, kvd) = (self.num_attention_heads * hd, self.kv_heads() * hd);
+        let mut out = vec![(EMBED.to_string(), vec![self.vocab_size, h])];
+        for i in 0..self.num_hidden_layers {
+            let linears = [
+                (Q, qd, h, self.attention_bias),
+                (K, kvd, h, self.attention_bias),
+                (V, kvd, h, self.attention_bias),
+                (O, h, qd, self.attention_bias),
+                (GATE, f, h, self.mlp_bias),
+                (UP, f, h, self.mlp_bias),
+                (DOWN, h, f, self.mlp_bias),
+            ];
+            for (sub, o, inp, bias) in linears {
+                out.push((layer(i, &format!("{sub}.weight")), vec![o, inp]));
+                if bias {
+                    out.push((layer(i, &format!("{sub}.bias")), vec![o]));
+                }
+            }
+            for norm in [INPUT_NORM, POST_NORM] {
+                out.push((layer(i, &format!("{norm}.weight")), vec![h]));
+            }
+        }
+        out.push((format!("{FINAL_NORM}.weight"), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push((LM_HEAD.into(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+    fn tied_params(&self) -> Vec<String> {
+        if self.tie_word_embeddings {
+            vec![LM_HEAD.into()]
+        } else {
+            Vec::new()
+        }
+    }
+    fn head_linears(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn mlp_linears(&self) -> Vec<(String, MlpKind, usize)> {
+        (0..self.num_hidden_layers)
+            .flat_map(|i| MLP.map(|(sub, kind)| (layer(i, sub), kind, i)))
+            .collect()
+    }
+    fn attention_linears(&self) -> Vec<String> {
+        (0..self.num_hidden_layers)
+            .flat_map(|i| ATTENTION.map(|sub| layer(i, sub)))
+            .collect()
+    }
+    /// Next-token logits `(B, T, V)`.
+    fn forward(&self, w: &Weights, _task: &Task, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let (nh, nkv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
+        let dev = batch.input_ids.device();
+        let dtype = w.dtype;
+        let (cos, sin) = rope_tables(t, hd, self.rope_theta, dtype, dev)?;
+        let mask = causal_mask(t, dtype, dev)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let eps = self.rms_norm_eps;
+        let mut h = w.embedding(EMBED, &batch.input_ids)?;
+        for i in 0..self.num_hidden_layers {
+            let l = |sub: &str| layer(i, sub);
+            let x = w.rms_norm(&l(INPUT_NORM), &h, eps)?;
+            let q = w.linear(&l(Q), &x, ctx)?;
+            let k = w.linear(&l(K), &x, ctx)?;
+            let v = w.linear(&l(V), &x, ctx)?;
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            let k = repeat_kv(k, nh / nkv)?;
+            let v = repeat_kv(v, nh / nkv)?;
+            let probs =
+                scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
+            let a = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
+            let a = w.linear(&l(O), &a, ctx)?;
+            h = (h + a)?;
+            let x = w.rms_norm(&l(POST_NORM), &h, eps)?;
+            let g = w.linear(&l(GATE), &x, ctx)?;
+            let u = w.linear(&l(UP), &x, ctx)?;
+            let m = w.linear(&l(DOWN), &(g.silu()? * u)?, ctx)?;
+            h = (h + m)?;
+        }
+        let h = w.rms_norm(FINAL_NORM, &h, eps)?;
+        let head = if w.contains(LM_HEAD) { LM_HEAD } else { EMBED };
+        let hidden = h.dim(D::Minus1)?;
+        let h2 = h.reshape(((), hidden))?;
+        let logits = match w.params.get(head) {
+            Some(Param::Trainable(v)) => h2.matmul(&v.as_tensor().t()?)?,
+            Some(Param::Frozen(t)) => crate::nn::frozen_linear(&h2, t, None)?,
+            None => return Err(Error::Model("missing lm_head".into())),
+        };
+        Ok(logits.reshape((b, t, ()))?)
+    }
+    fn merged_config(&self, raw: &Value, _task: &Task, _labels: Option<&[String]>) -> Value {
+        let mut c = raw.clone();
+        if let Some(obj) = c.as_object_mut() {
+            obj.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        }
+        c
+    }
+    fn shape(&self) -> ParamShape {
+        let h = self.hidden_size as u64;
+        let heads = self.num_attention_heads.max(1) as u64;
+        ParamShape {
+            vocab: self.vocab_size as u64,
+            hidden: h,
+            layers: self.num_hidden_layers as u64,
+            ffn: self.intermediate_size as u64,
+            kv_dim: h / heads * self.kv_heads() as u64,
+            mlp_matrices: MLP.len() as u64,
+            head: 0,
+        }
+    }
 }

@@ -1,5 +1,11 @@
 //! Trainable models under canonical Hugging Face parameter names (those of
 //! `BertForSequenceClassification`, `RobertaForSequenceClassification`, `LlamaForCausalLM`).
+//!
+//! One file per architecture owns everything about it — its config, its parameter names, the
+//! parameters it expects, its forward pass, which linears are MLP and attention, its task head,
+//! the tasks it supports, its sizes for estimates and the config of a merged model — behind the
+//! [`Architecture`] trait. The [`registry!`] below is the only list of architectures: adding one
+//! is a new file plus one line there.
 
 pub mod bert;
 pub mod llama;
@@ -7,43 +13,205 @@ pub mod roberta;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::nn::{Ctx, Weights};
 use crate::{Error, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Arch {
-    Bert,
-    Roberta,
-    Llama,
+/// What one architecture's file exports to the registry.
+#[derive(Clone, Copy)]
+pub struct ArchEntry {
+    /// `model_type` in `config.json`.
+    pub model_type: &'static str,
+    /// Maps a checkpoint tensor name to the canonical name, or `None` for tensors the task
+    /// model does not use (pre-training heads, buffers). Needs no config: weights are read
+    /// before the config is checked against them.
+    pub canonical_name: fn(&str) -> Option<String>,
+    /// Parses and validates `config.json`.
+    pub parse: fn(&Value) -> Result<Box<dyn Architecture>>,
+    /// A config.json for a tiny random model (unit tests, gradient checks).
+    pub tiny_config: fn() -> Value,
+}
+
+/// One architecture, configured: everything the engine needs to know about a model family.
+pub trait Architecture: Send + Sync {
+    fn arch(&self) -> Arch;
+    fn num_layers(&self) -> usize;
+    /// The token batches are padded with.
+    fn pad_id(&self) -> u32;
+    /// Whether this architecture trains for `task` here.
+    fn supports(&self, task: &Task) -> bool;
+    /// The task a model is loaded for when nobody names one (a causal LM's own).
+    fn default_task(&self) -> Option<Task> {
+        None
+    }
+    /// Every canonical parameter a model for `task` has, with its shape.
+    fn expected_params(&self, task: &Task) -> Vec<(String, Vec<usize>)>;
+    /// Checkpoint tensors that duplicate another (a tied LM head): dropped when loading.
+    fn tied_params(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The task head's linears (newly initialised when the checkpoint lacks them).
+    fn head_linears(&self) -> Vec<String>;
+    /// Every MLP linear layer: `(prefix, kind, layer index)`.
+    fn mlp_linears(&self) -> Vec<(String, MlpKind, usize)>;
+    /// Every attention linear layer prefix.
+    fn attention_linears(&self) -> Vec<String>;
+    /// Logits: `(B, num_labels)` for classification, `(B,)` for regression, `(B, T, V)` for LM.
+    fn forward(&self, w: &Weights, task: &Task, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor>;
+    /// The encoder's last hidden states `(B, T, H)`.
+    fn hidden_states(&self, _w: &Weights, _batch: &Batch, _ctx: &mut Ctx) -> Result<Tensor> {
+        Err(Error::Model("hidden_states is for encoder models".into()))
+    }
+    /// `config.json` of a merged model: the base config plus what the task head needs.
+    fn merged_config(&self, raw: &Value, task: &Task, labels: Option<&[String]>) -> Value;
+    /// The sizes estimates are made from.
+    fn shape(&self) -> ParamShape;
+}
+
+/// Declares the architectures: the `Arch` enum, its `model_type` names and each one's
+/// [`ArchEntry`]. One line per architecture.
+macro_rules! registry {
+    ($($variant:ident => $entry:path),+ $(,)?) => {
+        /// A supported architecture (serialised as its `model_type`).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Arch {
+            $($variant),+
+        }
+
+        impl Arch {
+            pub const ALL: &'static [Arch] = &[$(Arch::$variant),+];
+
+            pub fn entry(self) -> &'static ArchEntry {
+                match self {
+                    $(Arch::$variant => &$entry),+
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    Bert => bert::ENTRY,
+    Roberta => roberta::ENTRY,
+    Llama => llama::ENTRY,
 }
 
 impl Arch {
     pub fn from_model_type(t: &str) -> Result<Arch> {
-        match t {
-            "bert" => Ok(Arch::Bert),
-            "roberta" => Ok(Arch::Roberta),
-            "llama" => Ok(Arch::Llama),
-            other => Err(Error::Model(format!(
-                "unsupported model_type `{other}` (bert, roberta and llama are supported)"
-            ))),
-        }
+        Arch::ALL
+            .iter()
+            .copied()
+            .find(|a| a.as_str() == t)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Arch::ALL.iter().map(|a| a.as_str()).collect();
+                Error::Model(format!(
+                    "unsupported model_type `{t}` ({} are supported)",
+                    known.join(", ")
+                ))
+            })
     }
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Arch::Bert => "bert",
-            Arch::Roberta => "roberta",
-            Arch::Llama => "llama",
-        }
+
+    pub fn as_str(self) -> &'static str {
+        self.entry().model_type
     }
-    /// The canonical prefix of the backbone's parameters.
-    pub fn backbone_prefix(&self) -> &'static str {
-        match self {
-            Arch::Bert => "bert",
-            Arch::Roberta => "roberta",
-            Arch::Llama => "model",
-        }
+
+    /// Parses and validates a `config.json` of this architecture.
+    pub fn parse(self, raw: &Value) -> Result<Box<dyn Architecture>> {
+        (self.entry().parse)(raw)
+    }
+
+    pub fn canonical_name(self, name: &str) -> Option<String> {
+        (self.entry().canonical_name)(name)
+    }
+
+    pub fn tiny_config(self) -> Value {
+        (self.entry().tiny_config)()
+    }
+}
+
+impl Serialize for Arch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Arch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Arch::from_model_type(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The architecture a `config.json` declares, parsed and validated.
+pub fn from_config(raw: &Value) -> Result<Box<dyn Architecture>> {
+    let mt = raw
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::Model("config.json has no model_type".into()))?;
+    Arch::from_model_type(mt)?.parse(raw)
+}
+
+/// Deserialises an architecture's config struct, naming the file in errors.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T> {
+    serde_json::from_value(raw.clone()).map_err(|e| Error::Model(format!("config.json: {e}")))
+}
+
+/// The usual canonicalisation: old `gamma`/`beta` LayerNorm names renamed, buffers dropped,
+/// bare backbone names (`encoder.…`) put under `prefix`, and names under `prefix.` or one of
+/// `own` (the head) kept as they are.
+pub(crate) fn canonical_under(
+    name: &str,
+    prefix: &str,
+    bare: &[&str],
+    own: &[&str],
+) -> Option<String> {
+    let mut n = name.to_string();
+    if n.contains("LayerNorm.gamma") || n.contains("LayerNorm.beta") {
+        n = n
+            .replace("LayerNorm.gamma", "LayerNorm.weight")
+            .replace("LayerNorm.beta", "LayerNorm.bias");
+    }
+    if n.ends_with("position_ids") || n.ends_with("rotary_emb.inv_freq") {
+        return None;
+    }
+    if n.starts_with(&format!("{prefix}.")) || own.iter().any(|o| n.starts_with(o)) {
+        Some(n)
+    } else if bare.iter().any(|s| n.starts_with(s)) {
+        Some(format!("{prefix}.{n}"))
+    } else {
+        None
+    }
+}
+
+/// Sizes of a model read from its config alone (no weights), for dry-run estimates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParamShape {
+    pub vocab: u64,
+    pub hidden: u64,
+    pub layers: u64,
+    pub ffn: u64,
+    /// Width of the key and value projections (smaller than `hidden` with grouped queries).
+    pub kv_dim: u64,
+    /// MLP matrices per block (BERT's two, LLaMA's three).
+    pub mlp_matrices: u64,
+    /// Parameters of a newly initialised two-label task head (0 for a causal LM).
+    pub head: u64,
+}
+
+impl ParamShape {
+    /// Parameters of the transformer blocks (what the per-token FLOPs scale with).
+    pub fn block_params(&self) -> u64 {
+        let (h, f) = (self.hidden, self.ffn);
+        let attn = h * h * 2 + h * self.kv_dim * 2;
+        self.layers * (attn + self.mlp_matrices * h * f)
+    }
+    pub fn params(&self) -> u64 {
+        self.block_params() + self.vocab * self.hidden
+    }
+    /// Entries of the MLP matrices.
+    pub fn mlp_params(&self) -> u64 {
+        self.layers * self.mlp_matrices * self.hidden * self.ffn
     }
 }
 
@@ -134,17 +302,13 @@ impl MlpKind {
     }
 }
 
-pub enum Config {
-    Encoder(bert::EncoderConfig),
-    Llama(llama::LlamaConfig),
-}
-
+/// A loaded model: an architecture, the task it is set up for, and its weights.
 pub struct Model {
     pub arch: Arch,
     pub task: Task,
-    pub config: Config,
+    pub architecture: Box<dyn Architecture>,
     /// The checkpoint's config.json, kept so merged models are written with it.
-    pub raw_config: serde_json::Value,
+    pub raw_config: Value,
     pub weights: Weights,
     /// Identity of the base weights (sha256 of the weight files) when loaded from disk; keys
     /// caches of things derived from the base model (SparseGrad bases).
@@ -158,27 +322,13 @@ impl Model {
 
     /// Logits: `(B, num_labels)` for classification, `(B,)` for regression, `(B, T, V)` for LM.
     pub fn forward(&self, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
-        match (&self.config, self.arch) {
-            (Config::Encoder(c), Arch::Bert) => {
-                bert::forward(c, &self.weights, &self.task, batch, ctx)
-            }
-            (Config::Encoder(c), Arch::Roberta) => {
-                roberta::forward(c, &self.weights, &self.task, batch, ctx)
-            }
-            (Config::Llama(c), Arch::Llama) => llama::forward(c, &self.weights, batch, ctx),
-            _ => Err(Error::Model("config does not match architecture".into())),
-        }
+        self.architecture
+            .forward(&self.weights, &self.task, batch, ctx)
     }
 
     /// The encoder's last hidden states `(B, T, H)` (BERT / RoBERTa).
     pub fn hidden_states(&self, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
-        match (&self.config, self.arch) {
-            (Config::Encoder(c), Arch::Bert) => bert::hidden_states(c, &self.weights, batch, ctx),
-            (Config::Encoder(c), Arch::Roberta) => {
-                roberta::hidden_states(c, &self.weights, batch, ctx)
-            }
-            _ => Err(Error::Model("hidden_states is for encoder models".into())),
-        }
+        self.architecture.hidden_states(&self.weights, batch, ctx)
     }
 
     /// The loss, in f32 (f64 for f64 models): a bf16 log-softmax over a 32k vocabulary and a
@@ -210,118 +360,94 @@ impl Model {
     }
 
     pub fn num_layers(&self) -> usize {
-        match &self.config {
-            Config::Encoder(c) => c.num_hidden_layers,
-            Config::Llama(c) => c.num_hidden_layers,
-        }
+        self.architecture.num_layers()
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.architecture.pad_id()
     }
 
     /// Every MLP linear layer: `(prefix, kind, layer index)`.
     pub fn mlp_linears(&self) -> Vec<(String, MlpKind, usize)> {
-        let p = self.arch.backbone_prefix();
-        let mut out = Vec::new();
-        for i in 0..self.num_layers() {
-            match self.arch {
-                Arch::Bert | Arch::Roberta => {
-                    let l = format!("{p}.encoder.layer.{i}");
-                    out.push((format!("{l}.intermediate.dense"), MlpKind::Intermediate, i));
-                    out.push((format!("{l}.output.dense"), MlpKind::Output, i));
-                }
-                Arch::Llama => {
-                    let l = format!("{p}.layers.{i}.mlp");
-                    out.push((format!("{l}.gate_proj"), MlpKind::Gate, i));
-                    out.push((format!("{l}.up_proj"), MlpKind::Up, i));
-                    out.push((format!("{l}.down_proj"), MlpKind::Down, i));
-                }
-            }
-        }
-        out
+        self.architecture.mlp_linears()
     }
 
     /// Every attention linear layer prefix.
     pub fn attention_linears(&self) -> Vec<String> {
-        let p = self.arch.backbone_prefix();
-        let mut out = Vec::new();
-        for i in 0..self.num_layers() {
-            match self.arch {
-                Arch::Bert | Arch::Roberta => {
-                    let l = format!("{p}.encoder.layer.{i}.attention");
-                    for s in ["self.query", "self.key", "self.value", "output.dense"] {
-                        out.push(format!("{l}.{s}"));
-                    }
-                }
-                Arch::Llama => {
-                    let l = format!("{p}.layers.{i}.self_attn");
-                    for s in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-                        out.push(format!("{l}.{s}"));
-                    }
-                }
-            }
-        }
-        out
+        self.architecture.attention_linears()
     }
 
     /// Parameters of the task head (newly initialised when the checkpoint lacks them).
     pub fn head_params(&self) -> Vec<String> {
-        match self.arch {
-            Arch::Bert => vec![
-                "bert.pooler.dense.weight".into(),
-                "bert.pooler.dense.bias".into(),
-                "classifier.weight".into(),
-                "classifier.bias".into(),
-            ],
-            Arch::Roberta => vec![
-                "classifier.dense.weight".into(),
-                "classifier.dense.bias".into(),
-                "classifier.out_proj.weight".into(),
-                "classifier.out_proj.bias".into(),
-            ],
-            Arch::Llama => vec![],
-        }
+        self.architecture
+            .head_linears()
+            .iter()
+            .flat_map(|l| [format!("{l}.weight"), format!("{l}.bias")])
+            .collect()
     }
 
     /// The `config.json` a merged model is written with: the base config plus the task head.
-    pub fn merged_config(&self, id2label: Option<&[String]>) -> serde_json::Value {
-        let mut c = self.raw_config.clone();
-        if let Some(obj) = c.as_object_mut() {
-            match (&self.task, self.arch) {
-                (Task::CausalLm, _) => {
-                    obj.insert(
-                        "architectures".into(),
-                        serde_json::json!(["LlamaForCausalLM"]),
-                    );
-                }
-                (task, arch) => {
-                    let name = if arch == Arch::Bert {
-                        "BertForSequenceClassification"
-                    } else {
-                        "RobertaForSequenceClassification"
-                    };
-                    obj.insert("architectures".into(), serde_json::json!([name]));
-                    let n = task.head_width().unwrap_or(1);
-                    obj.insert("num_labels".into(), n.into());
-                    if *task == Task::Regression {
-                        obj.insert("problem_type".into(), "regression".into());
-                    } else {
-                        obj.insert("problem_type".into(), "single_label_classification".into());
-                    }
-                    if let Some(names) = id2label {
-                        let id2: serde_json::Map<_, _> = names
-                            .iter()
-                            .enumerate()
-                            .map(|(i, n)| (i.to_string(), serde_json::Value::from(n.clone())))
-                            .collect();
-                        let l2: serde_json::Map<_, _> = names
-                            .iter()
-                            .enumerate()
-                            .map(|(i, n)| (n.clone(), serde_json::Value::from(i)))
-                            .collect();
-                        obj.insert("id2label".into(), id2.into());
-                        obj.insert("label2id".into(), l2.into());
-                    }
-                }
-            }
-        }
-        c
+    pub fn merged_config(&self, id2label: Option<&[String]>) -> Value {
+        self.architecture
+            .merged_config(&self.raw_config, &self.task, id2label)
     }
+}
+
+/// Checks that `arch` trains for `task`, saying why not.
+pub fn check_task(arch: &dyn Architecture, task: &Task) -> Result<()> {
+    if !arch.supports(task) {
+        return Err(Error::param(
+            "task",
+            format!(
+                "{} models are not supported for {} here",
+                arch.arch().as_str(),
+                task.name()
+            ),
+        ));
+    }
+    if let Task::Classification { num_labels } = task {
+        if *num_labels < 2 {
+            return Err(Error::param(
+                "task",
+                "classification needs at least two labels",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A sequence classifier's merged config: the architectures entry, label count, problem type
+/// and label names (what transformers' `*ForSequenceClassification` reads).
+pub(crate) fn classifier_config(
+    raw: &Value,
+    class_name: &str,
+    task: &Task,
+    labels: Option<&[String]>,
+) -> Value {
+    let mut c = raw.clone();
+    if let Some(obj) = c.as_object_mut() {
+        obj.insert("architectures".into(), serde_json::json!([class_name]));
+        obj.insert("num_labels".into(), task.head_width().unwrap_or(1).into());
+        let problem = if *task == Task::Regression {
+            "regression"
+        } else {
+            "single_label_classification"
+        };
+        obj.insert("problem_type".into(), problem.into());
+        if let Some(names) = labels {
+            let id2: serde_json::Map<_, _> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (i.to_string(), Value::from(n.clone())))
+                .collect();
+            let l2: serde_json::Map<_, _> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), Value::from(i)))
+                .collect();
+            obj.insert("id2label".into(), id2.into());
+            obj.insert("label2id".into(), l2.into());
+        }
+    }
+    c
 }

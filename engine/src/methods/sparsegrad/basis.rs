@@ -110,18 +110,3 @@ pub fn rotate(g: &Tensor, basis: &Basis) -> Result<Tensor> {
         .matmul(&g.to_dtype(basis.p.dtype())?)?
         .matmul(&basis.q)?)
 }
-
-/// Indices of the `k` entries of largest magnitude (ties broken by lower index), ascending.
-/// The CPU reference for the selection kernels.
-pub fn topk_abs(values: &[f32], k: usize) -> Vec<usize> {
-    let k = k.min(values.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    let cmp = |a: &usize, b: &usize| values[*b].abs().total_cmp(&values[*a].abs()).then(a.cmp(b));
-    idx.select_nth_unstable_by(k - 1, cmp);
-    let mut top = idx[..k].to_vec();
-    top.sort_unstable();
-    top
-}

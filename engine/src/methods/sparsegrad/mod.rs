@@ -10,174 +10,26 @@
 
 pub mod adam;
 pub mod basis;
-pub mod core;
-pub mod topk;
+pub mod config;
+pub mod state;
+
+pub use config::{BasisDtype, MePropConfig, Scope, SparseGradConfig, Support};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
 
 use self::adam::{SparseAdam, SparseValues};
 use self::basis::Basis;
-use self::core::{Core, HostBasis, MatrixState, Phase, Tap};
+use self::state::{Core, HostBasis, MatrixState, Phase, Tap};
 use super::{BasisSide, Calibration, DeltaEntry, DenseTrainer, Method};
 use crate::kernels::{self, Csr};
 use crate::models::{MlpKind, Model};
 use crate::nn::{Adapter, Param};
 use crate::optim::{clip_scale, grad_norm, AdamConfig, AdamW};
 use crate::{Error, Result};
-
-/// Which entries of each matrix may change.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Support {
-    /// The paper's: top-k of every step's rotated gradient.
-    Dynamic,
-    /// Chosen once from the basis-phase gradients (largest accumulated `|G̃|`); Adam state
-    /// for those k entries only.
-    #[default]
-    Fixed,
-    /// Fixed, re-selected every `refresh_every` steps from that step's gradient; moments of
-    /// entries that stay are kept.
-    Refreshed,
-}
-
-/// What trains besides the sparse MLP matrices.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// The task head only (densely); everything else frozen: small deltas.
-    #[default]
-    Mlp,
-    /// Every parameter outside the sparse MLP matrices trains densely with AdamW, as in the
-    /// paper's GLUE runs.
-    Paper,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum BasisDtype {
-    #[default]
-    F32,
-    /// Halves the bases' share of the artifact; the merged weights then differ from the
-    /// trained ones by bf16 rounding of `P` and `Q`.
-    Bf16,
-}
-
-fn default_density() -> f64 {
-    0.01
-}
-fn default_refresh() -> usize {
-    100
-}
-fn default_basis_steps() -> usize {
-    10
-}
-fn default_stride() -> usize {
-    1
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SparseGradConfig {
-    /// Fraction of each MLP matrix's entries updated (k = density · out · in).
-    #[serde(default = "default_density")]
-    pub density: f64,
-    /// An explicit k per matrix (overrides `density`).
-    #[serde(default)]
-    pub k: Option<usize>,
-    #[serde(default)]
-    pub support: Support,
-    #[serde(default = "default_refresh")]
-    pub refresh_every: usize,
-    /// Micro-batches of ordinary backprop whose gradients define the bases.
-    #[serde(default = "default_basis_steps")]
-    pub basis_steps: usize,
-    /// Update the weights densely during the basis phase, as the paper's code does (the delta
-    /// then has a dense part per MLP matrix).
-    #[serde(default)]
-    pub basis_update: bool,
-    #[serde(default)]
-    pub scope: Scope,
-    /// Train the MLP of every n-th block only (blocks 0, n, 2n, …; the paper used 3 for
-    /// LLaMa-2); other blocks' MLPs stay frozen.
-    #[serde(default = "default_stride")]
-    pub block_stride: usize,
-    #[serde(default)]
-    pub basis_dtype: BasisDtype,
-    /// Learning-rate multiplier for densely trained parameters (default 1 in `mlp` scope,
-    /// 0.1 in `paper` scope, where they are a whole model's worth trained at the sparse
-    /// methods' ~10× rate otherwise).
-    #[serde(default)]
-    pub dense_lr_scale: Option<f64>,
-}
-
-impl Default for SparseGradConfig {
-    fn default() -> Self {
-        serde_json::from_str("{}").expect("defaults")
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct MePropConfig {
-    #[serde(default = "default_density")]
-    pub density: f64,
-    #[serde(default)]
-    pub k: Option<usize>,
-    #[serde(default)]
-    pub scope: Scope,
-    #[serde(default = "default_stride")]
-    pub block_stride: usize,
-    #[serde(default)]
-    pub dense_lr_scale: Option<f64>,
-}
-
-impl Default for MePropConfig {
-    fn default() -> Self {
-        serde_json::from_str("{}").expect("defaults")
-    }
-}
-
-fn validate_common(density: f64, k: Option<usize>, stride: usize, dls: Option<f64>) -> Result<()> {
-    if !(density > 0.0 && density <= 1.0) {
-        return Err(Error::param("density", "must be in (0, 1]"));
-    }
-    if k == Some(0) {
-        return Err(Error::param("k", "must be at least 1"));
-    }
-    if stride == 0 {
-        return Err(Error::param("block_stride", "must be at least 1"));
-    }
-    if let Some(s) = dls {
-        if !(s > 0.0 && s.is_finite()) {
-            return Err(Error::param("dense_lr_scale", "must be a positive number"));
-        }
-    }
-    Ok(())
-}
-
-impl SparseGradConfig {
-    pub fn validate(&self) -> Result<()> {
-        validate_common(self.density, self.k, self.block_stride, self.dense_lr_scale)?;
-        if self.basis_steps == 0 {
-            return Err(Error::param("basis_steps", "must be at least 1"));
-        }
-        if self.refresh_every == 0 {
-            return Err(Error::param("refresh_every", "must be at least 1"));
-        }
-        Ok(())
-    }
-}
-
-impl MePropConfig {
-    pub fn validate(&self) -> Result<()> {
-        validate_common(self.density, self.k, self.block_stride, self.dense_lr_scale)
-    }
-}
 
 /// SparseGrad or MeProp over the MLP matrices, plus dense AdamW for what the scope trains.
 pub struct SparseMlp {
@@ -310,7 +162,7 @@ impl SparseMlp {
             "basis_steps": self.cfg.basis_steps,
             "layers": layers,
         });
-        let sha = crate::checkpoint::sha256_bytes(id.to_string().as_bytes());
+        let sha = crate::io::sha256_bytes(id.to_string().as_bytes());
         Some(dir.join(format!("bases-{}.safetensors", &sha[..32])))
     }
 
@@ -923,7 +775,7 @@ fn save_bases(path: &std::path::Path, bases: &BTreeMap<MlpKind, Basis>) -> Resul
             Tensor::new(&[b.samples as u32], &Device::Cpu)?,
         );
     }
-    crate::artifact::write_safetensors(&t, None, path)
+    crate::io::write_safetensors(&t, None, path)
 }
 
 fn load_bases(path: &std::path::Path) -> Result<BTreeMap<MlpKind, Basis>> {

@@ -10,7 +10,8 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use rand::Rng;
 use sparsegrad_engine::data::{collate, Example, Target};
-use sparsegrad_engine::methods::{Calibration, LoraConfig, MethodSpec, SparseGradConfig, Support};
+use sparsegrad_engine::methods::registry::resolve_method;
+use sparsegrad_engine::methods::{Calibration, MethodSpec};
 use sparsegrad_engine::models::Task;
 use sparsegrad_engine::nn::Ctx;
 use sparsegrad_engine::optim::AdamConfig;
@@ -62,7 +63,7 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     #[command(flatten)]
-    pub fixtures: crate::cli::FixturesArgs,
+    pub fixtures: super::cli::FixturesArgs,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -76,7 +77,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let model_dir = match &a.model {
         Some(m) => m.clone(),
-        None => crate::fixtures::ensure(&a.fixtures.root())?.minilm,
+        None => super::fixtures::ensure(&a.fixtures.root())?.minilm,
     };
     if a.method == "all" {
         let exe = std::env::current_exe()?;
@@ -101,24 +102,22 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         }
         return Ok(());
     }
+    // `sparsegrad-dynamic` is SparseGrad with the paper's dynamic support.
     let spec = match a.method.as_str() {
-        "full" => MethodSpec::Full,
-        "lora" => MethodSpec::Lora(LoraConfig::default()),
-        "sparsegrad" => MethodSpec::Sparsegrad(SparseGradConfig::default()),
-        "sparsegrad-dynamic" => MethodSpec::Sparsegrad(SparseGradConfig {
-            support: Support::Dynamic,
-            ..Default::default()
-        }),
-        "meprop" => MethodSpec::Meprop(Default::default()),
-        o => anyhow::bail!("unknown method {o}"),
+        "sparsegrad-dynamic" => {
+            let mut hp = serde_json::Map::new();
+            hp.insert("support".into(), "dynamic".into());
+            resolve_method("sparsegrad", &hp)?
+        }
+        name => MethodSpec::default_for(name)?,
     };
-    let opts = sparsegrad_engine::checkpoint::LoadOptions {
+    let opts = sparsegrad_engine::pretrained::LoadOptions {
         task: Task::Classification { num_labels: 2 },
         dtype: candle_core::DType::F32,
         device: candle_core::Device::Cpu,
         seed: 0,
     };
-    let (mut model, _) = sparsegrad_engine::checkpoint::load_model(&model_dir, &opts)?;
+    let (mut model, _) = sparsegrad_engine::pretrained::load_model(&model_dir, &opts)?;
     let mut method = spec.build(AdamConfig::default())?;
     method.prepare(&mut model, 0)?;
     let mut rng = sparsegrad_engine::rng::stream(0, "bench", 0);
@@ -232,17 +231,18 @@ pub struct BenchCompareArgs {
     pub scope: String,
     #[arg(long, default_value_t = 0.01)]
     pub density: f64,
-    #[arg(long, default_value_t = 1e-4)]
-    pub lr_full: f64,
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr_lora: f64,
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr_sparse: f64,
+    /// Learning rates (default: each method's, from the registry).
+    #[arg(long)]
+    pub lr_full: Option<f64>,
+    #[arg(long)]
+    pub lr_lora: Option<f64>,
+    #[arg(long)]
+    pub lr_sparse: Option<f64>,
     /// Where runs, the Markdown table and the loss-curve SVG go.
     #[arg(long, default_value = "bench-compare")]
     pub out: PathBuf,
     #[command(flatten)]
-    pub fixtures: crate::cli::FixturesArgs,
+    pub fixtures: super::cli::FixturesArgs,
 }
 
 struct RunResult {
@@ -268,11 +268,20 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
 }
 
 fn bench_compare(a: BenchCompareArgs) -> Result<()> {
-    let fx = crate::fixtures::ensure(&a.fixtures.root())?;
+    let lr = |given: Option<f64>, method: &str| -> Result<f64> {
+        Ok(match given {
+            Some(l) => l,
+            None => MethodSpec::default_for(method)?.default_lr(),
+        })
+    };
+    let lr_full = lr(a.lr_full, "full")?;
+    let lr_lora = lr(a.lr_lora, "lora")?;
+    let lr_sparse = lr(a.lr_sparse, "sparsegrad")?;
+    let fx = super::fixtures::ensure(&a.fixtures.root())?;
     let model = a.model.clone().unwrap_or(fx.minilm.clone());
     let train = a.train.clone().unwrap_or(fx.rt_polarity_train.clone());
     let valid = a.valid.clone().unwrap_or(fx.rt_polarity_dev.clone());
-    let (_, cfg) = sparsegrad_engine::checkpoint::read_config(&model)?;
+    let (_, cfg) = sparsegrad_engine::pretrained::read_config(&model)?;
     let h = cfg["hidden_size"].as_u64().unwrap_or(768) as f64;
     let i = cfg["intermediate_size"].as_u64().unwrap_or(3072) as f64;
     // LoRA rank with SparseGrad's trainable count per matrix: r (in + out) ≈ k.
@@ -312,20 +321,20 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
             let dens = a.density.to_string();
             match m.as_str() {
                 "full" => {
-                    cmd.args(["--method", "full", "--lr", &a.lr_full.to_string()]);
+                    cmd.args(["--method", "full", "--lr", &lr_full.to_string()]);
                 }
                 "lora" => {
-                    cmd.args(["--method", "lora", "--lr", &a.lr_lora.to_string()])
+                    cmd.args(["--method", "lora", "--lr", &lr_lora.to_string()])
                         .args(["--lora-r", &lora_r.to_string()])
                         .args(["--lora-alpha", &(2 * lora_r).to_string()]);
                 }
                 "meprop" => {
-                    cmd.args(["--method", "meprop", "--lr", &a.lr_sparse.to_string()])
+                    cmd.args(["--method", "meprop", "--lr", &lr_sparse.to_string()])
                         .args(["--density", &dens, "--scope", &a.scope]);
                 }
                 s if s.starts_with("sparsegrad-") => {
                     let support = &s["sparsegrad-".len()..];
-                    cmd.args(["--method", "sparsegrad", "--lr", &a.lr_sparse.to_string()])
+                    cmd.args(["--method", "sparsegrad", "--lr", &lr_sparse.to_string()])
                         .args(["--density", &dens, "--scope", &a.scope])
                         .args(["--support", support]);
                 }
@@ -368,9 +377,9 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
         a.seeds,
         a.scope,
         a.density,
-        a.lr_full,
-        a.lr_lora,
-        a.lr_sparse,
+        lr_full,
+        lr_lora,
+        lr_sparse,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     ));
     md.push_str("| method | dev metric (mean ± sd) | step ms | peak RSS MiB | trainable params | optimizer state | artifact | touched |\n|---|---|---|---|---|---|---|---|\n");
@@ -517,7 +526,7 @@ async fn bench_queue(a: BenchQueueArgs) -> Result<()> {
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for w in 0..a.claimers {
-            let pool = pool.clone();
+            let (pool, cfg) = (pool.clone(), cfg.clone());
             tasks.push(tokio::spawn(async move {
                 let worker = format!("w{w}");
                 let mut n = 0usize;

@@ -322,7 +322,7 @@ pub fn ensure(root: &Path) -> Result<Fixtures> {
     if !fx.smollm2_4l.join("model.safetensors").exists() {
         let tmp = fx.smollm2_4l.with_extension("part");
         let _ = std::fs::remove_dir_all(&tmp);
-        sparsegrad_engine::checkpoint::write_first_layers(&fx.smollm2, 4, &tmp)?;
+        sparsegrad_engine::pretrained::write_first_layers(&fx.smollm2, 4, &tmp)?;
         std::fs::rename(&tmp, &fx.smollm2_4l)?;
     }
     if !fx.rt_polarity_dev.exists() {

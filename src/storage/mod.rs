@@ -5,7 +5,10 @@
 //! - `memory://` (unit tests).
 //!
 //! Keys are `/`-separated and relative to the URL's prefix; [`keys`] names where each kind of
-//! object lives. Large objects go up in parts.
+//! object lives. Large objects go up in parts. [`local_copy`] keeps local copies of stored
+//! base models.
+
+pub mod local_copy;
 
 use std::ops::Range;
 use std::path::Path;
@@ -20,6 +23,7 @@ use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use secrecy::{ExposeSecret, SecretString};
 use tokio::io::AsyncReadExt;
 
 /// Part size for multipart uploads (S3's minimum is 5 MiB).
@@ -40,31 +44,17 @@ pub enum StorageError {
 pub type Result<T> = std::result::Result<T, StorageError>;
 
 /// S3 settings from the service config (unused for `file://` and `memory://`).
-#[derive(Clone, Default)]
+/// `Debug` shows no secret (secrecy redacts it).
+#[derive(Clone, Debug, Default)]
 pub struct S3Settings {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<SecretString>,
     pub allow_http: bool,
     /// Retries per request (object_store's default is 10 with long backoff; tests shorten it).
     pub max_retries: Option<usize>,
     pub retry_timeout: Option<Duration>,
-}
-
-impl std::fmt::Debug for S3Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Settings")
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("access_key_id", &self.access_key_id)
-            .field(
-                "secret_access_key",
-                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
-            )
-            .field("allow_http", &self.allow_http)
-            .finish()
-    }
 }
 
 #[derive(Clone)]
@@ -120,7 +110,7 @@ impl Storage {
                 .with_bucket_name(bucket)
                 .with_region(s3.region.clone().unwrap_or_else(|| "us-east-1".into()))
                 .with_access_key_id(key)
-                .with_secret_access_key(secret)
+                .with_secret_access_key(secret.expose_secret())
                 .with_virtual_hosted_style_request(false)
                 .with_allow_http(s3.allow_http)
                 .with_retry(retry);

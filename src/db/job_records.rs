@@ -1,19 +1,21 @@
 //! What the API reads about jobs: the job rows, their events, metrics, checkpoints and
-//! artifacts (the queue module owns every write to a job's lifecycle).
+//! artifacts (the queue module owns every write to a job's lifecycle, and where queued jobs
+//! stand).
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{FromRow, PgExecutor};
 
 use super::Page;
+use crate::domain::{ArtifactKind, EventLevel, EventType, JobKind, JobStatus, MetricKind};
 
 #[derive(Clone, Debug, FromRow)]
 pub struct JobRow {
     pub id: String,
     pub tenant_id: String,
-    pub kind: String,
+    pub kind: JobKind,
     pub parent_id: Option<String>,
-    pub status: String,
+    pub status: JobStatus,
     pub spec: serde_json::Value,
     pub attempt: i32,
     pub max_attempts: i32,
@@ -34,7 +36,7 @@ pub async fn get(
     db: impl PgExecutor<'_>,
     tenant: &str,
     id: &str,
-    kind: &str,
+    kind: JobKind,
 ) -> sqlx::Result<Option<JobRow>> {
     sqlx::query_as(&format!(
         "select {COLS} from jobs where id = $1 and tenant_id = $2 and kind = $3"
@@ -84,9 +86,9 @@ pub async fn merge_of(db: impl PgExecutor<'_>, parent: &str) -> sqlx::Result<Opt
 pub struct EventRow {
     pub id: i64,
     pub created_at: DateTime<Utc>,
-    pub level: String,
+    pub level: EventLevel,
     #[sqlx(rename = "type")]
-    pub kind: String,
+    pub kind: EventType,
     pub message: String,
     pub data: Option<serde_json::Value>,
 }
@@ -122,7 +124,7 @@ pub async fn events(
 
 #[derive(Clone, Debug, FromRow, Serialize)]
 pub struct MetricRow {
-    pub kind: String,
+    pub kind: MetricKind,
     pub step: i32,
     pub data: serde_json::Value,
 }
@@ -167,7 +169,7 @@ pub async fn checkpoints(
 pub struct ArtifactRow {
     pub id: String,
     pub job_id: String,
-    pub kind: String,
+    pub kind: ArtifactKind,
     pub name: String,
     pub object_key: String,
     pub bytes: i64,
@@ -204,44 +206,16 @@ pub async fn artifact(
 /// successful fine-tunes), for estimates.
 pub async fn secs_per_token(db: impl PgExecutor<'_>, model: &str) -> sqlx::Result<Option<f64>> {
     let row: (Option<f64>,) = sqlx::query_as(
-        "select avg(w / t) from (
-            select (result->>'wall_secs')::float8 as w, (result->>'trained_tokens')::float8 as t
-              from jobs
-             where kind = 'fine_tune' and status = 'succeeded' and spec->>'model' = $1
-               and (result->>'trained_tokens')::float8 > 0
+        "select avg(wall_secs / trained_tokens) from (
+            select wall_secs, trained_tokens from jobs
+             where kind = 'fine_tune' and status = 'succeeded' and model = $1
+               and trained_tokens > 0
              order by finished_at desc limit 20) h",
     )
     .bind(model)
     .fetch_one(db)
     .await?;
     Ok(row.0)
-}
-
-/// For the queued jobs among `ids`: `(id, jobs ahead in claim order, seconds until it should
-/// finish)` — the estimated durations of the jobs ahead spread over the workers busy now (at
-/// least one), plus its own and any backoff it still waits out. One pass over the queue for
-/// a whole page.
-pub async fn queue_positions(
-    db: impl PgExecutor<'_>,
-    ids: &[String],
-) -> sqlx::Result<Vec<(String, i64, f64)>> {
-    sqlx::query_as(
-        "with q as (
-            select id,
-                   row_number() over w - 1 as pos,
-                   coalesce(sum(coalesce((spec->'api'->'estimate'->>'duration_secs')::float8, 60))
-                            over (w rows between unbounded preceding and 1 preceding), 0) as ahead,
-                   coalesce((spec->'api'->'estimate'->>'duration_secs')::float8, 60)
-                     + greatest(0, extract(epoch from run_after - now()))::float8 as own
-              from jobs where status = 'queued'
-            window w as (order by priority desc, run_after, created_at, id))
-         select id, pos, ahead / greatest(1, (select count(*) from jobs
-                                               where status in ('running', 'cancelling'))) + own
-           from q where id = any($1)",
-    )
-    .bind(ids)
-    .fetch_all(db)
-    .await
 }
 
 /// The merges of the fine-tunes among `ids`.
@@ -255,7 +229,9 @@ pub async fn merges_of(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<
 }
 
 /// Jobs per status, and the queued jobs runnable now (for `/metrics`).
-pub async fn status_counts(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, String, i64)>> {
+pub async fn status_counts(
+    db: impl PgExecutor<'_>,
+) -> sqlx::Result<Vec<(JobKind, JobStatus, i64)>> {
     sqlx::query_as("select kind, status, count(*) from jobs group by kind, status order by 1, 2")
         .fetch_all(db)
         .await

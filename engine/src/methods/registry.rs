@@ -1,0 +1,421 @@
+//! The fine-tuning methods a job can ask for, by name, in one place: each method's settings
+//! type, default learning rate and hyperparameters (type, bounds, choices, what they do); the
+//! training loop's hyperparameters beside them; and [`resolve`], which turns a request's
+//! `{type, hyperparameters}` into what the trainer runs, every bad value named by its path.
+//! The CLI, the benchmarks and the service's API resolve through here, and `GET /v1/methods`
+//! lists it (so the dashboard and SDK users read the same defaults the engine uses).
+//!
+//! Defaults are not written here: a method's come from its settings type's `Default`, the
+//! loop's from [`TrainConfig`]'s, so the listing can never disagree with what runs.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use crate::hyper::{check_bounds, parse_at, Bound, Hyper, HyperListing, Kind};
+
+use super::full::FullConfig;
+use super::lora::LoraConfig;
+use super::sparsegrad::{MePropConfig, SparseGradConfig};
+use super::Method;
+use crate::models::ParamShape;
+use crate::optim::AdamConfig;
+use crate::train::config::{TrainConfig, TRAINING};
+use crate::{Error, Result};
+
+/// The method a request without `method.type` runs.
+pub const DEFAULT_METHOD: &str = "sparsegrad";
+pub use crate::train::config::DEFAULT_MAX_SEQ_LEN;
+
+/// What a method costs, from a model's sizes alone (dry-run estimates).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Footprint {
+    /// Values trained besides the task head (which every method trains densely).
+    pub trainable: u64,
+    /// Other values held for the run (SparseGrad's bases).
+    pub extra_state: u64,
+    /// Micro-batches of ordinary backprop before the first step (SparseGrad's basis phase).
+    pub calibration_batches: u64,
+}
+
+/// A method's settings type.
+pub trait MethodConfig: Serialize + DeserializeOwned + Default {
+    const INFO: MethodInfo;
+    /// The method, ready to prepare on a model. Settings are checked first.
+    fn build(&self, adam: AdamConfig) -> Box<dyn Method>;
+    fn footprint(&self, shape: &ParamShape) -> Footprint;
+    /// Rules beyond each value's bounds (none by default).
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A method as listed: what it is, its learning rate and its own hyperparameters.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodInfo {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// The learning rate a method works with when the job gives none.
+    pub default_lr: f64,
+    pub hyperparameters: &'static [Hyper],
+}
+
+/// Declares the methods: `MethodSpec` (a method with its settings, tagged by name as jobs
+/// store it) and the dispatch from a name or a spec to its settings type. One line per method.
+macro_rules! registry {
+    ($($variant:ident($config:ty)),+ $(,)?) => {
+        /// Method hyperparameters as submitted (CLI flags or the API's `method` object).
+        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        pub enum MethodSpec {
+            $($variant($config)),+
+        }
+
+        /// Every method, in listing order.
+        pub const METHODS: &[MethodInfo] = &[$(<$config as MethodConfig>::INFO),+];
+
+        impl MethodSpec {
+            pub fn info(&self) -> &'static MethodInfo {
+                match self {
+                    $(MethodSpec::$variant(_) => &<$config as MethodConfig>::INFO),+
+                }
+            }
+            /// The settings as JSON (what `hyperparameters` echoes).
+            pub fn settings(&self) -> Value {
+                match self {
+                    $(MethodSpec::$variant(c) => serde_json::to_value(c)),+
+                }
+                .expect("serialisable")
+            }
+            fn check(&self) -> Result<()> {
+                match self {
+                    $(MethodSpec::$variant(c) => c.check()),+
+                }
+            }
+            pub fn footprint(&self, shape: &ParamShape) -> Footprint {
+                match self {
+                    $(MethodSpec::$variant(c) => c.footprint(shape)),+
+                }
+            }
+            fn build_checked(&self, adam: AdamConfig) -> Box<dyn Method> {
+                match self {
+                    $(MethodSpec::$variant(c) => c.build(adam)),+
+                }
+            }
+            /// `name`'s settings from a JSON object, each error with its path inside it.
+            fn parse(name: &str, hyperparameters: Value) -> Option<Result<MethodSpec>> {
+                $(
+                    if name == <$config as MethodConfig>::INFO.name {
+                        return Some(parse_at::<$config>(hyperparameters, "").map(MethodSpec::$variant));
+                    }
+                )+
+                None
+            }
+            /// `name`'s default settings as JSON.
+            fn defaults(name: &str) -> Option<Value> {
+                $(
+                    if name == <$config as MethodConfig>::INFO.name {
+                        return Some(serde_json::to_value(<$config>::default()).expect("serialisable"));
+                    }
+                )+
+                None
+            }
+        }
+    };
+}
+
+registry! {
+    Full(FullConfig),
+    Lora(LoraConfig),
+    Sparsegrad(SparseGradConfig),
+    Meprop(MePropConfig),
+}
+
+impl MethodSpec {
+    pub fn name(&self) -> &'static str {
+        self.info().name
+    }
+    pub fn default_lr(&self) -> f64 {
+        self.info().default_lr
+    }
+    /// Checks the settings (bounds and any method rules) and builds the method.
+    pub fn build(&self, adam: AdamConfig) -> Result<Box<dyn Method>> {
+        self.validate()?;
+        Ok(self.build_checked(adam))
+    }
+    pub fn validate(&self) -> Result<()> {
+        check_bounds(&self.settings(), self.info().hyperparameters)?;
+        self.check()
+    }
+    /// A method by name with its default settings.
+    pub fn default_for(name: &str) -> Result<MethodSpec> {
+        resolve_method(name, &Map::new())
+    }
+}
+
+/// The method named `name` with `hyperparameters` (its own keys only), checked.
+pub fn resolve_method(name: &str, hyperparameters: &Map<String, Value>) -> Result<MethodSpec> {
+    let spec =
+        MethodSpec::parse(name, Value::Object(hyperparameters.clone())).unwrap_or_else(|| {
+            let known: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
+            Err(Error::param(
+                "type",
+                format!("unknown method `{name}` ({})", known.join(", ")),
+            ))
+        })?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// What a request resolves to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    pub method: MethodSpec,
+    pub train: TrainConfig,
+    pub max_seq_len: usize,
+    /// Every hyperparameter with its effective value (defaults included), echoed to users.
+    pub hyperparameters: Value,
+}
+
+/// Resolves a request's method name (the default method when `None`) and hyperparameters —
+/// the method's own and the loop's, under their names or aliases — with defaults filled in
+/// (the method's learning rate when none is given). An error's `param` is its path relative
+/// to the request's `method` object: `type` or `hyperparameters.<name>`.
+pub fn resolve(
+    name: Option<&str>,
+    hyperparameters: &Map<String, Value>,
+    seed: Option<u64>,
+) -> Result<Resolved> {
+    let under = |e: Error| match e {
+        Error::Param { param, reason } if param != "type" => {
+            Error::param(&format!("hyperparameters.{param}"), reason)
+        }
+        other => other,
+    };
+    let name = name.unwrap_or(DEFAULT_METHOD);
+    let mut train = Map::new();
+    let mut own = Map::new();
+    let mut max_seq_len = DEFAULT_MAX_SEQ_LEN;
+    for (k, v) in hyperparameters {
+        let Some(h) = TRAINING
+            .iter()
+            .find(|h| h.name == k || h.aliases.contains(&k.as_str()))
+        else {
+            own.insert(k.clone(), v.clone());
+            continue;
+        };
+        if h.name == "max_seq_len" {
+            max_seq_len = parse_at(v.clone(), "")
+                .map_err(|e| match e {
+                    Error::Param { reason, .. } => Error::param("max_seq_len", reason),
+                    other => other,
+                })
+                .map_err(under)?;
+            check_bounds(&serde_json::json!({"max_seq_len": max_seq_len}), TRAINING)
+                .map_err(under)?;
+        } else if train.insert(h.field.to_string(), v.clone()).is_some() {
+            return Err(under(Error::param(
+                k,
+                format!("`{}` is given twice (under two names)", h.name),
+            )));
+        }
+    }
+    let method = resolve_method(name, &own).map_err(under)?;
+    if !train.contains_key("lr") {
+        train.insert("lr".into(), method.default_lr().into());
+    }
+    if let Some(s) = seed {
+        train.insert("seed".into(), s.into());
+    }
+    let train: TrainConfig = parse_at(Value::Object(train), "")
+        .map_err(|e| match e {
+            // Loop fields are named as requests name them.
+            Error::Param { param, reason } => Error::param(&request_name(&param), reason),
+            other => other,
+        })
+        .map_err(under)?;
+    train.validate().map_err(under)?;
+
+    let mut hp = serde_json::to_value(&train).expect("serialisable");
+    if let (Some(h), Value::Object(m)) = (hp.as_object_mut(), method.settings()) {
+        h.remove("seed");
+        h.insert("max_seq_len".into(), max_seq_len.into());
+        for (k, v) in m {
+            h.insert(k, v);
+        }
+    }
+    Ok(Resolved {
+        method,
+        train,
+        max_seq_len,
+        hyperparameters: hp,
+    })
+}
+
+/// The request name of a loop settings field (`dropout` → `train_dropout`).
+fn request_name(field: &str) -> String {
+    let head = field.split('.').next().unwrap_or(field);
+    match TRAINING.iter().find(|h| h.field == head) {
+        Some(h) => field.replacen(head, h.name, 1),
+        None => field.to_string(),
+    }
+}
+
+/// One method as `GET /v1/methods` lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodListing {
+    pub id: &'static str,
+    pub object: &'static str,
+    pub description: &'static str,
+    /// Whether a job without `method.type` runs this one.
+    pub default: bool,
+    pub hyperparameters: Vec<HyperListing>,
+}
+
+/// Every method with all it takes — its own hyperparameters, then the loop's — and each
+/// one's effective default.
+pub fn listings() -> Vec<MethodListing> {
+    let mut loop_defaults = serde_json::to_value(TrainConfig::default()).expect("serialisable");
+    loop_defaults["max_seq_len"] = DEFAULT_MAX_SEQ_LEN.into();
+    METHODS
+        .iter()
+        .map(|m| {
+            let own = MethodSpec::defaults(m.name).unwrap_or(Value::Null);
+            let mut d = loop_defaults.clone();
+            d["lr"] = m.default_lr.into();
+            let mut hyperparameters: Vec<HyperListing> = m
+                .hyperparameters
+                .iter()
+                .map(|h| h.listing("method", &own))
+                .collect();
+            hyperparameters.extend(TRAINING.iter().map(|h| h.listing("training", &d)));
+            MethodListing {
+                id: m.name,
+                object: "fine_tuning.method",
+                description: m.description,
+                default: m.name == DEFAULT_METHOD,
+                hyperparameters,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn hp(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn every_settings_field_is_listed_and_every_listed_field_exists() {
+        // The tables and the settings types cannot drift apart: each field of each settings
+        // type (and of the loop's) has exactly one entry, and each entry names a field.
+        for m in METHODS {
+            let fields: Vec<String> = MethodSpec::defaults(m.name)
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            let listed: Vec<&str> = m.hyperparameters.iter().map(|h| h.field).collect();
+            let mut a: Vec<&str> = fields.iter().map(String::as_str).collect();
+            let mut b = listed.clone();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "method {}", m.name);
+        }
+        let mut loop_fields: Vec<String> = serde_json::to_value(TrainConfig::default())
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "seed")
+            .cloned()
+            .collect();
+        loop_fields.push("max_seq_len".into());
+        loop_fields.sort();
+        let mut listed: Vec<String> = TRAINING.iter().map(|h| h.field.to_string()).collect();
+        listed.sort();
+        assert_eq!(loop_fields, listed);
+    }
+
+    #[test]
+    fn every_choice_is_accepted_and_nothing_else() {
+        for m in METHODS {
+            for h in m.hyperparameters.iter().filter(|h| !h.choices.is_empty()) {
+                for c in h.choices {
+                    resolve(Some(m.name), &hp(json!({ h.name: c })), None)
+                        .unwrap_or_else(|e| panic!("{} {}={c}: {e}", m.name, h.name));
+                }
+                let e = resolve(Some(m.name), &hp(json!({ h.name: "nonsense" })), None);
+                assert!(e.is_err(), "{} {} took nonsense", m.name, h.name);
+            }
+        }
+        for c in ["constant", "linear", "cosine"] {
+            resolve(None, &hp(json!({ "schedule": c })), None).unwrap();
+        }
+    }
+
+    #[test]
+    fn bounds_are_enforced_with_the_request_name() {
+        let bad = |v: Value| match resolve(None, &hp(v), None) {
+            Err(Error::Param { param, reason }) => (param, reason),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            bad(json!({"density": 0.0})),
+            ("hyperparameters.density".into(), "must be in (0, 1]".into())
+        );
+        assert_eq!(
+            bad(json!({"batch_size": 0})),
+            (
+                "hyperparameters.batch_size".into(),
+                "must be at least 1".into()
+            )
+        );
+        assert_eq!(
+            bad(json!({"eval_every": 0})).0,
+            "hyperparameters.eval_every"
+        );
+        assert_eq!(
+            bad(json!({"train_dropout": 3})).0,
+            "hyperparameters.train_dropout"
+        );
+        assert_eq!(
+            resolve(Some("lora"), &hp(json!({"r": 0})), None)
+                .unwrap_err()
+                .to_string(),
+            "invalid value for `hyperparameters.r`: must be between 1 and 1024"
+        );
+        assert_eq!(
+            bad(json!({"max_seq_len": 9000})).0,
+            "hyperparameters.max_seq_len"
+        );
+        match resolve(Some("adapter"), &Map::new(), None) {
+            Err(Error::Param { param, .. }) => assert_eq!(param, "type"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn listing_defaults_are_what_resolving_nothing_gives() {
+        for m in listings() {
+            let r = resolve(Some(m.id), &Map::new(), None).unwrap();
+            for h in &m.hyperparameters {
+                // The echo names the loop's dropout `dropout`, which LoRA's own overwrites.
+                let got = match h.name {
+                    "train_dropout" => Value::from(r.train.dropout),
+                    n => r.hyperparameters[n].clone(),
+                };
+                assert_eq!(got, h.default, "{} {}", m.id, h.name);
+            }
+        }
+        let l = listings();
+        assert_eq!(l.iter().filter(|m| m.default).count(), 1);
+        assert!(l.iter().any(|m| m.id == DEFAULT_METHOD && m.default));
+    }
+}

@@ -1,0 +1,231 @@
+//! SparseGrad's and MeProp's settings, their hyperparameters as listed and checked, and what
+//! each costs for estimates.
+
+use serde::{Deserialize, Serialize};
+
+use super::SparseMlp;
+use crate::methods::registry::{Bound, Footprint, Hyper, MethodConfig, MethodInfo};
+use crate::methods::Method;
+use crate::models::ParamShape;
+use crate::optim::AdamConfig;
+
+/// Which entries of each matrix may change.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Support {
+    /// The paper's: top-k of every step's rotated gradient.
+    Dynamic,
+    /// Chosen once from the basis-phase gradients (largest accumulated `|G̃|`); Adam state
+    /// for those k entries only.
+    #[default]
+    Fixed,
+    /// Fixed, re-selected every `refresh_every` steps from that step's gradient; moments of
+    /// entries that stay are kept.
+    Refreshed,
+}
+
+/// What trains besides the sparse MLP matrices.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// The task head only (densely); everything else frozen: small deltas.
+    #[default]
+    Mlp,
+    /// Every parameter outside the sparse MLP matrices trains densely with AdamW, as in the
+    /// paper's GLUE runs.
+    Paper,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BasisDtype {
+    #[default]
+    F32,
+    /// Halves the bases' share of the artifact; the merged weights then differ from the
+    /// trained ones by bf16 rounding of `P` and `Q`.
+    Bf16,
+}
+
+fn default_density() -> f64 {
+    0.01
+}
+fn default_refresh() -> usize {
+    100
+}
+fn default_basis_steps() -> usize {
+    10
+}
+fn default_stride() -> usize {
+    1
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SparseGradConfig {
+    /// Fraction of each MLP matrix's entries updated (k = density · out · in).
+    #[serde(default = "default_density")]
+    pub density: f64,
+    /// An explicit k per matrix (overrides `density`).
+    #[serde(default)]
+    pub k: Option<usize>,
+    #[serde(default)]
+    pub support: Support,
+    #[serde(default = "default_refresh")]
+    pub refresh_every: usize,
+    /// Micro-batches of ordinary backprop whose gradients define the bases.
+    #[serde(default = "default_basis_steps")]
+    pub basis_steps: usize,
+    /// Update the weights densely during the basis phase, as the paper's code does (the delta
+    /// then has a dense part per MLP matrix).
+    #[serde(default)]
+    pub basis_update: bool,
+    #[serde(default)]
+    pub scope: Scope,
+    /// Train the MLP of every n-th block only (blocks 0, n, 2n, …; the paper used 3 for
+    /// LLaMa-2); other blocks' MLPs stay frozen.
+    #[serde(default = "default_stride")]
+    pub block_stride: usize,
+    #[serde(default)]
+    pub basis_dtype: BasisDtype,
+    /// Learning-rate multiplier for densely trained parameters (default 1 in `mlp` scope,
+    /// 0.1 in `paper` scope, where they are a whole model's worth trained at the sparse
+    /// methods' ~10× rate otherwise).
+    #[serde(default)]
+    pub dense_lr_scale: Option<f64>,
+}
+
+impl Default for SparseGradConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MePropConfig {
+    #[serde(default = "default_density")]
+    pub density: f64,
+    #[serde(default)]
+    pub k: Option<usize>,
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default = "default_stride")]
+    pub block_stride: usize,
+    #[serde(default)]
+    pub dense_lr_scale: Option<f64>,
+}
+
+impl Default for MePropConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+const DENSITY: Hyper = Hyper::number(
+    "density",
+    "fraction of each MLP matrix's entries updated (k = density · out · in)",
+)
+.min(Bound::Excl(0.0))
+.max(Bound::Incl(1.0));
+const K: Hyper = Hyper::integer("k", "entries updated per MLP matrix (overrides density)")
+    .min(Bound::Incl(1.0))
+    .nullable();
+const SCOPE: Hyper = Hyper::choice(
+    "scope",
+    &["mlp", "paper"],
+    "what trains besides the sparse MLP matrices: the task head only (mlp), or every other \
+     parameter densely (paper)",
+);
+const BLOCK_STRIDE: Hyper = Hyper::integer(
+    "block_stride",
+    "train the MLP of every n-th block only (the paper used 3 for LLaMA-2)",
+)
+.min(Bound::Incl(1.0));
+const DENSE_LR_SCALE: Hyper = Hyper::number(
+    "dense_lr_scale",
+    "learning-rate multiplier for densely trained parameters (default 1 in mlp scope, 0.1 in \
+     paper scope)",
+)
+.min(Bound::Excl(0.0))
+.nullable();
+
+/// Values trained on the sparse matrices: k per matrix, or the density's share of them.
+fn sparse_trainable(k: Option<usize>, density: f64, shape: &ParamShape) -> u64 {
+    k.map(|k| k as u64 * shape.layers * shape.mlp_matrices)
+        .unwrap_or((shape.mlp_params() as f64 * density) as u64)
+}
+
+impl MethodConfig for SparseGradConfig {
+    const INFO: MethodInfo = MethodInfo {
+        name: "sparsegrad",
+        description: "SparseGrad (Chekalina et al. 2024): MLP matrices trained through the top-k \
+                      entries of their weight gradient in a basis found from gradient statistics; \
+                      the delta holds k values per matrix plus the bases.",
+        // Sparse methods update ~1% of each MLP matrix and need about 10× full fine-tuning's
+        // rate (at 1e-4 a fixed support did not learn at all in our PyTorch re-implementation).
+        default_lr: 1e-3,
+        hyperparameters: &[
+            DENSITY,
+            K,
+            Hyper::choice(
+                "support",
+                &["fixed", "dynamic", "refreshed"],
+                "which entries may change: chosen once from the basis phase (fixed), top-k of \
+                 every step's gradient (dynamic, the paper's), or re-chosen every refresh_every \
+                 steps (refreshed)",
+            ),
+            Hyper::integer(
+                "refresh_every",
+                "steps between re-selections of a refreshed support",
+            )
+            .min(Bound::Incl(1.0)),
+            Hyper::integer(
+                "basis_steps",
+                "micro-batches of ordinary backprop whose gradients define the bases",
+            )
+            .min(Bound::Incl(1.0)),
+            Hyper::boolean(
+                "basis_update",
+                "update the weights densely during the basis phase, as the paper's code does",
+            ),
+            SCOPE,
+            BLOCK_STRIDE,
+            Hyper::choice(
+                "basis_dtype",
+                &["f32", "bf16"],
+                "precision of the bases in the artifact",
+            ),
+            DENSE_LR_SCALE,
+        ],
+    };
+    fn build(&self, adam: AdamConfig) -> Box<dyn Method> {
+        Box::new(SparseMlp::sparsegrad(self.clone(), adam))
+    }
+    fn footprint(&self, shape: &ParamShape) -> Footprint {
+        Footprint {
+            trainable: sparse_trainable(self.k, self.density, shape),
+            // One P, Q pair per matrix type.
+            extra_state: shape.mlp_matrices * (shape.hidden * shape.hidden + shape.ffn * shape.ffn),
+            calibration_batches: self.basis_steps as u64,
+        }
+    }
+}
+
+impl MethodConfig for MePropConfig {
+    const INFO: MethodInfo = MethodInfo {
+        name: "meprop",
+        description: "MeProp (Sun et al. 2017) on the same MLP matrices: top-k of the weight \
+                      gradient in the original basis every step.",
+        default_lr: 1e-3,
+        hyperparameters: &[DENSITY, K, SCOPE, BLOCK_STRIDE, DENSE_LR_SCALE],
+    };
+    fn build(&self, adam: AdamConfig) -> Box<dyn Method> {
+        Box::new(SparseMlp::meprop(self.clone(), adam))
+    }
+    fn footprint(&self, shape: &ParamShape) -> Footprint {
+        Footprint {
+            trainable: sparse_trainable(self.k, self.density, shape),
+            ..Default::default()
+        }
+    }
+}

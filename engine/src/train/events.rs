@@ -1,0 +1,112 @@
+//! What a training run tells its caller — progress, evaluations, checkpoints — and what it
+//! gets from it: an event callback, a cancellation flag and where to cache and checkpoint.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_sec: f64,
+    pub elapsed_secs: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct EvalMetrics {
+    pub loss: f64,
+    pub examples: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matthews: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pearson: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spearman: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Started {
+        total_steps: usize,
+        start_step: usize,
+        trainable_params: usize,
+        total_params: usize,
+        examples: usize,
+    },
+    Step(Progress),
+    Eval {
+        step: usize,
+        metrics: EvalMetrics,
+    },
+    Checkpoint {
+        step: usize,
+        path: PathBuf,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub tokens: usize,
+    pub wall_secs: f64,
+    pub final_loss: f64,
+    pub eval: Option<EvalMetrics>,
+    pub peak_rss_bytes: Option<u64>,
+    pub losses: Vec<(usize, f64)>,
+    /// Parameters the method trains and numbers of optimizer state it holds.
+    pub trainable_params: usize,
+    pub optimizer_state: usize,
+    /// Mean wall time of an optimizer step (forward, backward and update), seconds.
+    pub step_secs: f64,
+    /// Wall time of the method's calibration (SparseGrad's basis phase), seconds.
+    pub calibration_secs: f64,
+    #[serde(default)]
+    pub method_stats: serde_json::Value,
+}
+
+pub struct TrainIo<'a> {
+    pub on_event: &'a mut dyn FnMut(&Event),
+    pub cancel: &'a AtomicBool,
+    /// Where methods may cache what they derive from the base model and data (SparseGrad
+    /// bases); `None` disables caching.
+    pub cache_dir: Option<PathBuf>,
+    /// Where periodic checkpoints go (`step-N/` folders).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// A `step-N/` folder to resume from.
+    pub resume_from: Option<PathBuf>,
+}
+
+impl<'a> TrainIo<'a> {
+    /// No cache, no checkpoints, a fresh run.
+    pub fn new(on_event: &'a mut dyn FnMut(&Event), cancel: &'a AtomicBool) -> Self {
+        TrainIo {
+            on_event,
+            cancel,
+            cache_dir: None,
+            checkpoint_dir: None,
+            resume_from: None,
+        }
+    }
+}
+
+/// Peak resident set size of this process (Linux), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

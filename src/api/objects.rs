@@ -1,0 +1,332 @@
+//! What the API answers, typed: every resource object and the list envelope. Handlers build
+//! these from rows and domain types; nothing else shapes a response body.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::db::datasets::FileRow;
+use crate::db::job_records::{ArtifactRow, CheckpointRow, EventRow, JobRow, MetricRow};
+use crate::db::tenants::{ApiKey, Tenant};
+use crate::domain::estimate::Estimate;
+use crate::domain::job::MethodEcho;
+use crate::domain::{ArtifactKind, EventLevel, EventType, JobStatus, MetricKind};
+
+fn unix(t: &chrono::DateTime<chrono::Utc>) -> i64 {
+    t.timestamp()
+}
+
+/// `{"object": "list", "data": [...], "has_more": bool}`
+#[derive(Serialize)]
+pub struct List<T> {
+    pub object: &'static str,
+    pub data: Vec<T>,
+    pub has_more: bool,
+}
+
+impl<T> List<T> {
+    pub fn new(data: Vec<T>, has_more: bool) -> Self {
+        List {
+            object: "list",
+            data,
+            has_more,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct FileObject {
+    pub id: String,
+    pub object: &'static str,
+    pub bytes: i64,
+    pub created_at: i64,
+    pub filename: String,
+    pub purpose: String,
+    pub format: String,
+    pub task: String,
+    pub rows: i64,
+}
+
+impl From<&FileRow> for FileObject {
+    fn from(f: &FileRow) -> Self {
+        FileObject {
+            id: f.id.clone(),
+            object: "file",
+            bytes: f.bytes,
+            created_at: unix(&f.created_at),
+            filename: f.filename.clone(),
+            purpose: f.purpose.clone(),
+            format: f.format.clone(),
+            task: f.task.clone(),
+            rows: f.rows,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Deleted {
+    pub id: String,
+    pub object: &'static str,
+    pub deleted: bool,
+}
+
+#[derive(Serialize)]
+pub struct TenantObject {
+    pub object: &'static str,
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+impl From<&Tenant> for TenantObject {
+    fn from(t: &Tenant) -> Self {
+        TenantObject {
+            object: "tenant",
+            id: t.id.clone(),
+            name: t.name.clone(),
+            created_at: unix(&t.created_at),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ApiKeyObject {
+    pub object: &'static str,
+    pub id: String,
+    pub tenant_id: String,
+    pub prefix: String,
+    pub created_at: i64,
+    /// The secret, in the creation response only (only its hash is stored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+}
+
+impl ApiKeyObject {
+    pub fn new(k: &ApiKey, secret: Option<String>) -> Self {
+        ApiKeyObject {
+            object: "api_key",
+            id: k.id.clone(),
+            tenant_id: k.tenant_id.clone(),
+            prefix: k.prefix.clone(),
+            created_at: unix(&k.created_at),
+            key: secret,
+            revoked_at: k.revoked_at.as_ref().map(unix),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ModelObject {
+    pub id: String,
+    pub object: &'static str,
+    pub created: Option<i64>,
+    pub owned_by: String,
+    pub architecture: String,
+    pub hidden_size: Option<Value>,
+    pub num_hidden_layers: Option<Value>,
+    pub intermediate_size: Option<Value>,
+    pub parameters: Option<u64>,
+    /// `models_dir` (shared) or `storage` (the tenant's).
+    pub source: &'static str,
+}
+
+#[derive(Serialize)]
+pub struct MergeObject {
+    pub id: String,
+    pub object: &'static str,
+    pub job_id: Option<String>,
+    pub status: JobStatus,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+    pub error: Option<Value>,
+    pub result_files: Option<Value>,
+}
+
+impl From<&JobRow> for MergeObject {
+    fn from(m: &JobRow) -> Self {
+        MergeObject {
+            id: m.id.clone(),
+            object: "fine_tuning.job.merge",
+            job_id: m.parent_id.clone(),
+            status: m.status,
+            created_at: unix(&m.created_at),
+            finished_at: m.finished_at.as_ref().map(unix),
+            error: m.error.clone(),
+            result_files: m
+                .result
+                .as_ref()
+                .and_then(|r| r.get("result_files"))
+                .cloned(),
+        }
+    }
+}
+
+/// A fine-tuning job: OpenAI's fields plus this service's (the method run with its resolved
+/// hyperparameters, progress, estimate, queue position and ETA, attempts, result, merge).
+#[derive(Serialize)]
+pub struct JobObject {
+    pub id: String,
+    pub object: &'static str,
+    pub model: String,
+    pub base_model: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub status: JobStatus,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub method: MethodEcho,
+    pub seed: u64,
+    pub suffix: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub task: Option<String>,
+    pub progress: Option<Value>,
+    pub trained_steps: Option<u64>,
+    pub trained_tokens: Option<u64>,
+    pub estimate: Estimate,
+    pub queue_position: Option<i64>,
+    pub estimated_finish: Option<i64>,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub error: Option<Value>,
+    pub result: Option<Value>,
+    pub result_files: Value,
+    pub fine_tuned_model: Option<String>,
+    pub merge: Option<MergeObject>,
+}
+
+/// A dry run's answer: what the job would be, and what it would cost.
+#[derive(Serialize)]
+pub struct EstimateObject {
+    pub object: &'static str,
+    pub model: String,
+    pub method: MethodEcho,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub estimate: Estimate,
+}
+
+#[derive(Serialize)]
+pub struct EventObject {
+    pub id: String,
+    pub object: &'static str,
+    pub created_at: i64,
+    pub level: EventLevel,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub message: String,
+    pub data: Option<Value>,
+}
+
+/// The event id clients see (and resume from).
+pub fn event_id(id: i64) -> String {
+    format!("ev_{id}")
+}
+
+impl From<&EventRow> for EventObject {
+    fn from(e: &EventRow) -> Self {
+        EventObject {
+            id: event_id(e.id),
+            object: "fine_tuning.job.event",
+            created_at: unix(&e.created_at),
+            level: e.level,
+            kind: e.kind,
+            message: e.message.clone(),
+            data: e.data.clone(),
+        }
+    }
+}
+
+/// A point on a job's curves: its kind and step, then the recorded figures.
+#[derive(Serialize)]
+pub struct MetricObject {
+    pub object: &'static str,
+    #[serde(rename = "type")]
+    pub kind: MetricKind,
+    pub step: i32,
+    #[serde(flatten)]
+    pub data: serde_json::Map<String, Value>,
+}
+
+impl From<MetricRow> for MetricObject {
+    fn from(m: MetricRow) -> Self {
+        let mut data = match m.data {
+            Value::Object(d) => d,
+            _ => Default::default(),
+        };
+        // The point's own fields win over recorded figures of the same name.
+        for k in ["object", "type", "step"] {
+            data.remove(k);
+        }
+        MetricObject {
+            object: "fine_tuning.job.metric",
+            kind: m.kind,
+            step: m.step,
+            data,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct CheckpointObject {
+    pub id: String,
+    pub object: &'static str,
+    pub fine_tuning_job_id: String,
+    pub step_number: i32,
+    pub attempt: i32,
+    pub bytes: i64,
+    pub created_at: i64,
+}
+
+impl CheckpointObject {
+    pub fn new(c: &CheckpointRow, job_id: &str) -> Self {
+        CheckpointObject {
+            id: c.id.clone(),
+            object: "fine_tuning.job.checkpoint",
+            fine_tuning_job_id: job_id.to_string(),
+            step_number: c.step,
+            attempt: c.attempt,
+            bytes: c.bytes,
+            created_at: unix(&c.created_at),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ArtifactObject {
+    pub id: String,
+    pub object: &'static str,
+    pub fine_tuning_job_id: String,
+    pub kind: ArtifactKind,
+    pub name: String,
+    pub bytes: i64,
+    pub sha256: String,
+    pub created_at: i64,
+    pub content_url: String,
+}
+
+impl ArtifactObject {
+    pub fn new(a: &ArtifactRow, job_id: &str) -> Self {
+        ArtifactObject {
+            id: a.id.clone(),
+            object: "fine_tuning.job.artifact",
+            fine_tuning_job_id: job_id.to_string(),
+            kind: a.kind,
+            name: a.name.clone(),
+            bytes: a.bytes,
+            sha256: a.sha256.clone(),
+            created_at: unix(&a.created_at),
+            content_url: format!("/v1/fine_tuning/jobs/{job_id}/artifacts/{}/content", a.id),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct PredictionsObject<T> {
+    pub object: &'static str,
+    pub fine_tuning_job_id: String,
+    pub data: Vec<T>,
+}

@@ -1,0 +1,92 @@
+//! Uploaded dataset files (`/v1/files`): one row per stored, validated file.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{FromRow, PgExecutor};
+
+use super::Page;
+
+#[derive(Clone, Debug, FromRow, Serialize)]
+pub struct FileRow {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant_id: String,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: i64,
+    pub format: String,
+    pub task: String,
+    pub rows: i64,
+    #[serde(skip)]
+    pub object_key: String,
+    pub created_at: DateTime<Utc>,
+}
+
+const FILE_COLS: &str =
+    "id, tenant_id, filename, purpose, bytes, format, task, rows, object_key, created_at";
+
+pub async fn insert(db: impl PgExecutor<'_>, f: &FileRow) -> sqlx::Result<FileRow> {
+    sqlx::query_as(&format!(
+        "insert into files (id, tenant_id, filename, purpose, bytes, format, task, rows, object_key)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning {FILE_COLS}"
+    ))
+    .bind(&f.id)
+    .bind(&f.tenant_id)
+    .bind(&f.filename)
+    .bind(&f.purpose)
+    .bind(f.bytes)
+    .bind(&f.format)
+    .bind(&f.task)
+    .bind(f.rows)
+    .bind(&f.object_key)
+    .fetch_one(db)
+    .await
+}
+
+pub async fn get(db: impl PgExecutor<'_>, tenant: &str, id: &str) -> sqlx::Result<Option<FileRow>> {
+    sqlx::query_as(&format!(
+        "select {FILE_COLS} from files where id = $1 and tenant_id = $2"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn delete(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    id: &str,
+) -> sqlx::Result<Option<FileRow>> {
+    sqlx::query_as(&format!(
+        "delete from files where id = $1 and tenant_id = $2 returning {FILE_COLS}"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(db)
+    .await
+}
+
+/// A tenant's files, newest first; `(rows, has_more)`.
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    page: &Page,
+) -> sqlx::Result<(Vec<FileRow>, bool)> {
+    let mut rows: Vec<FileRow> = sqlx::query_as(&format!(
+        "select {FILE_COLS} from files f
+          where tenant_id = $1
+            and ($2::text is null or (created_at, id) <
+                 (select created_at, id from files where id = $2 and tenant_id = $1))
+          order by created_at desc, id desc
+          limit $3"
+    ))
+    .bind(tenant)
+    .bind(&page.after)
+    .bind(page.limit + 1)
+    .fetch_all(db)
+    .await?;
+    let more = rows.len() as i64 > page.limit;
+    rows.truncate(page.limit as usize);
+    Ok((rows, more))
+}

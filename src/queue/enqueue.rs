@@ -1,0 +1,154 @@
+//! Putting jobs on the queue: fine-tunes (idempotent per tenant and key) and merges (one per
+//! fine-tune), each with its `queued` event in the same transaction.
+
+use sqlx::PgExecutor;
+
+use super::{QueuedJob, Result, JOB_COLS};
+use crate::domain::{EventLevel, EventType, JobKind, JobStatus};
+
+/// A job to enqueue.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub id: String,
+    pub tenant_id: String,
+    pub kind: JobKind,
+    pub spec: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    pub priority: i32,
+    pub max_attempts: i32,
+    /// The fine-tune a merge belongs to.
+    pub parent_id: Option<String>,
+    /// The base model's name, for history-based estimates.
+    pub model: Option<String>,
+    /// The dry-run estimate of its duration, for queue ETAs.
+    pub estimate_secs: Option<f64>,
+}
+
+impl NewJob {
+    pub fn fine_tune(id: &str, tenant_id: &str, spec: serde_json::Value) -> Self {
+        NewJob {
+            id: id.into(),
+            tenant_id: tenant_id.into(),
+            kind: JobKind::FineTune,
+            spec,
+            idempotency_key: None,
+            priority: 0,
+            max_attempts: 3,
+            parent_id: None,
+            model: None,
+            estimate_secs: None,
+        }
+    }
+
+    pub fn merge(id: &str, tenant_id: &str, parent_id: &str, spec: serde_json::Value) -> Self {
+        NewJob {
+            kind: JobKind::Merge,
+            parent_id: Some(parent_id.into()),
+            ..NewJob::fine_tune(id, tenant_id, spec)
+        }
+    }
+}
+
+const INSERT: &str = "insert into jobs (id, tenant_id, status, spec, idempotency_key, priority,
+                                        max_attempts, kind, parent_id, model, estimate_secs)
+                      values ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10)";
+
+/// Enqueues a job. With an idempotency key already used by this tenant, returns the existing
+/// job instead (`false` in the second field).
+pub async fn enqueue(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool)> {
+    let mut tx = db.begin().await?;
+    let inserted: Option<QueuedJob> = sqlx::query_as(&format!(
+        "{INSERT} on conflict on constraint jobs_idempotency_key do nothing
+         returning {JOB_COLS}"
+    ))
+    .bind(&job.id)
+    .bind(&job.tenant_id)
+    .bind(&job.spec)
+    .bind(&job.idempotency_key)
+    .bind(job.priority)
+    .bind(job.max_attempts)
+    .bind(job.kind)
+    .bind(&job.parent_id)
+    .bind(&job.model)
+    .bind(job.estimate_secs)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(j) = inserted {
+        log(
+            &mut *tx,
+            &j.id,
+            EventType::Status,
+            JobStatus::Queued.as_str(),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok((j, true));
+    }
+    let existing: QueuedJob = sqlx::query_as(&format!(
+        "select {JOB_COLS} from jobs where tenant_id = $1 and idempotency_key = $2"
+    ))
+    .bind(&job.tenant_id)
+    .bind(&job.idempotency_key)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((existing, false))
+}
+
+/// Queues the merge of a succeeded fine-tune (one per fine-tune: a second request returns
+/// the first, with `false`).
+pub async fn enqueue_merge(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool)> {
+    let mut tx = db.begin().await?;
+    let inserted: Option<QueuedJob> = sqlx::query_as(&format!(
+        "{INSERT} on conflict (parent_id) where kind = 'merge' do nothing
+         returning {JOB_COLS}"
+    ))
+    .bind(&job.id)
+    .bind(&job.tenant_id)
+    .bind(&job.spec)
+    .bind(&job.idempotency_key)
+    .bind(job.priority)
+    .bind(job.max_attempts)
+    .bind(JobKind::Merge)
+    .bind(&job.parent_id)
+    .bind(&job.model)
+    .bind(job.estimate_secs)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(j) = inserted {
+        log(
+            &mut *tx,
+            &j.id,
+            EventType::Status,
+            JobStatus::Queued.as_str(),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok((j, true));
+    }
+    let existing: QueuedJob = sqlx::query_as(&format!(
+        "select {JOB_COLS} from jobs where parent_id = $1 and kind = 'merge'"
+    ))
+    .bind(&job.parent_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((existing, false))
+}
+
+/// An event written on the job's behalf by the service (not by a worker; unfenced).
+pub(super) async fn log(
+    db: impl PgExecutor<'_>,
+    job_id: &str,
+    kind: EventType,
+    message: &str,
+) -> Result<()> {
+    sqlx::query("insert into job_events (job_id, level, type, message) values ($1, $2, $3, $4)")
+        .bind(job_id)
+        .bind(EventLevel::Info)
+        .bind(kind)
+        .bind(message)
+        .execute(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! A job's state changes: claim, heartbeat, completion, failure with retry, reaping of expired
+//! leases, cancellation.
+
+use serde_json::Value;
+use sqlx::PgExecutor;
+
+use super::enqueue::log;
+use super::retry::now_sql;
+use super::{
+    fenced, Lease, QueueConfig, QueueError, QueuedJob, Result, CANCEL_CHANNEL, CLAIM_ORDER, FENCE,
+    HELD, JOB_COLS,
+};
+use crate::domain::{EventType, JobStatus};
+
+fn secs(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Claims the next runnable job for `worker_id`, or `None` when nothing is runnable.
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    cfg: &QueueConfig,
+) -> Result<Option<(QueuedJob, Lease)>> {
+    let now = now_sql(3);
+    let job: Option<QueuedJob> = sqlx::query_as(&format!(
+        "update jobs set status = 'running', worker_id = $1, attempt = attempt + 1,
+                lease_expires_at = {now} + make_interval(secs => $2),
+                heartbeat_at = {now}, started_at = coalesce(started_at, {now})
+          where id = (select id from jobs
+                       where status = 'queued' and run_after <= {now}
+                       order by {CLAIM_ORDER}
+                       for update skip locked
+                       limit 1)
+         returning {JOB_COLS}"
+    ))
+    .bind(worker_id)
+    .bind(secs(cfg.lease))
+    .bind(cfg.clock.offset_secs())
+    .fetch_optional(db)
+    .await?;
+    Ok(job.map(|j| {
+        let lease = Lease {
+            job_id: j.id.clone(),
+            worker_id: worker_id.to_string(),
+            attempt: j.attempt,
+        };
+        (j, lease)
+    }))
+}
+
+/// What a heartbeat learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    pub cancel_requested: bool,
+}
+
+/// Renews the lease (and records progress, if given).
+pub async fn heartbeat(
+    db: impl PgExecutor<'_>,
+    lease: &Lease,
+    cfg: &QueueConfig,
+    progress: Option<&Value>,
+) -> Result<Beat> {
+    let now = now_sql(6);
+    let row: Option<(bool,)> = sqlx::query_as(&format!(
+        "update jobs set lease_expires_at = {now} + make_interval(secs => $4),
+                heartbeat_at = {now}, progress = coalesce($5, progress)
+          where {FENCE} and {HELD}
+         returning cancel_requested"
+    ))
+    .bind(&lease.job_id)
+    .bind(&lease.worker_id)
+    .bind(lease.attempt)
+    .bind(secs(cfg.lease))
+    .bind(progress)
+    .bind(cfg.clock.offset_secs())
+    .fetch_optional(db)
+    .await?;
+    match row {
+        Some((cancel_requested,)) => Ok(Beat { cancel_requested }),
+        None => Err(QueueError::LeaseLost(lease.job_id.clone())),
+    }
+}
+
+/// Marks the job succeeded with its result.
+pub async fn complete(db: impl PgExecutor<'_>, lease: &Lease, result: &Value) -> Result<()> {
+    complete_with(db, lease, result, None, None).await
+}
+
+/// Marks the job succeeded with its result and the figures the database keeps as columns.
+pub(super) async fn complete_with(
+    db: impl PgExecutor<'_>,
+    lease: &Lease,
+    result: &Value,
+    wall_secs: Option<f64>,
+    trained_tokens: Option<i64>,
+) -> Result<()> {
+    let r = sqlx::query(&format!(
+        "update jobs set status = 'succeeded', result = $4, finished_at = now(),
+                wall_secs = $5, trained_tokens = $6,
+                worker_id = null, lease_expires_at = null, progress = null
+          where {FENCE} and {HELD}"
+    ))
+    .bind(&lease.job_id)
+    .bind(&lease.worker_id)
+    .bind(lease.attempt)
+    .bind(result)
+    .bind(wall_secs)
+    .bind(trained_tokens)
+    .execute(db)
+    .await?;
+    fenced(r.rows_affected(), lease)
+}
+
+/// Confirms a requested cancellation once the worker has stopped.
+pub async fn confirm_cancel(db: impl PgExecutor<'_>, lease: &Lease) -> Result<()> {
+    let r = sqlx::query(&format!(
+        "update jobs set status = 'cancelled', finished_at = now(),
+                worker_id = null, lease_expires_at = null
+          where {FENCE} and {HELD}"
+    ))
+    .bind(&lease.job_id)
+    .bind(&lease.worker_id)
+    .bind(lease.attempt)
+    .execute(db)
+    .await?;
+    fenced(r.rows_affected(), lease)
+}
+
+/// Whether a failure is worth another attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Bad data or impossible hyperparameters: another attempt fails the same way.
+    User,
+    /// Storage down, worker crash, out of memory: retried while attempts remain.
+    Infrastructure,
+}
+
+/// Records a failed attempt; returns the job's new status (`queued` for a retry, `failed`, or
+/// `cancelled` when cancellation was requested meanwhile).
+pub async fn fail(
+    db: impl PgExecutor<'_>,
+    lease: &Lease,
+    kind: Failure,
+    error: &Value,
+    cfg: &QueueConfig,
+) -> Result<JobStatus> {
+    let retry = "$5 and attempt < max_attempts and not cancel_requested";
+    let now = now_sql(7);
+    let row: Option<(JobStatus,)> = sqlx::query_as(&format!(
+        "update jobs set
+                status = case when {retry} then 'queued'
+                              when cancel_requested then 'cancelled'
+                              else 'failed' end,
+                run_after = {now} + make_interval(secs => $6),
+                finished_at = case when {retry} then null else now() end,
+                error = $4, worker_id = null, lease_expires_at = null
+          where {FENCE} and {HELD}
+         returning status"
+    ))
+    .bind(&lease.job_id)
+    .bind(&lease.worker_id)
+    .bind(lease.attempt)
+    .bind(error)
+    .bind(kind == Failure::Infrastructure)
+    .bind(secs(cfg.retry.delay(lease.attempt)))
+    .bind(cfg.clock.offset_secs())
+    .fetch_optional(db)
+    .await?;
+    row.map(|r| r.0)
+        .ok_or_else(|| QueueError::LeaseLost(lease.job_id.clone()))
+}
+
+/// Returns running jobs whose lease expired to the queue (with backoff), or fails them when
+/// they have used `max_attempts`; a job whose cancellation was requested ends cancelled.
+/// Returns how many jobs it touched.
+pub async fn reap(db: &sqlx::PgPool, cfg: &QueueConfig) -> Result<u64> {
+    let mut tx = db.begin().await?;
+    let expired: Vec<(String, i32)> = sqlx::query_as(&format!(
+        "select id, attempt from jobs
+          where {HELD} and lease_expires_at < {}
+          for update skip locked",
+        now_sql(1)
+    ))
+    .bind(cfg.clock.offset_secs())
+    .fetch_all(&mut *tx)
+    .await?;
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    let (ids, delays): (Vec<String>, Vec<f64>) = expired
+        .into_iter()
+        .map(|(id, attempt)| (id, secs(cfg.retry.delay(attempt))))
+        .unzip();
+    let r = sqlx::query(&format!(
+        "update jobs set
+                status = case when cancel_requested then 'cancelled'
+                              when attempt >= max_attempts then 'failed'
+                              else 'queued' end,
+                error = case when cancel_requested then error
+                             when attempt >= max_attempts then jsonb_build_object(
+                               'code', 'lease_expired',
+                               'message', format('the worker stopped responding (attempt %s of %s)',
+                                                 attempt, max_attempts),
+                               'param', null)
+                             else error end,
+                finished_at = case when cancel_requested or attempt >= max_attempts
+                                   then now() else null end,
+                run_after = {} + make_interval(secs => d.delay),
+                worker_id = null, lease_expires_at = null
+           from unnest($1::text[], $2::float8[]) as d(id, delay)
+          where jobs.id = d.id",
+        now_sql(3)
+    ))
+    .bind(&ids)
+    .bind(&delays)
+    .bind(cfg.clock.offset_secs())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(r.rows_affected())
+}
+
+/// What a cancel request did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    /// It was queued: now `cancelled`.
+    Now,
+    /// It is running: flagged `cancelling`; its worker stops and confirms.
+    Requested,
+    /// Already finished (or already cancelling): nothing changed.
+    AlreadyFinal,
+    NotFound,
+}
+
+/// Cancels a tenant's job. A running job's cancellation is announced on [`CANCEL_CHANNEL`].
+pub async fn cancel(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<Cancelled> {
+    let mut tx = db.begin().await?;
+    let row: Option<(JobStatus,)> =
+        sqlx::query_as("select status from jobs where id = $1 and tenant_id = $2 for update")
+            .bind(job_id)
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((status,)) = row else {
+        return Ok(Cancelled::NotFound);
+    };
+    let out = match status {
+        JobStatus::Queued => {
+            sqlx::query(
+                "update jobs set status = 'cancelled', cancel_requested = true,
+                        finished_at = now() where id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+            log(
+                &mut *tx,
+                job_id,
+                EventType::Status,
+                JobStatus::Cancelled.as_str(),
+            )
+            .await?;
+            Cancelled::Now
+        }
+        JobStatus::Running => {
+            sqlx::query(
+                "update jobs set status = 'cancelling', cancel_requested = true where id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(CANCEL_CHANNEL)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            log(
+                &mut *tx,
+                job_id,
+                EventType::Status,
+                JobStatus::Cancelling.as_str(),
+            )
+            .await?;
+            Cancelled::Requested
+        }
+        JobStatus::Cancelling | JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled => {
+            Cancelled::AlreadyFinal
+        }
+    };
+    tx.commit().await?;
+    Ok(out)
+}

@@ -1,0 +1,72 @@
+//! One merge attempt: a succeeded fine-tune's delta written into its base model as a Hugging
+//! Face-layout folder, stored as the merge's artifacts.
+
+use std::path::Path;
+
+use super::transfer::store_artifacts;
+use super::{status, Done, Stop, WorkerCtx};
+use crate::domain::{ArtifactKind, EventLevel, MergeResult, MergeSpec, UserFacing};
+use crate::queue::{Completion, Lease};
+use crate::storage::local_copy::materialize;
+
+pub(super) async fn run(
+    ctx: &WorkerCtx,
+    lease: &Lease,
+    spec: &serde_json::Value,
+    dir: &Path,
+) -> Result<Done, Stop> {
+    let spec: MergeSpec = serde_json::from_value(spec.clone())
+        .map_err(|e| Stop::User(format!("merge spec: {e}"), None))?;
+    tokio::fs::create_dir_all(dir).await?;
+    let running =
+        serde_json::json!({"device": "cpu", "attempt": lease.attempt, "worker": lease.worker_id});
+    status(ctx, lease, EventLevel::Info, "running", Some(running)).await?;
+    let model_dir = materialize(&ctx.storage, &spec.base, &ctx.model_cache).await?;
+    let delta = dir.join("delta.safetensors");
+    ctx.storage.download(&spec.delta_key, &delta).await?;
+    let out = dir.join("merged");
+    let thread_out = out.clone();
+    // Merging reads and writes a whole model: a blocking thread, not a runtime worker.
+    let merged = tokio::task::spawn_blocking(move || {
+        let art = sparsegrad_engine::artifact::Artifact::load(&delta)?;
+        sparsegrad_engine::artifact::merge(&model_dir, &art, &thread_out, 0)
+    })
+    .await
+    .map_err(|e| Stop::Infra(format!("merge thread: {e}")))?;
+    if let Err(e) = merged {
+        let f = UserFacing::from(&e);
+        return Err(if f.user_error {
+            Stop::User(f.message, None)
+        } else {
+            Stop::Infra(f.message)
+        });
+    }
+    let mut names = Vec::new();
+    let mut rd = tokio::fs::read_dir(&out).await?;
+    while let Some(e) = rd.next_entry().await? {
+        if e.file_type().await?.is_file() {
+            names.push(e.file_name().to_string_lossy().to_string());
+        }
+    }
+    names.sort();
+    let artifacts = store_artifacts(
+        &ctx.storage,
+        &lease.job_id,
+        ArtifactKind::Merged,
+        &out,
+        &names,
+    )
+    .await?;
+    let result = MergeResult {
+        device: "cpu".into(),
+        files: names,
+        result_files: artifacts.iter().map(|a| a.id.clone()).collect(),
+        bytes: artifacts.iter().map(|a| a.bytes).sum(),
+    };
+    let done = Completion {
+        result: serde_json::to_value(&result).expect("serialisable"),
+        wall_secs: None,
+        trained_tokens: None,
+    };
+    Ok((done, artifacts))
+}

@@ -1,0 +1,89 @@
+//! What training reports, recorded under the worker's fence: a metric point and an event per
+//! step, evaluations, the start, and checkpoints (uploaded before training goes on).
+
+use sparsegrad_engine::train::Event;
+
+use super::transfer::{checkpoint_prefix, upload_dir, COMPLETE_MARKER};
+use super::{event, Stop, WorkerCtx};
+use crate::domain::{EventLevel, EventType, MetricKind};
+use crate::queue::{self, Lease};
+
+/// Records one engine event; `last_progress` keeps the latest step for heartbeats.
+pub(super) async fn record(
+    ctx: &WorkerCtx,
+    lease: &Lease,
+    e: &Event,
+    last_progress: &mut Option<serde_json::Value>,
+) -> Result<(), Stop> {
+    let info = |kind: EventType, msg: String, data: Option<serde_json::Value>| async move {
+        event(&ctx.db, lease, EventLevel::Info, kind, &msg, data).await
+    };
+    match e {
+        Event::Step(p) => {
+            *last_progress = Some(serde_json::to_value(p).unwrap_or_default());
+            if let Some(d) = last_progress.as_ref() {
+                queue::metric(&ctx.db, lease, MetricKind::Train, p.step, d).await?;
+            }
+            let msg = format!("step {}/{}: loss {:.4}", p.step, p.total_steps, p.loss);
+            info(EventType::Metrics, msg, last_progress.clone()).await
+        }
+        Event::Eval { step, metrics } => {
+            let msg = format!("eval at step {step}: loss {:.4}", metrics.loss);
+            let data = serde_json::json!({"step": step, "eval": metrics});
+            let point = serde_json::to_value(metrics).unwrap_or_default();
+            queue::metric(&ctx.db, lease, MetricKind::Eval, *step, &point).await?;
+            info(EventType::Metrics, msg, Some(data)).await
+        }
+        Event::Started {
+            total_steps,
+            start_step,
+            trainable_params,
+            total_params,
+            examples,
+        } => {
+            let msg = format!(
+                "training on {examples} examples for {total_steps} steps from step {start_step}; \
+                 {trainable_params} of {total_params} parameters trained"
+            );
+            let data = serde_json::to_value(e).unwrap_or_default();
+            info(EventType::Message, msg, Some(data)).await
+        }
+        Event::Checkpoint { step, path } => {
+            let prefix = checkpoint_prefix(&lease.job_id, *step);
+            let stored = async {
+                let bytes = upload_dir(&ctx.storage, path, &prefix).await?;
+                // Written last: a checkpoint without it is incomplete and ignored.
+                ctx.storage
+                    .put(&format!("{prefix}/{COMPLETE_MARKER}"), "".into())
+                    .await?;
+                Ok::<_, Stop>(bytes)
+            }
+            .await;
+            match stored {
+                Ok(bytes) => {
+                    queue::checkpoint(&ctx.db, lease, *step, &prefix, bytes).await?;
+                    info(
+                        EventType::Message,
+                        format!("checkpoint at step {step}"),
+                        None,
+                    )
+                    .await
+                }
+                // A checkpoint that cannot be stored only costs progress on a retry.
+                Err(Stop::Infra(m)) => {
+                    let msg = format!("checkpoint at step {step} not stored: {m}");
+                    event(
+                        &ctx.db,
+                        lease,
+                        EventLevel::Warn,
+                        EventType::Message,
+                        &msg,
+                        None,
+                    )
+                    .await
+                }
+                Err(other) => Err(other),
+            }
+        }
+    }
+}
