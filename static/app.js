@@ -369,15 +369,33 @@ function jobView(view, id) {
 
 // ---- new job ---------------------------------------------------------------------------
 
-const METHOD_DEFAULTS = {
-  sparsegrad: { lr: 1e-3, extra: [["density", 0.01], ["support", "fixed"], ["basis_steps", 10]] },
-  lora: { lr: 5e-4, extra: [["r", 8], ["alpha", 16]] },
-  full: { lr: 5e-5, extra: [] },
-  meprop: { lr: 1e-3, extra: [["density", 0.01]] },
-};
+// What the advanced section offers besides each method's own hyperparameters (names, types,
+// defaults and bounds all come from GET /v1/methods, the engine's registry).
+const LOOP_FIELDS = ["lr", "max_steps", "max_seq_len", "warmup_steps", "weight_decay", "schedule", "eval_every", "checkpoint_every"];
+
+function hpField(h) {
+  const id = `hp-${h.name}`;
+  const common = { id, "data-hp": h.name, "data-type": h.type, title: h.description };
+  let input;
+  if (h.enum) {
+    input = el("select", common, ...h.enum.map((c) => el("option", { value: c, selected: c === h.default }, c)));
+  } else if (h.type === "boolean") {
+    input = el("select", common, ...["false", "true"].map((c) => el("option", { value: c, selected: String(h.default) === c }, c)));
+  } else {
+    const bounds = [
+      h.minimum !== undefined ? `≥ ${h.minimum}` : h.exclusive_minimum !== undefined ? `> ${h.exclusive_minimum}` : null,
+      h.maximum !== undefined ? `≤ ${h.maximum}` : h.exclusive_maximum !== undefined ? `< ${h.exclusive_maximum}` : null,
+    ].filter(Boolean).join(", ");
+    input = el("input", { ...common, value: h.default ?? "", inputmode: "decimal", placeholder: h.nullable ? "none" : "default", "aria-describedby": `${id}-hint` });
+    return el("div", {}, el("label", { for: id }, h.name), input, el("div", { class: "hint", id: `${id}-hint` }, bounds));
+  }
+  return el("div", {}, el("label", { for: id }, h.name), input);
+}
 
 async function newJobView(view) {
-  const [models, files] = await Promise.all([api("/v1/models"), api("/v1/files?limit=100")]);
+  const [models, files, methods] = await Promise.all([api("/v1/models"), api("/v1/files?limit=100"), api("/v1/methods")]);
+  const byId = Object.fromEntries(methods.data.map((m) => [m.id, m]));
+  const hyper = (m, name) => byId[m].hyperparameters.find((h) => h.name === name);
   const fileOpts = (none) => [
     none ? el("option", { value: "" }, "— none —") : null,
     ...files.data.map((f) => el("option", { value: f.id }, `${f.filename} · ${f.rows} rows · ${f.task} (${f.id})`)),
@@ -385,7 +403,7 @@ async function newJobView(view) {
   const method = el(
     "select",
     { id: "method", name: "method" },
-    ...Object.keys(METHOD_DEFAULTS).map((m) => el("option", { value: m }, m === "sparsegrad" ? "sparsegrad (default)" : m))
+    ...methods.data.map((m) => el("option", { value: m.id, selected: m.default, title: m.description }, m.default ? `${m.id} (default)` : m.id))
   );
   const adv = el("div", { id: "advanced" });
   const estimate = el("div", { id: "estimate", "aria-live": "polite" });
@@ -402,8 +420,8 @@ async function newJobView(view) {
     el("label", { for: "method" }, "Method"),
     method,
     el("div", { class: "grid2" },
-      el("div", {}, el("label", { for: "n_epochs" }, "Epochs"), el("input", { id: "n_epochs", name: "n_epochs", type: "number", min: 1, value: 1 })),
-      el("div", {}, el("label", { for: "batch_size" }, "Batch size"), el("input", { id: "batch_size", name: "batch_size", type: "number", min: 1, value: 16 }))),
+      el("div", {}, el("label", { for: "n_epochs" }, "Epochs"), el("input", { id: "n_epochs", name: "n_epochs", type: "number", min: 1, value: hyper(method.value, "epochs").default })),
+      el("div", {}, el("label", { for: "batch_size" }, "Batch size"), el("input", { id: "batch_size", name: "batch_size", type: "number", min: 1, value: hyper(method.value, "batch_size").default }))),
     el("details", {}, el("summary", {}, "Advanced hyperparameters"), adv),
     el("label", { for: "suffix" }, "Suffix (optional)"),
     el("input", { id: "suffix", name: "suffix", pattern: "[A-Za-z0-9_-]{1,64}" }),
@@ -414,11 +432,12 @@ async function newJobView(view) {
   view.append(el("h1", {}, "New fine-tuning job"), files.data.length ? form : el("p", {}, "Upload a dataset first: ", el("a", { href: "#/files" }, "Datasets")));
 
   function fillAdvanced() {
-    const d = METHOD_DEFAULTS[method.value];
+    const m = byId[method.value];
+    const own = m.hyperparameters.filter((h) => h.scope === "method");
+    const loop = LOOP_FIELDS.map((n) => hyper(method.value, n)).filter(Boolean);
     adv.replaceChildren(
-      ...[["learning_rate", d.lr], ["max_steps", ""], ["max_seq_len", 128], ["eval_every", ""], ["checkpoint_every", ""], ...d.extra].map(([k, v]) =>
-        el("div", {}, el("label", { for: `hp-${k}` }, k), el("input", { id: `hp-${k}`, "data-hp": k, value: v, placeholder: "default" }))
-      )
+      el("p", { class: "hint" }, m.description),
+      el("div", { class: "grid2" }, ...[...loop, ...own].map(hpField))
     );
   }
 
@@ -427,7 +446,8 @@ async function newJobView(view) {
     for (const i of adv.querySelectorAll("[data-hp]")) {
       const v = i.value.trim();
       if (v === "") continue;
-      hp[i.dataset.hp] = Number.isFinite(Number(v)) ? Number(v) : v;
+      const t = i.dataset.type;
+      hp[i.dataset.hp] = t === "boolean" ? v === "true" : (t === "number" || t === "integer") && Number.isFinite(Number(v)) ? Number(v) : v;
     }
     const b = { model: $("#model").value, training_file: $("#training_file").value, method: { type: method.value, hyperparameters: hp } };
     const v = $("#validation_file").value;

@@ -407,6 +407,8 @@ const ROUTED: &[(&str, &str)] = &[
     ("GET", "/v1/models"),
     ("POST", "/v1/models"),
     ("GET", "/v1/models/{id}"),
+    ("GET", "/v1/methods"),
+    ("GET", "/v1/methods/{id}"),
     ("GET", "/v1/fine_tuning/jobs"),
     ("POST", "/v1/fine_tuning/jobs"),
     ("GET", "/v1/fine_tuning/jobs/{id}"),

@@ -938,3 +938,78 @@ async fn prometheus_metrics(db: PgPool) {
     );
     assert!(!text.contains("ftjob_nope"));
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn the_methods_listing_is_what_jobs_resolve_with(db: PgPool) {
+    let e = env(db);
+    let st = &e.st;
+    // A key is needed, like every /v1 resource; an unknown method is a 404 in the envelope.
+    let (s, v, _) = call(st, "GET", "/v1/methods", None, Body::empty(), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_envelope(&v, "authentication_error");
+    let (_, key) = tenant_key(st, "acme").await;
+    let key = key.as_str();
+    let (s, v) = get(st, "/v1/methods/adapter", key).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_envelope(&v, "not_found_error");
+
+    let (s, l) = get(st, "/v1/methods", key).await;
+    assert_eq!(s, StatusCode::OK, "{l}");
+    let ids: Vec<&str> = l["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["full", "lora", "sparsegrad", "meprop"]);
+    let defaults: Vec<&Value> = l["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["default"] == true)
+        .collect();
+    assert_eq!(defaults.len(), 1);
+    assert_eq!(defaults[0]["id"], "sparsegrad");
+    let hp = |m: &Value, name: &str| -> Value {
+        m["hyperparameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {m}"))
+            .clone()
+    };
+    let (_, lora) = get(st, "/v1/methods/lora", key).await;
+    assert_eq!(hp(&lora, "r")["default"], 8);
+    assert_eq!(hp(&lora, "r")["maximum"], 1024.0);
+    assert_eq!(hp(&lora, "lr")["default"], 5e-4);
+    assert_eq!(hp(&lora, "epochs")["aliases"], json!(["n_epochs"]));
+
+    // A job that gives no hyperparameters gets exactly the listed defaults, for every method.
+    let train = upload(st, key, "train.jsonl", &tiny_rows(20, 1)).await;
+    let tid = train["id"].as_str().unwrap();
+    for m in l["data"].as_array().unwrap() {
+        let body = json!({"model": "tiny-bert", "training_file": tid,
+                          "method": {"type": m["id"]}, "dry_run": true});
+        let (s, est) = post_json(st, "/v1/fine_tuning/jobs", Some(key), body).await;
+        assert_eq!(s, StatusCode::OK, "{est}");
+        for h in m["hyperparameters"].as_array().unwrap() {
+            let name = h["name"].as_str().unwrap();
+            // The echo names the loop's dropout `dropout` (LoRA's own shares the name).
+            if name == "train_dropout" {
+                continue;
+            }
+            assert_eq!(
+                est["method"]["hyperparameters"][name], h["default"],
+                "{} {name}",
+                m["id"]
+            );
+        }
+    }
+    // And a value outside a listed bound is refused, naming it.
+    let body = json!({"model": "tiny-bert", "training_file": tid,
+                      "method": {"type": "lora", "hyperparameters": {"r": 1025}}});
+    let (s, v) = post_json(st, "/v1/fine_tuning/jobs", Some(key), body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["param"], "method.hyperparameters.r");
+}

@@ -315,7 +315,7 @@ async fn cancel_queued_and_running_jobs(pool: PgPool) {
         Cancelled::NotFound
     );
 
-    // The worker listens for cancellations.
+    // The cancellation is announced on the channel (for listeners; workers do not listen yet).
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .unwrap();
@@ -338,7 +338,7 @@ async fn cancel_queued_and_running_jobs(pool: PgPool) {
         .expect("notification within 10 s")
         .unwrap();
     assert_eq!(note.payload(), "running");
-    // The polling fallback: the next heartbeat says so too.
+    // The worker learns it from its next heartbeat.
     let beat = queue::heartbeat(&pool, &lease, &cfg(), None).await.unwrap();
     assert!(beat.cancel_requested);
     queue::confirm_cancel(&pool, &lease).await.unwrap();
@@ -383,4 +383,55 @@ async fn idempotent_create_returns_the_same_job(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(n, 2);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn the_queue_clock_expires_leases_and_passes_backoffs_without_sleeping(pool: PgPool) {
+    tenant(&pool, "t1").await;
+    queue::enqueue(&pool, &job("j1", "t1")).await.unwrap();
+    // Exact backoffs (no jitter): 10 s after attempt 1.
+    let cfg = QueueConfig {
+        retry: RetryPolicy {
+            jitter_min: 1.0,
+            ..cfg().retry
+        },
+        ..cfg()
+    };
+    let (_, _lease) = queue::claim(&pool, "w", &cfg).await.unwrap().unwrap();
+    assert_eq!(queue::reap(&pool, &cfg).await.unwrap(), 0);
+    // Past the 30 s lease: reaped, and runnable again 10 s after that, not sooner.
+    cfg.clock.advance(Duration::from_secs(31));
+    assert_eq!(queue::reap(&pool, &cfg).await.unwrap(), 1);
+    assert_eq!(status(&pool, "j1").await.0, "queued");
+    assert!(queue::claim(&pool, "w", &cfg).await.unwrap().is_none());
+    cfg.clock.advance(Duration::from_secs(9));
+    assert!(queue::claim(&pool, "w", &cfg).await.unwrap().is_none());
+    cfg.clock.advance(Duration::from_secs(2));
+    let (j, lease) = queue::claim(&pool, "w", &cfg).await.unwrap().unwrap();
+    assert_eq!(j.attempt, 2);
+    // A failure on attempt 2 backs off 20 s on the same clock.
+    let err = serde_json::json!({"code": "x", "message": "storage down", "param": null});
+    let s = queue::fail(&pool, &lease, Failure::Infrastructure, &err, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(s, "queued");
+    cfg.clock.advance(Duration::from_secs(19));
+    assert!(queue::claim(&pool, "w", &cfg).await.unwrap().is_none());
+    cfg.clock.advance(Duration::from_secs(2));
+    assert!(queue::claim(&pool, "w", &cfg).await.unwrap().is_some());
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn unknown_job_kinds_and_statuses_are_refused(pool: PgPool) {
+    tenant(&pool, "t1").await;
+    for (kind, status) in [("train", "queued"), ("fine_tune", "validating_files")] {
+        let r = sqlx::query(
+            "insert into jobs (id, tenant_id, status, spec, kind) values ('x', 't1', $2, '{}', $1)",
+        )
+        .bind(kind)
+        .bind(status)
+        .execute(&pool)
+        .await;
+        assert!(r.is_err(), "{kind}/{status} was stored");
+    }
 }

@@ -112,6 +112,16 @@ try {
   await page.selectOption("#validation_file", dev.json.id);
   assert.equal(await page.locator("#method").inputValue(), "sparsegrad");
   await page.locator("details summary").click();
+  // The form's defaults are the API's method listing (the engine's registry), per method.
+  const listed = (await http("/v1/methods", keyA)).json.data;
+  const dflt = (m, n) => listed.find((x) => x.id === m).hyperparameters.find((h) => h.name === n).default;
+  assert.equal(await page.locator("#hp-density").inputValue(), String(dflt("sparsegrad", "density")));
+  assert.equal(await page.locator("#hp-lr").inputValue(), String(dflt("sparsegrad", "lr")));
+  await page.selectOption("#method", "lora");
+  assert.equal(await page.locator("#hp-r").inputValue(), String(dflt("lora", "r")));
+  assert.equal(await page.locator("#hp-lr").inputValue(), String(dflt("lora", "lr")));
+  await page.selectOption("#method", "sparsegrad");
+  await page.locator("#hp-basis_steps").waitFor();
   await page.fill("#hp-max_steps", "30");
   await page.fill("#hp-max_seq_len", "48");
   await page.fill("#hp-eval_every", "10");
@@ -119,6 +129,7 @@ try {
   await page.fill("#batch_size", "8");
   await page.locator("#batch_size").dispatchEvent("change");
   await page.locator('[data-estimate="steps"]', { hasText: /^30$/ }).waitFor();
+  await page.screenshot({ path: join(SHOTS, "new-job.png"), fullPage: true });
   await page.getByRole("button", { name: "Create job" }).click();
   await page.waitForURL(/#\/jobs\/ftjob_/);
   const jobId = page.url().split("/").pop();

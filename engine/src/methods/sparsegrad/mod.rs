@@ -10,25 +10,25 @@
 
 pub mod adam;
 pub mod basis;
+mod calibration;
 pub mod config;
+mod persist;
 pub mod state;
 
 pub use config::{BasisDtype, MePropConfig, Scope, SparseGradConfig, Support};
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 
-use self::adam::{SparseAdam, SparseValues};
 use self::basis::Basis;
 use self::state::{Core, HostBasis, MatrixState, Phase, Tap};
 use super::{BasisSide, Calibration, DeltaEntry, DenseTrainer, Method};
-use crate::kernels::{self, Csr};
+use crate::kernels::Csr;
 use crate::models::{MlpKind, Model};
 use crate::nn::{Adapter, Param};
-use crate::optim::{clip_scale, grad_norm, AdamConfig, AdamW};
+use crate::optim::{clip_scale, grad_norm, AdamConfig};
 use crate::{Error, Result};
 
 /// SparseGrad or MeProp over the MLP matrices, plus dense AdamW for what the scope trains.
@@ -149,101 +149,6 @@ impl SparseMlp {
             .collect()
     }
 
-    fn cache_file(&self, cal: &Calibration<'_>, model: &Model) -> Option<PathBuf> {
-        if self.cfg.basis_update {
-            // The weights move during the basis phase: bases alone would not reproduce it.
-            return None;
-        }
-        let (dir, key) = cal.cache.as_ref()?;
-        let layers: Vec<usize> = self.core().ok()?.matrices.iter().map(|m| m.layer).collect();
-        let id = serde_json::json!({
-            "run": key,
-            "model": model.fingerprint,
-            "basis_steps": self.cfg.basis_steps,
-            "layers": layers,
-        });
-        let sha = crate::io::sha256_bytes(id.to_string().as_bytes());
-        Some(dir.join(format!("bases-{}.safetensors", &sha[..32])))
-    }
-
-    fn basis_phase(&mut self, model: &mut Model, cal: &mut Calibration<'_>) -> Result<()> {
-        let n = self.cfg.basis_steps;
-        if !self.cfg.basis_update {
-            self.core()?.phase = Phase::Gram { keep: false };
-            for i in 0..n {
-                drop((cal.backward)(model, i)?);
-            }
-            return Ok(());
-        }
-        // As the paper's code: the basis-phase steps update the MLP matrices (dense AdamW)
-        // and whatever the scope trains.
-        let names: Vec<String> = self
-            .core()?
-            .matrices
-            .iter()
-            .map(|m| m.weight_name())
-            .collect();
-        let mut vars = Vec::new();
-        let mut init = Vec::new();
-        for n in &names {
-            let w = model.weights.get(n)?.clone();
-            init.push(w.clone());
-            vars.push((n.clone(), Var::from_tensor(&w)?));
-        }
-        let mut opt = AdamW::new(vars.clone(), self.adam.clone())?;
-        self.core()?.phase = Phase::Gram { keep: true };
-        for i in 0..n {
-            let grads = (cal.backward)(model, i)?;
-            self.dense.accumulate(model, &grads)?;
-            drop(grads);
-            self.dense.step(cal.lr * self.dense_lr_scale(), None)?;
-            let mut g = BTreeMap::new();
-            for m in self.core()?.matrices.iter_mut() {
-                if let Some(d) = m.dense_grad.take() {
-                    g.insert(m.weight_name(), d);
-                }
-            }
-            opt.step(&g, cal.lr)?;
-            for (n, v) in &vars {
-                model
-                    .weights
-                    .insert(n.clone(), Param::Frozen(v.as_tensor().detach()));
-            }
-        }
-        let mut core = self.core()?;
-        for (m, w0) in core.matrices.iter_mut().zip(init) {
-            let w = model.weights.get(&m.weight_name())?;
-            m.warm = Some((w.to_dtype(DType::F32)? - w0.to_dtype(DType::F32)?)?);
-        }
-        Ok(())
-    }
-
-    fn select_fixed_supports(
-        &mut self,
-        model: &mut Model,
-        cal: &mut Calibration<'_>,
-    ) -> Result<()> {
-        self.core()?.phase = Phase::Score;
-        for i in 0..self.cfg.basis_steps {
-            drop((cal.backward)(model, i)?);
-        }
-        let dev = self.device.clone();
-        let mut core = self.core()?;
-        for m in core.matrices.iter_mut() {
-            let score = m
-                .score
-                .take()
-                .ok_or_else(|| Error::Other(format!("no gradient reached {}", m.prefix)))?;
-            let (sup, _) = kernels::topk_abs(&score, m.k)?;
-            m.adam = SparseAdam::with_support(&sup, &dev)?;
-            m.set_support(sup, &dev)?;
-        }
-        Ok(())
-    }
-
-    /// Adds `S` (entries `idx`, values `vals`; `csr` when the caller has it cached) to the
-    /// f32 weight `w`: in place `W += P S Qᵀ` for SparseGrad (`w` must be owned by the
-    /// caller), a new tensor `W + S` for MeProp.
     fn add_sparse(
         core: &Core,
         m: &MatrixState,
@@ -280,13 +185,6 @@ impl SparseMlp {
             select: self.cfg.support == Support::Dynamic,
         }
     }
-}
-
-fn u32_tensor(v: &[u32]) -> Result<Tensor> {
-    Ok(Tensor::from_slice(v, v.len(), &Device::Cpu)?)
-}
-fn f32_tensor(v: &[f32]) -> Result<Tensor> {
-    Ok(Tensor::from_slice(v, v.len(), &Device::Cpu)?)
 }
 
 impl Method for SparseMlp {
@@ -364,64 +262,8 @@ impl Method for SparseMlp {
         self.dense.init(model)
     }
 
-    fn calibrate(&mut self, model: &mut Model, mut cal: Calibration<'_>) -> Result<()> {
-        if !self.rotates() {
-            return Ok(());
-        }
-        let cache = self.cache_file(&cal, model);
-        let cached = match (&cache, self.preset.clone()) {
-            (_, Some(b)) => Some(b),
-            (Some(p), None) if p.exists() => Some(load_bases(p)?),
-            _ => None,
-        };
-        let bases = match cached {
-            Some(b) => b,
-            None => {
-                self.basis_phase(model, &mut cal)?;
-                let mut core = self.core()?;
-                let b = core.gram.finish()?;
-                core.gram = Default::default();
-                drop(core);
-                if let Some(p) = &cache {
-                    // A cache that cannot be written only costs the next run time.
-                    if let Err(e) = save_bases(p, &b) {
-                        tracing::warn!("basis cache {}: {e}", p.display());
-                    }
-                }
-                b
-            }
-        };
-        {
-            let mut core = self.core()?;
-            core.bases.clear();
-            for (k, b) in bases {
-                let b = Basis {
-                    p: b.p.to_device(&self.device)?,
-                    q: b.q.to_device(&self.device)?,
-                    ..b
-                };
-                core.bases.insert(k, HostBasis::new(b)?);
-            }
-        }
-        if self.cfg.support != Support::Dynamic {
-            self.select_fixed_supports(model, &mut cal)?;
-        }
-        let low_precision = !matches!(model.dtype(), DType::F32 | DType::F64);
-        let phase = self.train_phase();
-        let mut core = self.core()?;
-        for m in core.matrices.iter_mut() {
-            let w = model.weights.get(&m.weight_name())?;
-            if low_precision {
-                m.w0 = Some(w.clone());
-            } else {
-                // f32 weights are updated in place: give each its own storage first, so no
-                // clone of the loaded model (or the basis phase's variables) sees the change.
-                let own = w.to_dtype(DType::F32)?.copy()?;
-                model.weights.insert(m.weight_name(), Param::Frozen(own));
-            }
-        }
-        core.phase = phase;
-        Ok(())
+    fn calibrate(&mut self, model: &mut Model, cal: Calibration<'_>) -> Result<()> {
+        self.calibrate_mlp(model, cal)
     }
 
     fn begin_step(&mut self, step: usize, micro_batches: usize) -> Result<()> {
@@ -514,55 +356,7 @@ impl Method for SparseMlp {
     /// The tensors share storage with the live weights (f32 sparse matrices are updated in
     /// place) and optimizer: serialise them before the next step, or copy them.
     fn state(&self, model: &Model) -> Result<(BTreeMap<String, Tensor>, u64)> {
-        let (mut out, dense_t) = self.dense.state(model)?;
-        out.insert(
-            "sparse.t".into(),
-            Tensor::new(&[self.t as u32, dense_t as u32], &Device::Cpu)?,
-        );
-        let core = self.core()?;
-        for (kind, hb) in &core.bases {
-            let k = kind.as_str();
-            out.insert(format!("sparse.basis.{k}.p"), hb.basis.p.contiguous()?);
-            out.insert(format!("sparse.basis.{k}.q"), hb.basis.q.contiguous()?);
-            out.insert(
-                format!("sparse.basis.{k}.eig_p"),
-                Tensor::new(hb.basis.eig_p.as_slice(), &Device::Cpu)?,
-            );
-            out.insert(
-                format!("sparse.basis.{k}.eig_q"),
-                Tensor::new(hb.basis.eig_q.as_slice(), &Device::Cpu)?,
-            );
-        }
-        for m in &core.matrices {
-            let p = format!("sparse.{}", m.prefix);
-            if let Some(s) = &m.support {
-                out.insert(format!("{p}.support"), u32_tensor(s)?);
-            }
-            if !m.adam.slots.is_empty() {
-                let (am, av) = m.adam.host_moments()?;
-                out.insert(format!("{p}.adam_index"), u32_tensor(&m.adam.slots.index)?);
-                out.insert(format!("{p}.adam_m"), f32_tensor(&am)?);
-                out.insert(format!("{p}.adam_v"), f32_tensor(&av)?);
-            }
-            if !m.delta.slots.is_empty() {
-                out.insert(
-                    format!("{p}.delta_index"),
-                    u32_tensor(&m.delta.slots.index)?,
-                );
-                out.insert(format!("{p}.delta"), f32_tensor(&m.delta.host_values()?)?);
-            }
-            out.insert(
-                format!("{p}.weight"),
-                model.weights.get(&m.weight_name())?.clone(),
-            );
-            if let Some(w) = &m.warm {
-                out.insert(format!("{p}.warm"), w.clone());
-            }
-            if let Some(w) = &m.w0 {
-                out.insert(format!("{p}.w0"), w.clone());
-            }
-        }
-        Ok((out, self.t))
+        self.save_state(model)
     }
 
     fn load_state(
@@ -571,89 +365,7 @@ impl Method for SparseMlp {
         state: &BTreeMap<String, Tensor>,
         t: u64,
     ) -> Result<()> {
-        let ts: Vec<u32> = state
-            .get("sparse.t")
-            .ok_or_else(|| Error::Artifact("checkpoint lacks `sparse.t`".into()))?
-            .to_vec1()?;
-        self.dense.load_state(model, state, ts[1] as u64)?;
-        self.t = t;
-        let dev = self.device.clone();
-        let get = |k: &str| -> Result<Tensor> {
-            state
-                .get(k)
-                .cloned()
-                .ok_or_else(|| Error::Artifact(format!("checkpoint lacks `{k}`")))
-        };
-        let u32s = |k: &str| -> Result<Vec<u32>> {
-            Ok(state
-                .get(k)
-                .map(|t| t.to_vec1())
-                .transpose()?
-                .unwrap_or_default())
-        };
-        let f32s = |k: &str| -> Result<Vec<f32>> {
-            Ok(state
-                .get(k)
-                .map(|t| t.to_vec1())
-                .transpose()?
-                .unwrap_or_default())
-        };
-        let phase = self.train_phase();
-        let mut core = self.core()?;
-        if core.rotate {
-            let kinds: Vec<MlpKind> = core.matrices.iter().map(|m| m.kind).collect();
-            core.bases.clear();
-            for kind in kinds {
-                if core.bases.contains_key(&kind) {
-                    continue;
-                }
-                let k = kind.as_str();
-                let b = Basis {
-                    p: get(&format!("sparse.basis.{k}.p"))?.to_device(&dev)?,
-                    q: get(&format!("sparse.basis.{k}.q"))?.to_device(&dev)?,
-                    eig_p: get(&format!("sparse.basis.{k}.eig_p"))?.to_vec1()?,
-                    eig_q: get(&format!("sparse.basis.{k}.eig_q"))?.to_vec1()?,
-                    samples: 0,
-                };
-                core.bases.insert(kind, HostBasis::new(b)?);
-            }
-        }
-        for m in core.matrices.iter_mut() {
-            let p = format!("sparse.{}", m.prefix);
-            if let Some(s) = state.get(&format!("{p}.support")) {
-                m.set_support(s.to_vec1()?, &dev)?;
-            }
-            m.adam = SparseAdam::from_parts(
-                u32s(&format!("{p}.adam_index"))?,
-                f32s(&format!("{p}.adam_m"))?,
-                f32s(&format!("{p}.adam_v"))?,
-                &dev,
-            )?;
-            m.delta = SparseValues::from_parts(
-                u32s(&format!("{p}.delta_index"))?,
-                f32s(&format!("{p}.delta"))?,
-                &dev,
-            )?;
-            m.delta_csr = None;
-            // A copy of its own: f32 weights are updated in place.
-            let w = get(&format!("{p}.weight"))?
-                .to_device(&dev)?
-                .to_dtype(model.weights.dtype)?
-                .copy()?;
-            model.weights.insert(m.weight_name(), Param::Frozen(w));
-            m.warm = state.get(&format!("{p}.warm")).cloned();
-            m.w0 = match state.get(&format!("{p}.w0")) {
-                Some(t) => Some(t.to_device(&dev)?),
-                // An f32 state loaded into a low-precision model (the GPU check does this):
-                // the loaded weight is the base the f32 delta is added to.
-                None if !matches!(model.weights.dtype, DType::F32 | DType::F64) => {
-                    Some(model.weights.get(&m.weight_name())?.clone())
-                }
-                None => None,
-            };
-        }
-        core.phase = phase;
-        Ok(())
+        self.restore_state(model, state, t)
     }
 
     fn trainable_count(&self, model: &Model) -> usize {
@@ -751,62 +463,4 @@ pub fn basis_tensor_name(kind: MlpKind, side: BasisSide) -> String {
         BasisSide::Q => "Q",
     };
     format!("sparsegrad.basis.{}.{s}", kind.as_str())
-}
-
-fn save_bases(path: &std::path::Path, bases: &BTreeMap<MlpKind, Basis>) -> Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-    }
-    let mut t = BTreeMap::new();
-    for (kind, b) in bases {
-        let k = kind.as_str();
-        t.insert(format!("{k}.p"), b.p.clone());
-        t.insert(format!("{k}.q"), b.q.clone());
-        t.insert(
-            format!("{k}.eig_p"),
-            Tensor::new(b.eig_p.as_slice(), &Device::Cpu)?,
-        );
-        t.insert(
-            format!("{k}.eig_q"),
-            Tensor::new(b.eig_q.as_slice(), &Device::Cpu)?,
-        );
-        t.insert(
-            format!("{k}.samples"),
-            Tensor::new(&[b.samples as u32], &Device::Cpu)?,
-        );
-    }
-    crate::io::write_safetensors(&t, None, path)
-}
-
-fn load_bases(path: &std::path::Path) -> Result<BTreeMap<MlpKind, Basis>> {
-    let t = candle_core::safetensors::load(path, &Device::Cpu)?;
-    let mut out = BTreeMap::new();
-    for kind in MlpKind::ALL {
-        let k = kind.as_str();
-        let (Some(p), Some(q)) = (t.get(&format!("{k}.p")), t.get(&format!("{k}.q"))) else {
-            continue;
-        };
-        let vec64 = |n: &str| -> Result<Vec<f64>> {
-            Ok(t.get(n)
-                .map(|x| x.to_vec1())
-                .transpose()?
-                .unwrap_or_default())
-        };
-        let samples: Vec<u32> = t
-            .get(&format!("{k}.samples"))
-            .map(|x| x.to_vec1())
-            .transpose()?
-            .unwrap_or_default();
-        out.insert(
-            kind,
-            Basis {
-                p: p.clone(),
-                q: q.clone(),
-                eig_p: vec64(&format!("{k}.eig_p"))?,
-                eig_q: vec64(&format!("{k}.eig_q"))?,
-                samples: samples.first().copied().unwrap_or(0) as usize,
-            },
-        );
-    }
-    Ok(out)
 }

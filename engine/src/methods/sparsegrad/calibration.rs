@@ -1,0 +1,238 @@
+//! SparseGrad's calibration: the basis phase (gradient statistics → bases, cached between
+//! runs on the same base model and data), then the fixed support from the same batches.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::adam::SparseAdam;
+use super::basis::Basis;
+use super::state::{HostBasis, Phase};
+use super::{SparseMlp, Support};
+use crate::kernels;
+use crate::methods::Calibration;
+use crate::models::{MlpKind, Model};
+use crate::nn::Param;
+use crate::optim::AdamW;
+use crate::{Error, Result};
+
+impl SparseMlp {
+    fn cache_file(&self, cal: &Calibration<'_>, model: &Model) -> Option<PathBuf> {
+        if self.cfg.basis_update {
+            // The weights move during the basis phase: bases alone would not reproduce it.
+            return None;
+        }
+        let (dir, key) = cal.cache.as_ref()?;
+        let layers: Vec<usize> = self.core().ok()?.matrices.iter().map(|m| m.layer).collect();
+        let id = serde_json::json!({
+            "run": key,
+            "model": model.fingerprint,
+            "basis_steps": self.cfg.basis_steps,
+            "layers": layers,
+        });
+        let sha = crate::io::sha256_bytes(id.to_string().as_bytes());
+        Some(dir.join(format!("bases-{}.safetensors", &sha[..32])))
+    }
+
+    fn basis_phase(&mut self, model: &mut Model, cal: &mut Calibration<'_>) -> Result<()> {
+        let n = self.cfg.basis_steps;
+        if !self.cfg.basis_update {
+            self.core()?.phase = Phase::Gram { keep: false };
+            for i in 0..n {
+                drop((cal.backward)(model, i)?);
+            }
+            return Ok(());
+        }
+        // As the paper's code: the basis-phase steps update the MLP matrices (dense AdamW)
+        // and whatever the scope trains.
+        let names: Vec<String> = self
+            .core()?
+            .matrices
+            .iter()
+            .map(|m| m.weight_name())
+            .collect();
+        let mut vars = Vec::new();
+        let mut init = Vec::new();
+        for n in &names {
+            let w = model.weights.get(n)?.clone();
+            init.push(w.clone());
+            vars.push((n.clone(), Var::from_tensor(&w)?));
+        }
+        let mut opt = AdamW::new(vars.clone(), self.adam.clone())?;
+        self.core()?.phase = Phase::Gram { keep: true };
+        for i in 0..n {
+            let grads = (cal.backward)(model, i)?;
+            self.dense.accumulate(model, &grads)?;
+            drop(grads);
+            self.dense.step(cal.lr * self.dense_lr_scale(), None)?;
+            let mut g = BTreeMap::new();
+            for m in self.core()?.matrices.iter_mut() {
+                if let Some(d) = m.dense_grad.take() {
+                    g.insert(m.weight_name(), d);
+                }
+            }
+            opt.step(&g, cal.lr)?;
+            for (n, v) in &vars {
+                model
+                    .weights
+                    .insert(n.clone(), Param::Frozen(v.as_tensor().detach()));
+            }
+        }
+        let mut core = self.core()?;
+        for (m, w0) in core.matrices.iter_mut().zip(init) {
+            let w = model.weights.get(&m.weight_name())?;
+            m.warm = Some((w.to_dtype(DType::F32)? - w0.to_dtype(DType::F32)?)?);
+        }
+        Ok(())
+    }
+
+    fn select_fixed_supports(
+        &mut self,
+        model: &mut Model,
+        cal: &mut Calibration<'_>,
+    ) -> Result<()> {
+        self.core()?.phase = Phase::Score;
+        for i in 0..self.cfg.basis_steps {
+            drop((cal.backward)(model, i)?);
+        }
+        let dev = self.device.clone();
+        let mut core = self.core()?;
+        for m in core.matrices.iter_mut() {
+            let score = m
+                .score
+                .take()
+                .ok_or_else(|| Error::Other(format!("no gradient reached {}", m.prefix)))?;
+            let (sup, _) = kernels::topk_abs(&score, m.k)?;
+            m.adam = SparseAdam::with_support(&sup, &dev)?;
+            m.set_support(sup, &dev)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `S` (entries `idx`, values `vals`; `csr` when the caller has it cached) to the
+    /// f32 weight `w`: in place `W += P S Qᵀ` for SparseGrad (`w` must be owned by the
+    /// caller), a new tensor `W + S` for MeProp.
+    /// The basis phase (or cached / preset bases), then the fixed support if any.
+    pub(super) fn calibrate_mlp(
+        &mut self,
+        model: &mut Model,
+        mut cal: Calibration<'_>,
+    ) -> Result<()> {
+        if !self.rotates() {
+            return Ok(());
+        }
+        let cache = self.cache_file(&cal, model);
+        let cached = match (&cache, self.preset.clone()) {
+            (_, Some(b)) => Some(b),
+            (Some(p), None) if p.exists() => Some(load_bases(p)?),
+            _ => None,
+        };
+        let bases = match cached {
+            Some(b) => b,
+            None => {
+                self.basis_phase(model, &mut cal)?;
+                let mut core = self.core()?;
+                let b = core.gram.finish()?;
+                core.gram = Default::default();
+                drop(core);
+                if let Some(p) = &cache {
+                    // A cache that cannot be written only costs the next run time.
+                    if let Err(e) = save_bases(p, &b) {
+                        tracing::warn!("basis cache {}: {e}", p.display());
+                    }
+                }
+                b
+            }
+        };
+        {
+            let mut core = self.core()?;
+            core.bases.clear();
+            for (k, b) in bases {
+                let b = Basis {
+                    p: b.p.to_device(&self.device)?,
+                    q: b.q.to_device(&self.device)?,
+                    ..b
+                };
+                core.bases.insert(k, HostBasis::new(b)?);
+            }
+        }
+        if self.cfg.support != Support::Dynamic {
+            self.select_fixed_supports(model, &mut cal)?;
+        }
+        let low_precision = !matches!(model.dtype(), DType::F32 | DType::F64);
+        let phase = self.train_phase();
+        let mut core = self.core()?;
+        for m in core.matrices.iter_mut() {
+            let w = model.weights.get(&m.weight_name())?;
+            if low_precision {
+                m.w0 = Some(w.clone());
+            } else {
+                // f32 weights are updated in place: give each its own storage first, so no
+                // clone of the loaded model (or the basis phase's variables) sees the change.
+                let own = w.to_dtype(DType::F32)?.copy()?;
+                model.weights.insert(m.weight_name(), Param::Frozen(own));
+            }
+        }
+        core.phase = phase;
+        Ok(())
+    }
+}
+
+fn save_bases(path: &std::path::Path, bases: &BTreeMap<MlpKind, Basis>) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let mut t = BTreeMap::new();
+    for (kind, b) in bases {
+        let k = kind.as_str();
+        t.insert(format!("{k}.p"), b.p.clone());
+        t.insert(format!("{k}.q"), b.q.clone());
+        t.insert(
+            format!("{k}.eig_p"),
+            Tensor::new(b.eig_p.as_slice(), &Device::Cpu)?,
+        );
+        t.insert(
+            format!("{k}.eig_q"),
+            Tensor::new(b.eig_q.as_slice(), &Device::Cpu)?,
+        );
+        t.insert(
+            format!("{k}.samples"),
+            Tensor::new(&[b.samples as u32], &Device::Cpu)?,
+        );
+    }
+    crate::io::write_safetensors(&t, None, path)
+}
+
+fn load_bases(path: &std::path::Path) -> Result<BTreeMap<MlpKind, Basis>> {
+    let t = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let mut out = BTreeMap::new();
+    for kind in MlpKind::ALL {
+        let k = kind.as_str();
+        let (Some(p), Some(q)) = (t.get(&format!("{k}.p")), t.get(&format!("{k}.q"))) else {
+            continue;
+        };
+        let vec64 = |n: &str| -> Result<Vec<f64>> {
+            Ok(t.get(n)
+                .map(|x| x.to_vec1())
+                .transpose()?
+                .unwrap_or_default())
+        };
+        let samples: Vec<u32> = t
+            .get(&format!("{k}.samples"))
+            .map(|x| x.to_vec1())
+            .transpose()?
+            .unwrap_or_default();
+        out.insert(
+            kind,
+            Basis {
+                p: p.clone(),
+                q: q.clone(),
+                eig_p: vec64(&format!("{k}.eig_p"))?,
+                eig_q: vec64(&format!("{k}.eig_q"))?,
+                samples: samples.first().copied().unwrap_or(0) as usize,
+            },
+        );
+    }
+    Ok(out)
+}
