@@ -340,21 +340,6 @@ pub enum Schedule {
     Cosine,
 }
 
-impl std::str::FromStr for Schedule {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "constant" => Ok(Schedule::Constant),
-            "linear" => Ok(Schedule::Linear),
-            "cosine" => Ok(Schedule::Cosine),
-            o => Err(Error::param(
-                "schedule",
-                format!("unknown schedule `{o}` (constant, linear, cosine)"),
-            )),
-        }
-    }
-}
-
 /// Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule's decay
 /// to zero at `total` (as transformers' schedulers).
 pub fn lr_at(base: f64, schedule: Schedule, warmup: usize, total: usize, step: usize) -> f64 {

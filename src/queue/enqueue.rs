@@ -49,16 +49,32 @@ impl NewJob {
     }
 }
 
-const INSERT: &str = "insert into jobs (id, tenant_id, status, spec, idempotency_key, priority,
-                                        max_attempts, kind, parent_id, model, estimate_secs)
-                      values ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10)";
+/// How a repeated request finds the job it repeats.
+enum Dedupe {
+    /// The same tenant's Idempotency-Key.
+    IdempotencyKey,
+    /// A fine-tune's one merge.
+    MergeOf,
+}
 
-/// Enqueues a job. With an idempotency key already used by this tenant, returns the existing
-/// job instead (`false` in the second field).
-pub async fn enqueue(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool)> {
+/// Inserts the job with its `queued` event, or returns the job it repeats (`false`).
+async fn insert_once(db: &sqlx::PgPool, job: &NewJob, dedupe: Dedupe) -> Result<(QueuedJob, bool)> {
+    let (conflict, existing) = match dedupe {
+        Dedupe::IdempotencyKey => (
+            "on conflict on constraint jobs_idempotency_key do nothing",
+            "tenant_id = $1 and idempotency_key = $2",
+        ),
+        Dedupe::MergeOf => (
+            "on conflict (parent_id) where kind = 'merge' do nothing",
+            "parent_id = $3 and kind = 'merge'",
+        ),
+    };
     let mut tx = db.begin().await?;
     let inserted: Option<QueuedJob> = sqlx::query_as(&format!(
-        "{INSERT} on conflict on constraint jobs_idempotency_key do nothing
+        "insert into jobs (id, tenant_id, status, spec, idempotency_key, priority, max_attempts,
+                           kind, parent_id, model, estimate_secs)
+         values ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10)
+         {conflict}
          returning {JOB_COLS}"
     ))
     .bind(&job.id)
@@ -84,56 +100,31 @@ pub async fn enqueue(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool
         tx.commit().await?;
         return Ok((j, true));
     }
-    let existing: QueuedJob = sqlx::query_as(&format!(
-        "select {JOB_COLS} from jobs where tenant_id = $1 and idempotency_key = $2"
-    ))
-    .bind(&job.tenant_id)
-    .bind(&job.idempotency_key)
-    .fetch_one(&mut *tx)
-    .await?;
+    let repeated: QueuedJob =
+        sqlx::query_as(&format!("select {JOB_COLS} from jobs where {existing}"))
+            .bind(&job.tenant_id)
+            .bind(&job.idempotency_key)
+            .bind(&job.parent_id)
+            .fetch_one(&mut *tx)
+            .await?;
     tx.commit().await?;
-    Ok((existing, false))
+    Ok((repeated, false))
+}
+
+/// Enqueues a job. With an idempotency key already used by this tenant, returns the existing
+/// job instead (`false` in the second field).
+pub async fn enqueue(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool)> {
+    insert_once(db, job, Dedupe::IdempotencyKey).await
 }
 
 /// Queues the merge of a succeeded fine-tune (one per fine-tune: a second request returns
 /// the first, with `false`).
 pub async fn enqueue_merge(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool)> {
-    let mut tx = db.begin().await?;
-    let inserted: Option<QueuedJob> = sqlx::query_as(&format!(
-        "{INSERT} on conflict (parent_id) where kind = 'merge' do nothing
-         returning {JOB_COLS}"
-    ))
-    .bind(&job.id)
-    .bind(&job.tenant_id)
-    .bind(&job.spec)
-    .bind(&job.idempotency_key)
-    .bind(job.priority)
-    .bind(job.max_attempts)
-    .bind(JobKind::Merge)
-    .bind(&job.parent_id)
-    .bind(&job.model)
-    .bind(job.estimate_secs)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(j) = inserted {
-        log(
-            &mut *tx,
-            &j.id,
-            EventType::Status,
-            JobStatus::Queued.as_str(),
-        )
-        .await?;
-        tx.commit().await?;
-        return Ok((j, true));
-    }
-    let existing: QueuedJob = sqlx::query_as(&format!(
-        "select {JOB_COLS} from jobs where parent_id = $1 and kind = 'merge'"
-    ))
-    .bind(&job.parent_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok((existing, false))
+    let merge = NewJob {
+        kind: JobKind::Merge,
+        ..job.clone()
+    };
+    insert_once(db, &merge, Dedupe::MergeOf).await
 }
 
 /// An event written on the job's behalf by the service (not by a worker; unfenced).

@@ -177,10 +177,13 @@ pub async fn fail(
 /// Returns how many jobs it touched.
 pub async fn reap(db: &sqlx::PgPool, cfg: &QueueConfig) -> Result<u64> {
     let mut tx = db.begin().await?;
+    // `no key update`: a worker's event and metric inserts hold key-share locks on its job
+    // row (their foreign keys), which must not hide the job from the reaper; rows another
+    // reaper or a heartbeat is updating right now are left to that one / the next pass.
     let expired: Vec<(String, i32)> = sqlx::query_as(&format!(
         "select id, attempt from jobs
           where {HELD} and lease_expires_at < {}
-          for update skip locked",
+          for no key update skip locked",
         now_sql(1)
     ))
     .bind(cfg.clock.offset_secs())

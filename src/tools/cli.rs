@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
 use sparsegrad_engine::artifact::Artifact;
-use sparsegrad_engine::methods::registry::{resolve_method, DEFAULT_METHOD};
+use sparsegrad_engine::methods::registry::{resolve_method, DEFAULT_MAX_SEQ_LEN, DEFAULT_METHOD};
 use sparsegrad_engine::methods::MethodSpec;
 use sparsegrad_engine::pipeline;
 
@@ -279,7 +279,7 @@ pub struct EvalArgs {
     pub task: Option<String>,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
     pub max_seq_len: usize,
     #[arg(long)]
     pub limit: Option<usize>,

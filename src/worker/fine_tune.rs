@@ -10,8 +10,8 @@ use sparsegrad_engine::train::{Event, TrainIo};
 use tokio::sync::mpsc;
 
 use super::transfer::{latest_checkpoint, store_artifacts, COMPLETE_MARKER};
-use super::{event, progress, status, Done, Stop, WorkerCtx};
-use crate::domain::{ArtifactKind, EventLevel, EventType, FineTune, FineTuneResult};
+use super::{became, event, progress, Done, Stop, WorkerCtx};
+use crate::domain::{ArtifactKind, EventLevel, EventType, FineTune, FineTuneResult, JobStatus};
 use crate::queue::{self, Completion, Lease, QueueError};
 use crate::storage::local_copy::materialize;
 
@@ -114,14 +114,14 @@ pub(super) async fn run(
         "attempt": lease.attempt,
         "worker": lease.worker_id,
     });
-    let mut abort: Option<Stop> =
-        match status(ctx, lease, EventLevel::Info, "running", Some(running)).await {
-            Ok(()) => None,
-            Err(s) => {
-                cancel.store(true, Ordering::SeqCst);
-                Some(s)
-            }
-        };
+    let mut abort: Option<Stop> = match became(ctx, lease, JobStatus::Running, Some(running)).await
+    {
+        Ok(()) => None,
+        Err(s) => {
+            cancel.store(true, Ordering::SeqCst);
+            Some(s)
+        }
+    };
     loop {
         tokio::select! {
             e = rx.recv() => {

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use super::transfer::store_artifacts;
-use super::{status, Done, Stop, WorkerCtx};
-use crate::domain::{ArtifactKind, EventLevel, MergeResult, MergeSpec, UserFacing};
+use super::{became, Done, Stop, WorkerCtx};
+use crate::domain::{ArtifactKind, JobStatus, MergeResult, MergeSpec, UserFacing};
 use crate::queue::{Completion, Lease};
 use crate::storage::local_copy::materialize;
 
@@ -20,7 +20,7 @@ pub(super) async fn run(
     tokio::fs::create_dir_all(dir).await?;
     let running =
         serde_json::json!({"device": "cpu", "attempt": lease.attempt, "worker": lease.worker_id});
-    status(ctx, lease, EventLevel::Info, "running", Some(running)).await?;
+    became(ctx, lease, JobStatus::Running, Some(running)).await?;
     let model_dir = materialize(&ctx.storage, &spec.base, &ctx.model_cache).await?;
     let delta = dir.join("delta.safetensors");
     ctx.storage.download(&spec.delta_key, &delta).await?;

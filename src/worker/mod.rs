@@ -134,7 +134,7 @@ async fn event(
     Ok(queue::event(db, lease, level, kind, message, data.as_ref()).await?)
 }
 
-/// A status event.
+/// A status event: the job's new status, or why an attempt failed.
 async fn status(
     ctx: &WorkerCtx,
     lease: &Lease,
@@ -143,6 +143,16 @@ async fn status(
     data: Option<serde_json::Value>,
 ) -> Result<(), Stop> {
     event(&ctx.db, lease, level, EventType::Status, message, data).await
+}
+
+/// The event of a status change.
+async fn became(
+    ctx: &WorkerCtx,
+    lease: &Lease,
+    s: JobStatus,
+    data: Option<serde_json::Value>,
+) -> Result<(), Stop> {
+    status(ctx, lease, EventLevel::Info, s.as_str(), data).await
 }
 
 /// What a successful attempt leaves: the result to record and the stored files.
@@ -177,14 +187,14 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
         Ok((done, artifacts)) => {
             // Like every ending's event: a lost lease shows in the fenced completion below.
             let data = Some(done.result.clone());
-            let _ = status(ctx, &lease, EventLevel::Info, "succeeded", data).await;
+            let _ = became(ctx, &lease, JobStatus::Succeeded, data).await;
             queue::complete_with_artifacts(&ctx.db, &lease, &done, &artifacts)
                 .await
                 .map(|()| JobStatus::Succeeded)
         }
         Err(Stop::Lost) => return Ok(Outcome::LostLease { job_id: job.id }),
         Err(Stop::Cancelled) => {
-            let _ = status(ctx, &lease, EventLevel::Info, "cancelled", None).await;
+            let _ = became(ctx, &lease, JobStatus::Cancelled, None).await;
             queue::confirm_cancel(&ctx.db, &lease)
                 .await
                 .map(|()| JobStatus::Cancelled)

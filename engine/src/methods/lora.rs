@@ -20,21 +20,6 @@ pub enum LoraTargets {
     All,
 }
 
-impl std::str::FromStr for LoraTargets {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "mlp" => Ok(LoraTargets::Mlp),
-            "attention" => Ok(LoraTargets::Attention),
-            "all" => Ok(LoraTargets::All),
-            o => Err(Error::param(
-                "targets",
-                format!("unknown LoRA targets `{o}` (mlp, attention, all)"),
-            )),
-        }
-    }
-}
-
 fn default_r() -> usize {
     8
 }

@@ -1,5 +1,6 @@
 //! BERT: embeddings (word + position + token type), post-LN encoder, pooler, classifier.
-//! The encoder is shared with RoBERTa, which differs only in position ids and head.
+//! The encoder — and the [`Architecture`] of every encoder — is shared with RoBERTa, which
+//! differs only in its [`Flavour`]: names, position ids and head.
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,12 @@ use crate::{Error, Result};
 pub const ENTRY: ArchEntry = ArchEntry {
     model_type: "bert",
     canonical_name: |n| encoder_canonical_name(PREFIX, n),
-    parse: |raw| Ok(Box::new(Bert(EncoderConfig::parse(raw)?))),
+    parse: |raw| {
+        Ok(Box::new(Encoder {
+            cfg: EncoderConfig::parse(raw)?,
+            flavour: &BERT,
+        }))
+    },
     tiny_config: || {
         json!({
             "model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
@@ -168,38 +174,6 @@ pub fn encoder_params(c: &EncoderConfig, n: EncoderNames) -> Vec<(String, Vec<us
     out
 }
 
-/// `(prefix, kind, layer)` of every MLP linear of an encoder.
-pub fn encoder_mlp_linears(c: &EncoderConfig, n: EncoderNames) -> Vec<(String, MlpKind, usize)> {
-    (0..c.num_hidden_layers)
-        .flat_map(|i| MLP.map(|(sub, kind)| (n.layer(i, sub), kind, i)))
-        .collect()
-}
-
-pub fn encoder_attention_linears(c: &EncoderConfig, n: EncoderNames) -> Vec<String> {
-    (0..c.num_hidden_layers)
-        .flat_map(|i| ATTENTION.map(|sub| n.layer(i, sub)))
-        .collect()
-}
-
-/// An encoder's sizes; `head` is its two-label head (a dense layer on `<s>`/`[CLS]` plus the
-/// classifier, the same size for BERT's pooler and RoBERTa's head).
-pub fn encoder_shape(c: &EncoderConfig) -> ParamShape {
-    let h = c.hidden_size as u64;
-    ParamShape {
-        vocab: c.vocab_size as u64,
-        hidden: h,
-        layers: c.num_hidden_layers as u64,
-        ffn: c.intermediate_size as u64,
-        kv_dim: h,
-        mlp_matrices: MLP.len() as u64,
-        head: h * h + 3 * h + 2,
-    }
-}
-
-pub fn encoder_supports(task: &Task) -> bool {
-    matches!(task, Task::Classification { .. } | Task::Regression)
-}
-
 #[derive(Clone, Copy)]
 pub enum Activation {
     GeluErf,
@@ -291,13 +265,6 @@ pub fn encoder(
     Ok(h)
 }
 
-pub fn finish_head(logits: Tensor, task: &Task) -> Result<Tensor> {
-    match task {
-        Task::Regression => Ok(logits.squeeze(D::Minus1)?),
-        _ => Ok(logits),
-    }
-}
-
 /// A head linear's weight and bias with their shapes.
 pub fn head_param(name: &str, out: usize, inp: usize) -> [(String, Vec<usize>); 2] {
     [
@@ -306,60 +273,116 @@ pub fn head_param(name: &str, out: usize, inp: usize) -> [(String, Vec<usize>); 
     ]
 }
 
-pub struct Bert(pub EncoderConfig);
+/// What sets one encoder family apart from another: where its backbone lives, its head and
+/// how it numbers positions. The encoder itself, and everything else, is shared.
+pub struct Flavour {
+    pub arch: Arch,
+    pub names: EncoderNames,
+    /// The head's two linears: a dense layer (tanh) on the first token, then the classifier.
+    pub head: [&'static str; 2],
+    /// Dropout on the first token before the dense layer too (RoBERTa), not only after it.
+    pub dropout_before_dense: bool,
+    /// transformers' class for a merged model's `architectures`.
+    pub class_name: &'static str,
+    /// Position ids `(B, T)` from input ids and the padding id.
+    pub position_ids: fn(&Tensor, u32) -> Result<Tensor>,
+}
 
-const NAMES: EncoderNames = EncoderNames { prefix: PREFIX };
+/// An encoder of some [`Flavour`] with its config: BERT and RoBERTa.
+pub struct Encoder {
+    pub cfg: EncoderConfig,
+    pub flavour: &'static Flavour,
+}
 
-impl Architecture for Bert {
+/// `0, 1, …, T-1` on every row.
+pub fn sequential_positions(input_ids: &Tensor, _pad: u32) -> Result<Tensor> {
+    let (b, t) = input_ids.dims2()?;
+    let pos: Vec<u32> = (0..t as u32).collect();
+    Ok(Tensor::from_vec(pos, (1, t), input_ids.device())?
+        .broadcast_as((b, t))?
+        .contiguous()?)
+}
+
+pub const BERT: Flavour = Flavour {
+    arch: Arch::Bert,
+    names: EncoderNames { prefix: PREFIX },
+    head: [POOLER, CLASSIFIER],
+    dropout_before_dense: false,
+    class_name: "BertForSequenceClassification",
+    position_ids: sequential_positions,
+};
+
+impl Architecture for Encoder {
     fn arch(&self) -> Arch {
-        Arch::Bert
+        self.flavour.arch
     }
     fn num_layers(&self) -> usize {
-        self.0.num_hidden_layers
+        self.cfg.num_hidden_layers
     }
     fn pad_id(&self) -> u32 {
-        self.0.pad_token_id
+        self.cfg.pad_token_id
     }
     fn supports(&self, task: &Task) -> bool {
-        encoder_supports(task)
+        matches!(task, Task::Classification { .. } | Task::Regression)
     }
     fn expected_params(&self, task: &Task) -> Vec<(String, Vec<usize>)> {
-        let h = self.0.hidden_size;
-        let mut out = encoder_params(&self.0, NAMES);
-        out.extend(head_param(POOLER, h, h));
-        out.extend(head_param(CLASSIFIER, task.head_width().unwrap_or(1), h));
+        let h = self.cfg.hidden_size;
+        let [dense, classifier] = self.flavour.head;
+        let mut out = encoder_params(&self.cfg, self.flavour.names);
+        out.extend(head_param(dense, h, h));
+        out.extend(head_param(classifier, task.head_width().unwrap_or(1), h));
         out
     }
     fn head_linears(&self) -> Vec<String> {
-        vec![POOLER.into(), CLASSIFIER.into()]
+        self.flavour.head.map(String::from).to_vec()
     }
     fn mlp_linears(&self) -> Vec<(String, MlpKind, usize)> {
-        encoder_mlp_linears(&self.0, NAMES)
+        let n = self.flavour.names;
+        (0..self.cfg.num_hidden_layers)
+            .flat_map(|i| MLP.map(|(sub, kind)| (n.layer(i, sub), kind, i)))
+            .collect()
     }
     fn attention_linears(&self) -> Vec<String> {
-        encoder_attention_linears(&self.0, NAMES)
+        let n = self.flavour.names;
+        (0..self.cfg.num_hidden_layers)
+            .flat_map(|i| ATTENTION.map(|sub| n.layer(i, sub)))
+            .collect()
     }
     fn hidden_states(&self, w: &Weights, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
-        let (b, t) = batch.input_ids.dims2()?;
-        let pos: Vec<u32> = (0..t as u32).collect();
-        let pos = Tensor::from_vec(pos, (1, t), batch.input_ids.device())?
-            .broadcast_as((b, t))?
-            .contiguous()?;
-        encoder(&self.0, w, NAMES, batch, &pos, ctx)
+        let pos = (self.flavour.position_ids)(&batch.input_ids, self.cfg.pad_token_id)?;
+        encoder(&self.cfg, w, self.flavour.names, batch, &pos, ctx)
     }
     /// Classification logits `(B, C)`, or `(B,)` for regression.
     fn forward(&self, w: &Weights, task: &Task, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
         let h = self.hidden_states(w, batch, ctx)?;
-        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
-        let pooled = w.linear(POOLER, &cls, ctx)?.tanh()?;
-        let pooled = ctx.dropout(&pooled, self.0.head_dropout())?;
-        let logits = w.linear(CLASSIFIER, &pooled, ctx)?;
-        finish_head(logits, task)
+        let p = self.cfg.head_dropout();
+        let [dense, classifier] = self.flavour.head;
+        let mut x = h.narrow(1, 0, 1)?.squeeze(1)?;
+        if self.flavour.dropout_before_dense {
+            x = ctx.dropout(&x, p)?;
+        }
+        let x = w.linear(dense, &x, ctx)?.tanh()?;
+        let x = ctx.dropout(&x, p)?;
+        let logits = w.linear(classifier, &x, ctx)?;
+        match task {
+            Task::Regression => Ok(logits.squeeze(D::Minus1)?),
+            _ => Ok(logits),
+        }
     }
     fn merged_config(&self, raw: &Value, task: &Task, labels: Option<&[String]>) -> Value {
-        super::classifier_config(raw, "BertForSequenceClassification", task, labels)
+        super::classifier_config(raw, self.flavour.class_name, task, labels)
     }
     fn shape(&self) -> ParamShape {
-        encoder_shape(&self.0)
+        let h = self.cfg.hidden_size as u64;
+        ParamShape {
+            vocab: self.cfg.vocab_size as u64,
+            hidden: h,
+            layers: self.cfg.num_hidden_layers as u64,
+            ffn: self.cfg.intermediate_size as u64,
+            kv_dim: h,
+            mlp_matrices: MLP.len() as u64,
+            // A dense layer on the first token plus a two-label classifier.
+            head: h * h + 3 * h + 2,
+        }
     }
 }
