@@ -27,8 +27,9 @@ fn gpu_check_harness_runs_on_the_cpu() {
     let doc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("ours.json")).unwrap()).unwrap();
     let checks = doc["correctness"].as_array().unwrap();
-    // 8 kernel checks + 3 tiny models × 11 checks.
-    assert_eq!(checks.len(), 8 + 3 * 11, "{checks:#?}");
+    // 8 kernel checks + a tiny model of every registered architecture × 11 checks.
+    let archs = sparsegrad_engine::models::Arch::ALL.len();
+    assert_eq!(checks.len(), 8 + archs * 11, "{checks:#?}");
     assert!(checks.iter().all(|c| c["pass"] == true), "{checks:#?}");
     let bench = doc["bench"].as_array().unwrap();
     let methods: Vec<&str> = bench

@@ -1,3 +1,5 @@
+//! Liveness, readiness and the API contract.
+
 use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
@@ -14,8 +16,7 @@ pub fn router() -> Router<AppState> {
 
 /// Ready when the database and storage both answer.
 async fn readyz(State(st): State<AppState>) -> ApiResult<&'static str> {
-    sqlx::query("select 1")
-        .execute(&st.db)
+    crate::db::ping(&st.db)
         .await
         .map_err(|_| ApiError::unavailable("database"))?;
     st.storage

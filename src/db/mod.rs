@@ -9,6 +9,11 @@ pub mod job_records;
 pub mod registered_models;
 pub mod tenants;
 
+/// Whether the database answers (readiness).
+pub async fn ping(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<()> {
+    sqlx::query("select 1").execute(db).await.map(|_| ())
+}
+
 pub fn new_id(prefix: &str) -> String {
     let mut b = [0u8; 12];
     rand::Rng::fill(&mut rand::rng(), &mut b[..]);

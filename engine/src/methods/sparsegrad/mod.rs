@@ -11,11 +11,11 @@
 pub mod adam;
 pub mod basis;
 mod calibration;
-pub mod config;
+pub mod settings;
 mod persist;
 pub mod state;
 
-pub use config::{BasisDtype, MePropConfig, Scope, SparseGradConfig, Support};
+pub use settings::{BasisDtype, MePropConfig, Scope, SparseGradConfig, Support};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
