@@ -8,7 +8,7 @@ use sparsegrad_engine::methods::{Full, Lora, LoraConfig, LoraTargets, Method};
 use sparsegrad_engine::models::{Arch, Model, Task};
 use sparsegrad_engine::nn::{self, Ctx};
 use sparsegrad_engine::optim::AdamConfig;
-use sparsegrad_engine::testing::tiny_model;
+use sparsegrad_engine::testing::{tiny_model, tiny_task};
 
 const EPS: f64 = 1e-6;
 
@@ -255,6 +255,20 @@ fn roberta_classification_end_to_end() {
 #[test]
 fn llama_causal_lm_end_to_end() {
     check_model(&full(Arch::Llama, Task::CausalLm), 3, 1e-5);
+}
+
+#[test]
+fn every_registered_architecture_passes_the_gradient_check() {
+    // A new architecture is checked here without a test of its own (the named tests above
+    // cover more tasks of the existing ones).
+    for &arch in Arch::ALL {
+        // Three classes: the batch has one of each.
+        let task = match tiny_task(arch) {
+            Task::Classification { .. } => Task::Classification { num_labels: 3 },
+            t => t,
+        };
+        check_model(&full(arch, task), 2, 1e-5);
+    }
 }
 
 #[test]
