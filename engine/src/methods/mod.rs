@@ -1,8 +1,9 @@
 //! Fine-tuning methods behind one trait the trainer drives. A method decides what trains
 //! (freezing, adapters, gradient hooks), turns accumulated gradients into updates, keeps its
 //! optimizer state for checkpoints, and says what goes into the artifact. Each method's file
-//! holds its settings type too; [`registry`] lists them by name (adding a method = its file
-//! plus one line there).
+//! holds its settings type too (name, default learning rate, hyperparameters); the
+//! `registry!` below is the only list of methods (adding one = its file, a `pub mod` line and
+//! one line there), and [`registry`] resolves requests against it.
 
 pub mod full;
 pub mod lora;
@@ -13,15 +14,88 @@ use std::collections::BTreeMap;
 
 use candle_core::{backprop::GradStore, Tensor};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::models::Model;
+use crate::models::{Model, ParamShape};
 use crate::optim::{clip_scale, grad_norm, AdamConfig, AdamW};
 use crate::{Error, Result};
+use registry::{parse_at, Footprint, MethodConfig, MethodInfo};
 
 pub use full::{Full, FullConfig};
 pub use lora::{Lora, LoraConfig, LoraTargets};
-pub use registry::{resolve, MethodSpec, Resolved, DEFAULT_METHOD, METHODS};
+pub use registry::{resolve, Resolved, DEFAULT_METHOD};
 pub use sparsegrad::{BasisDtype, MePropConfig, Scope, SparseGradConfig, SparseMlp, Support};
+
+/// Declares the methods: `MethodSpec` (a method with its settings, tagged by name as jobs
+/// store it) and the dispatch from a name or a spec to its settings type. One line per method.
+macro_rules! registry {
+    ($($variant:ident($config:ty)),+ $(,)?) => {
+        /// Method hyperparameters as submitted (CLI flags or the API's `method` object).
+        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        pub enum MethodSpec {
+            $($variant($config)),+
+        }
+
+        /// Every method, in listing order.
+        pub const METHODS: &[MethodInfo] = &[$(<$config as MethodConfig>::INFO),+];
+
+        impl MethodSpec {
+            pub fn info(&self) -> &'static MethodInfo {
+                match self {
+                    $(MethodSpec::$variant(_) => &<$config as MethodConfig>::INFO),+
+                }
+            }
+            /// The settings as JSON (what `hyperparameters` echoes).
+            pub fn settings(&self) -> Value {
+                match self {
+                    $(MethodSpec::$variant(c) => serde_json::to_value(c)),+
+                }
+                .expect("serialisable")
+            }
+            fn check(&self) -> Result<()> {
+                match self {
+                    $(MethodSpec::$variant(c) => c.check()),+
+                }
+            }
+            pub fn footprint(&self, shape: &ParamShape) -> Footprint {
+                match self {
+                    $(MethodSpec::$variant(c) => c.footprint(shape)),+
+                }
+            }
+            fn build_checked(&self, adam: AdamConfig) -> Box<dyn Method> {
+                match self {
+                    $(MethodSpec::$variant(c) => c.build(adam)),+
+                }
+            }
+            /// `name`'s settings from a JSON object, each error with its path inside it.
+            fn parse(name: &str, hyperparameters: Value) -> Option<Result<MethodSpec>> {
+                $(
+                    if name == <$config as MethodConfig>::INFO.name {
+                        return Some(parse_at::<$config>(hyperparameters, "").map(MethodSpec::$variant));
+                    }
+                )+
+                None
+            }
+            /// `name`'s default settings as JSON.
+            fn defaults(name: &str) -> Option<Value> {
+                $(
+                    if name == <$config as MethodConfig>::INFO.name {
+                        return Some(serde_json::to_value(<$config>::default()).expect("serialisable"));
+                    }
+                )+
+                None
+            }
+        }
+    };
+}
+
+registry! {
+    Full(FullConfig),
+    Lora(LoraConfig),
+    Sparsegrad(SparseGradConfig),
+    Meprop(MePropConfig),
+}
 
 /// How an artifact tensor is applied to the base model.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

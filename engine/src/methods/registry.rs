@@ -1,7 +1,8 @@
-//! The fine-tuning methods a job can ask for, by name, in one place: each method's settings
-//! type, default learning rate and hyperparameters (type, bounds, choices, what they do); the
-//! training loop's hyperparameters beside them; and [`resolve`], which turns a request's
-//! `{type, hyperparameters}` into what the trainer runs, every bad value named by its path.
+//! The fine-tuning methods a job can ask for, by name (the list itself is `registry!` in
+//! `methods/mod.rs`): each method's settings type, default learning rate and hyperparameters
+//! (type, bounds, choices, what they do); the training loop's hyperparameters beside them;
+//! and [`resolve`], which turns a request's `{type, hyperparameters}` into what the trainer
+//! runs, every bad value named by its path.
 //! The CLI, the benchmarks and the service's API resolve through here, and `GET /v1/methods`
 //! lists it (so the dashboard and SDK users read the same defaults the engine uses).
 //!
@@ -9,15 +10,12 @@
 //! loop's from [`TrainConfig`]'s, so the listing can never disagree with what runs.
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 pub use crate::hyper::{check_bounds, parse_at, Bound, Hyper, HyperListing, Kind};
 
-use super::full::FullConfig;
-use super::lora::LoraConfig;
-use super::sparsegrad::{MePropConfig, SparseGradConfig};
-use super::Method;
+use super::{Method, MethodSpec, METHODS};
 use crate::models::ParamShape;
 use crate::optim::AdamConfig;
 use crate::train::config::{TrainConfig, TRAINING};
@@ -58,77 +56,6 @@ pub struct MethodInfo {
     /// The learning rate a method works with when the job gives none.
     pub default_lr: f64,
     pub hyperparameters: &'static [Hyper],
-}
-
-/// Declares the methods: `MethodSpec` (a method with its settings, tagged by name as jobs
-/// store it) and the dispatch from a name or a spec to its settings type. One line per method.
-macro_rules! registry {
-    ($($variant:ident($config:ty)),+ $(,)?) => {
-        /// Method hyperparameters as submitted (CLI flags or the API's `method` object).
-        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-        #[serde(tag = "type", rename_all = "snake_case")]
-        pub enum MethodSpec {
-            $($variant($config)),+
-        }
-
-        /// Every method, in listing order.
-        pub const METHODS: &[MethodInfo] = &[$(<$config as MethodConfig>::INFO),+];
-
-        impl MethodSpec {
-            pub fn info(&self) -> &'static MethodInfo {
-                match self {
-                    $(MethodSpec::$variant(_) => &<$config as MethodConfig>::INFO),+
-                }
-            }
-            /// The settings as JSON (what `hyperparameters` echoes).
-            pub fn settings(&self) -> Value {
-                match self {
-                    $(MethodSpec::$variant(c) => serde_json::to_value(c)),+
-                }
-                .expect("serialisable")
-            }
-            fn check(&self) -> Result<()> {
-                match self {
-                    $(MethodSpec::$variant(c) => c.check()),+
-                }
-            }
-            pub fn footprint(&self, shape: &ParamShape) -> Footprint {
-                match self {
-                    $(MethodSpec::$variant(c) => c.footprint(shape)),+
-                }
-            }
-            fn build_checked(&self, adam: AdamConfig) -> Box<dyn Method> {
-                match self {
-                    $(MethodSpec::$variant(c) => c.build(adam)),+
-                }
-            }
-            /// `name`'s settings from a JSON object, each error with its path inside it.
-            fn parse(name: &str, hyperparameters: Value) -> Option<Result<MethodSpec>> {
-                $(
-                    if name == <$config as MethodConfig>::INFO.name {
-                        return Some(parse_at::<$config>(hyperparameters, "").map(MethodSpec::$variant));
-                    }
-                )+
-                None
-            }
-            /// `name`'s default settings as JSON.
-            fn defaults(name: &str) -> Option<Value> {
-                $(
-                    if name == <$config as MethodConfig>::INFO.name {
-                        return Some(serde_json::to_value(<$config>::default()).expect("serialisable"));
-                    }
-                )+
-                None
-            }
-        }
-    };
-}
-
-registry! {
-    Full(FullConfig),
-    Lora(LoraConfig),
-    Sparsegrad(SparseGradConfig),
-    Meprop(MePropConfig),
 }
 
 impl MethodSpec {

@@ -11,8 +11,8 @@
 pub mod adam;
 pub mod basis;
 mod calibration;
-pub mod settings;
 mod persist;
+pub mod settings;
 pub mod state;
 
 pub use settings::{BasisDtype, MePropConfig, Scope, SparseGradConfig, Support};
