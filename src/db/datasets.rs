@@ -73,7 +73,7 @@ pub async fn list(
     tenant: &str,
     page: &Page,
 ) -> sqlx::Result<(Vec<FileRow>, bool)> {
-    let mut rows: Vec<FileRow> = sqlx::query_as(&format!(
+    let rows: Vec<FileRow> = sqlx::query_as(&format!(
         "select {FILE_COLS} from files f
           where tenant_id = $1
             and ($2::text is null or (created_at, id) <
@@ -86,7 +86,5 @@ pub async fn list(
     .bind(page.limit + 1)
     .fetch_all(db)
     .await?;
-    let more = rows.len() as i64 > page.limit;
-    rows.truncate(page.limit as usize);
-    Ok((rows, more))
+    Ok(super::cut_page(rows, page.limit))
 }

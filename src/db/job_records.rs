@@ -54,7 +54,7 @@ pub async fn list(
     tenant: &str,
     page: &Page,
 ) -> sqlx::Result<(Vec<JobRow>, bool)> {
-    let mut rows: Vec<JobRow> = sqlx::query_as(&format!(
+    let rows: Vec<JobRow> = sqlx::query_as(&format!(
         "select {COLS} from jobs
           where tenant_id = $1 and kind = 'fine_tune'
             and ($2::text is null or (created_at, id) <
@@ -67,9 +67,7 @@ pub async fn list(
     .bind(page.limit + 1)
     .fetch_all(db)
     .await?;
-    let more = rows.len() as i64 > page.limit;
-    rows.truncate(page.limit as usize);
-    Ok((rows, more))
+    Ok(super::cut_page(rows, page.limit))
 }
 
 /// The merge queued for a fine-tune, if any.
@@ -111,15 +109,13 @@ pub async fn events(
           where job_id = $1 and ($2::bigint is null or id > $2)
           order by id limit $3"
     };
-    let mut rows: Vec<EventRow> = sqlx::query_as(sql)
+    let rows: Vec<EventRow> = sqlx::query_as(sql)
         .bind(job_id)
         .bind(after)
         .bind(limit + 1)
         .fetch_all(db)
         .await?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    Ok((rows, more))
+    Ok(super::cut_page(rows, limit))
 }
 
 #[derive(Clone, Debug, FromRow, Serialize)]

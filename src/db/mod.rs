@@ -26,3 +26,10 @@ pub struct Page {
     pub after: Option<String>,
     pub limit: i64,
 }
+
+/// Rows fetched with `limit + 1` cut to `limit`, and whether there were more.
+pub fn cut_page<T>(mut rows: Vec<T>, limit: i64) -> (Vec<T>, bool) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit.max(0) as usize);
+    (rows, more)
+}
