@@ -133,6 +133,50 @@ fn streaming_reader_gives_the_same_result_in_any_chunking() {
 }
 
 #[test]
+fn csv_quotes_across_chunk_boundaries_and_a_bom_in_any_chunking() {
+    // Quoted newlines split across chunks keep their quote state; a byte-order mark (itself
+    // split) is skipped; the rows and their lines are those of a single feed.
+    let mut data = b"\xEF\xBB\xBF".to_vec();
+    data.extend_from_slice(
+        b"text_a,text_b,label\n\"a,\nb\",\"c\"\"\nd\",x\nplain,two,y\r\n\"last\nrow\",z,x",
+    );
+    let whole = parse_records(&data).unwrap();
+    assert_eq!(
+        whole.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [2, 5, 6],
+        "{whole:?}"
+    );
+    for chunk in [1, 2, 3, 5, 8, 13] {
+        let mut r = RecordReader::new();
+        let mut got = Vec::new();
+        let mut sink = |l: usize, rec: Record| {
+            got.push((l, rec));
+            Ok(())
+        };
+        for c in data.chunks(chunk) {
+            r.feed(c, &mut sink).unwrap();
+        }
+        r.finish(&mut sink).unwrap();
+        assert_eq!(got, whole, "chunk {chunk}");
+    }
+}
+
+#[test]
+fn jsonl_with_a_bom_is_jsonl_and_a_json_array_line_says_so() {
+    let recs = parse_records(
+        b"\xEF\xBB\xBF{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 0}\n",
+    )
+    .unwrap();
+    assert_eq!(recs.len(), 2);
+    let (line, _, reason) = err(b"[1, 2, 3]\n");
+    assert_eq!(line, 1);
+    assert!(
+        reason.contains("expected a JSON object, found an array"),
+        "{reason}"
+    );
+}
+
+#[test]
 fn task_inference_and_label_maps() {
     let recs =
         parse_records(b"{\"text\":\"a\",\"label\":\"pos\"}\n{\"text\":\"b\",\"label\":\"neg\"}\n")

@@ -33,6 +33,16 @@ pub enum BenchWhat {
     /// Queue throughput: N jobs claimed and completed by C concurrent claimers against the
     /// Postgres at DATABASE_URL (in a scratch database that is dropped afterwards).
     Queue(BenchQueueArgs),
+    /// Dataset validation throughput and memory: generated JSONL and CSV files of each size
+    /// fed through the row validator in 64 KiB chunks, as an upload arrives.
+    Validate(BenchValidateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchValidateArgs {
+    /// File sizes, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+    pub mib: Vec<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +81,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Train(t) => bench_train(t),
         BenchWhat::Compare(c) => bench_compare(*c),
         BenchWhat::Queue(q) => tokio::runtime::Runtime::new()?.block_on(bench_queue(q)),
+        BenchWhat::Validate(v) => bench_validate(v),
     }
 }
 
@@ -558,4 +569,56 @@ async fn bench_queue(a: BenchQueueArgs) -> Result<()> {
         .execute(&mut conn)
         .await?;
     result
+}
+
+fn bench_validate(a: BenchValidateArgs) -> Result<()> {
+    use sparsegrad_engine::data::{Record, RecordReader};
+    const CHUNK: usize = 64 << 10;
+    let rss = || sparsegrad_engine::train::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0;
+    for format in ["jsonl", "csv"] {
+        for &mib in &a.mib {
+            let target = mib << 20;
+            let rss0 = rss();
+            let mut r = RecordReader::new();
+            let mut rows = 0usize;
+            let mut sink = |_: usize, _: Record| {
+                rows += 1;
+                Ok(())
+            };
+            let mut chunk = Vec::with_capacity(CHUNK + 256);
+            if format == "csv" {
+                chunk.extend_from_slice(b"text,label\n");
+            }
+            let (mut fed, mut i) = (0usize, 0usize);
+            let t0 = Instant::now();
+            while fed < target {
+                while chunk.len() < CHUNK {
+                    let line = if format == "csv" {
+                        format!("\"a quoted, comma-holding review number {i}\",{}\n", i % 2)
+                    } else {
+                        format!(
+                            "{{\"text\": \"a review number {i}\", \"label\": {}}}\n",
+                            i % 2
+                        )
+                    };
+                    chunk.extend_from_slice(line.as_bytes());
+                    i += 1;
+                }
+                r.feed(&chunk, &mut sink)?;
+                fed += chunk.len();
+                chunk.clear();
+            }
+            r.finish(&mut sink)?;
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "format": format, "mib": mib, "rows": rows, "secs": secs,
+                    "mib_per_sec": fed as f64 / 1048576.0 / secs,
+                    "peak_rss_growth_mib": rss() - rss0,
+                })
+            );
+        }
+    }
+    Ok(())
 }

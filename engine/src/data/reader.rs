@@ -18,21 +18,38 @@ pub enum FileFormat {
     Csv,
 }
 
-/// Looks at the first non-blank byte: `{` means JSONL, anything else CSV with a header row.
+/// Looks at the first non-blank byte (after a UTF-8 byte-order mark): `{` (or `[`, a JSON
+/// value that is not an object, answered as such) means JSONL, anything else CSV with a header
+/// row.
 pub fn detect_format(bytes: &[u8]) -> FileFormat {
+    let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => FileFormat::Jsonl,
+        Some(b'{') | Some(b'[') => FileFormat::Jsonl,
         _ => FileFormat::Csv,
     }
 }
 
+/// The UTF-8 byte-order mark some editors write first.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Streaming validator: feed bytes in any chunking, get every record (or the first error).
 /// The CLI feeds it files, the service an upload's body.
+///
+/// Linear in the input: bytes already scanned are not scanned again (a row's end is searched
+/// from where the last search stopped, with the CSV quote state kept), and the buffer is
+/// compacted once per chunk, not once per row.
 pub struct RecordReader {
     format: Option<FileFormat>,
     buf: Vec<u8>,
+    /// `buf[..scan]` holds no end of the current row.
+    scan: usize,
+    /// Inside a quoted CSV field at `scan`.
+    quoted: bool,
     line: usize,
     csv_header: Option<Vec<String>>,
+    csv: csv_core::Reader,
+    csv_out: Vec<u8>,
+    csv_ends: Vec<usize>,
     pub records: usize,
 }
 
@@ -47,8 +64,13 @@ impl RecordReader {
         RecordReader {
             format: None,
             buf: Vec::new(),
+            scan: 0,
+            quoted: false,
             line: 0,
             csv_header: None,
+            csv: csv_core::Reader::new(),
+            csv_out: Vec::new(),
+            csv_ends: Vec::new(),
             records: 0,
         }
     }
@@ -65,6 +87,12 @@ impl RecordReader {
     ) -> Result<()> {
         self.buf.extend_from_slice(chunk);
         if self.format.is_none() {
+            if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) {
+                return Ok(());
+            }
+            if self.buf.starts_with(BOM) {
+                self.buf.drain(..BOM.len());
+            }
             if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
                 return Ok(());
             }
@@ -87,35 +115,108 @@ impl RecordReader {
         eof: bool,
         sink: &mut dyn FnMut(usize, Record) -> Result<()>,
     ) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut start = 0;
+        let result = self.rows(&buf, &mut start, eof, sink);
+        if start > 0 {
+            // Only the unfinished row moves: each byte at most once or twice overall.
+            buf.drain(..start);
+            self.scan -= start;
+        }
+        self.buf = buf;
+        result
+    }
+
+    /// Where the current row ends, searching on from where the last search stopped.
+    fn row_end(&mut self, buf: &[u8]) -> Option<usize> {
+        let from = self.scan;
+        let found = if self.format == Some(FileFormat::Csv) {
+            let mut end = None;
+            for (i, &b) in buf[from..].iter().enumerate() {
+                match b {
+                    b'"' => self.quoted = !self.quoted,
+                    b'\n' if !self.quoted => {
+                        end = Some(from + i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            end
+        } else {
+            buf[from..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| from + i)
+        };
+        self.scan = found.map_or(buf.len(), |i| i + 1);
+        found
+    }
+
+    /// Parses the complete rows of `buf` from `start` on, advancing `start` past each.
+    fn rows(
+        &mut self,
+        buf: &[u8],
+        start: &mut usize,
+        eof: bool,
+        sink: &mut dyn FnMut(usize, Record) -> Result<()>,
+    ) -> Result<()> {
         loop {
-            let end = match self.format {
-                Some(FileFormat::Csv) => csv_record_end(&self.buf),
-                _ => self.buf.iter().position(|&b| b == b'\n'),
-            };
-            let (row, consumed) = match end {
-                Some(i) => (self.buf[..i].to_vec(), i + 1),
-                None if eof && !self.buf.is_empty() => (std::mem::take(&mut self.buf), 0),
+            let (row, next) = match self.row_end(buf) {
+                Some(i) => (&buf[*start..i], i + 1),
+                None if eof && *start < buf.len() => (&buf[*start..], buf.len()),
                 None => return Ok(()),
             };
-            if consumed > 0 {
-                self.buf.drain(..consumed);
-            }
+            *start = next;
             self.line += 1;
             let start_line = self.line;
             // A quoted CSV field may span lines; keep counting physical lines.
             self.line += row.iter().filter(|&&b| b == b'\n').count();
             let rec = match self.format {
-                Some(FileFormat::Csv) => self.parse_csv_row(&row, start_line)?,
-                _ => parse_jsonl_line(&row, start_line)?,
+                Some(FileFormat::Csv) => self.parse_csv_row(row, start_line)?,
+                _ => parse_jsonl_line(row, start_line)?,
             };
             if let Some(r) = rec {
                 self.records += 1;
                 sink(start_line, r)?;
             }
-            if consumed == 0 {
-                return Ok(());
+        }
+    }
+
+    /// The fields of one CSV row (valid UTF-8), with a parser built once: building one per
+    /// row cost more than the parsing.
+    fn csv_fields(&mut self, row: &[u8], line: usize) -> Result<Vec<String>> {
+        use csv_core::ReadRecordResult as R;
+        self.csv.reset();
+        // Unquoting only shrinks a row, and a row has at most one field more than bytes.
+        self.csv_out.resize(row.len() + 1, 0);
+        self.csv_ends.resize(row.len() + 2, 0);
+        let (mut input, mut nout, mut nend) = (row, 0, 0);
+        loop {
+            let (res, i, o, e) =
+                self.csv
+                    .read_record(input, &mut self.csv_out[nout..], &mut self.csv_ends[nend..]);
+            input = &input[i..];
+            nout += o;
+            nend += e;
+            match res {
+                // An empty input next time is the end of the row.
+                R::InputEmpty => continue,
+                R::Record | R::End => break,
+                R::OutputFull | R::OutputEndsFull => {
+                    return Err(Error::data(line, None, "malformed CSV row"))
+                }
             }
         }
+        let mut fields = Vec::with_capacity(nend);
+        let mut from = 0;
+        for &end in &self.csv_ends[..nend] {
+            let f = std::str::from_utf8(&self.csv_out[from..end])
+                .map_err(|_| Error::data(line, None, "invalid UTF-8 in a field"))?;
+            fields.push(f.to_string());
+            from = end;
+        }
+        Ok(fields)
     }
 
     fn parse_csv_row(&mut self, row: &[u8], line: usize) -> Result<Option<Record>> {
@@ -130,15 +231,7 @@ impl RecordReader {
                 format!("invalid UTF-8 at byte {}", e.valid_up_to()),
             )
         })?;
-        let mut rdr = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .from_reader(row);
-        let rec = match rdr.records().next() {
-            Some(Ok(r)) => r,
-            Some(Err(e)) => return Err(Error::data(line, None, format!("malformed CSV: {e}"))),
-            None => return Ok(None),
-        };
-        let fields: Vec<String> = rec.iter().map(str::to_string).collect();
+        let fields = self.csv_fields(row, line)?;
         let Some(header) = &self.csv_header else {
             let h: Vec<String> = fields.iter().map(|f| f.trim().to_lowercase()).collect();
             let known = ["text", "text_a", "text_b", "label", "prompt", "completion"];
@@ -186,19 +279,6 @@ impl RecordReader {
             (r, _) => r,
         }))
     }
-}
-
-/// End of the first CSV record (a newline outside quotes).
-fn csv_record_end(buf: &[u8]) -> Option<usize> {
-    let mut quoted = false;
-    for (i, &b) in buf.iter().enumerate() {
-        match b {
-            b'"' => quoted = !quoted,
-            b'\n' if !quoted => return Some(i),
-            _ => {}
-        }
-    }
-    None
 }
 
 /// Reads and validates a whole dataset file: `(line, record)` pairs.
