@@ -43,6 +43,13 @@ pub struct Config {
     /// Largest accepted dataset upload, bytes.
     #[arg(long, env = "SPARSEGRAD_MAX_UPLOAD_BYTES", default_value_t = 256 << 20)]
     pub max_upload_bytes: u64,
+    /// Most parameters a GGUF import may have (it dequantises every tensor into memory).
+    #[arg(
+        long,
+        env = "SPARSEGRAD_MAX_IMPORT_PARAMS",
+        default_value_t = 2_000_000_000
+    )]
+    pub max_import_params: u64,
     /// In-process workers (`serve`); 0 runs the API only.
     #[arg(long, env = "SPARSEGRAD_WORKERS", default_value_t = 1)]
     pub workers: usize,

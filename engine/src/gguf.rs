@@ -4,13 +4,230 @@
 //! the GGUF tokenizer metadata, with its chat template).
 
 use std::collections::BTreeMap;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::{Error, Result};
+
+/// What an import may cost: a file is untrusted input, and importing dequantises every
+/// tensor into memory.
+#[derive(Clone, Copy, Debug)]
+pub struct ImportLimits {
+    /// Most parameters (tensor elements) a model may have.
+    pub max_params: u64,
+}
+
+impl ImportLimits {
+    /// No cap (the operator's own command line).
+    pub const NONE: ImportLimits = ImportLimits {
+        max_params: u64::MAX,
+    };
+}
+
+fn bad(why: impl Into<String>) -> Error {
+    Error::Model(format!("malformed GGUF: {}", why.into()))
+}
+
+/// Reads the GGUF header with every count, length and size bounded by what the file can
+/// hold — before candle's reader, which trusts them (a zero alignment divides by zero, a
+/// huge array length allocates it, tensor sizes overflow) — and checks the tensors: known
+/// types, 1-4 dimensions, element counts without overflow and within `limits`, data inside
+/// the file.
+pub fn check_header(path: &Path, limits: &ImportLimits) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut r = Bounded {
+        r: BufReader::new(file),
+        pos: 0,
+        len,
+    };
+    if r.bytes::<4>()? != *b"GGUF" {
+        return Err(bad("not a GGUF file (no GGUF magic)"));
+    }
+    let version = r.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(bad(format!("version {version} (2 and 3 are read)")));
+    }
+    let tensors = r.count(24)?;
+    let kvs = r.count(13)?;
+    let mut alignment = 32u64;
+    for _ in 0..kvs {
+        let key = r.string()?;
+        let ty = r.u32()?;
+        if key == "general.alignment" {
+            alignment = match ty {
+                4 => r.u32()? as u64,
+                10 => r.u64()?,
+                _ => return Err(bad("`general.alignment` is not an unsigned integer")),
+            };
+            if alignment == 0 || !alignment.is_power_of_two() || alignment > 1 << 20 {
+                return Err(bad(format!(
+                    "`general.alignment` is {alignment}: a power of two up to 1 MiB"
+                )));
+            }
+        } else {
+            r.skip_value(ty, 0)?;
+        }
+    }
+    let mut infos = Vec::with_capacity(tensors.min(1 << 16) as usize);
+    let mut params: u64 = 0;
+    for _ in 0..tensors {
+        let name = r.string()?;
+        let n_dims = r.u32()?;
+        if !(1..=4).contains(&n_dims) {
+            return Err(bad(format!("tensor `{name}` has {n_dims} dimensions")));
+        }
+        let mut elems: u64 = 1;
+        for _ in 0..n_dims {
+            let d = r.u64()?;
+            elems = elems.checked_mul(d).filter(|&e| e > 0).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has dimensions that overflow or are 0"
+                ))
+            })?;
+        }
+        let ty = ggml_type(r.u32()?)
+            .ok_or_else(|| bad(format!("tensor `{name}` has an unknown type")))?;
+        let offset = r.u64()?;
+        let block = ty.block_size() as u64;
+        if !elems.is_multiple_of(block) {
+            return Err(bad(format!(
+                "tensor `{name}` is not a whole number of blocks"
+            )));
+        }
+        let bytes = (elems / block)
+            .checked_mul(ty.type_size() as u64)
+            .ok_or_else(|| bad(format!("tensor `{name}` is too large")))?;
+        params = params
+            .checked_add(elems)
+            .ok_or_else(|| bad("the parameter count overflows"))?;
+        infos.push((name, offset, bytes));
+    }
+    if params > limits.max_params {
+        return Err(Error::Model(format!(
+            "the model has {params} parameters; imports are limited to {}",
+            limits.max_params
+        )));
+    }
+    let data = r.pos.div_ceil(alignment) * alignment;
+    for (name, offset, bytes) in infos {
+        let end = data
+            .checked_add(offset)
+            .and_then(|o| o.checked_add(bytes))
+            .ok_or_else(|| bad(format!("tensor `{name}` lies outside the file")))?;
+        if end > len {
+            return Err(bad(format!("tensor `{name}` lies outside the file")));
+        }
+    }
+    Ok(())
+}
+
+fn ggml_type(t: u32) -> Option<GgmlDType> {
+    use GgmlDType::*;
+    Some(match t {
+        0 => F32,
+        1 => F16,
+        2 => Q4_0,
+        3 => Q4_1,
+        6 => Q5_0,
+        7 => Q5_1,
+        8 => Q8_0,
+        9 => Q8_1,
+        10 => Q2K,
+        11 => Q3K,
+        12 => Q4K,
+        13 => Q5K,
+        14 => Q6K,
+        15 => Q8K,
+        30 => BF16,
+        _ => return None,
+    })
+}
+
+/// A reader that knows how many bytes are left, so no length read from the file can ask for
+/// more than the file has.
+struct Bounded<R> {
+    r: R,
+    pos: u64,
+    len: u64,
+}
+
+impl<R: Read + Seek> Bounded<R> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut b = [0u8; N];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| bad("the file ends inside its header"))?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes::<4>()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.bytes::<8>()?))
+    }
+    /// A count of items of at least `min_size` bytes each: no more than the rest can hold.
+    fn count(&mut self, min_size: u64) -> Result<u64> {
+        let n = self.u64()?;
+        if n.saturating_mul(min_size) > self.len.saturating_sub(self.pos) {
+            return Err(bad(format!("a count of {n} items exceeds the file")));
+        }
+        Ok(n)
+    }
+    fn skip(&mut self, n: u64) -> Result<()> {
+        if n > self.len.saturating_sub(self.pos) {
+            return Err(bad("a value runs past the end of the file"));
+        }
+        self.r
+            .seek(SeekFrom::Current(n as i64))
+            .map_err(|_| bad("seek failed"))?;
+        self.pos += n;
+        Ok(())
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u64()?;
+        if n > 1 << 20 || n > self.len.saturating_sub(self.pos) {
+            return Err(bad(format!("a string of {n} bytes")));
+        }
+        let mut b = vec![0u8; n as usize];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| bad("the file ends inside its header"))?;
+        self.pos += n;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+    fn skip_value(&mut self, ty: u32, depth: u32) -> Result<()> {
+        let fixed = match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => {
+                let n = self.u64()?;
+                return self.skip(n);
+            }
+            9 => {
+                if depth > 2 {
+                    return Err(bad("arrays nested too deep"));
+                }
+                let elem = self.u32()?;
+                let n = self.count(1)?;
+                for _ in 0..n {
+                    self.skip_value(elem, depth + 1)?;
+                }
+                return Ok(());
+            }
+            t => return Err(bad(format!("unknown metadata type {t}"))),
+        };
+        self.skip(fixed)
+    }
+}
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ImportReport {
@@ -173,14 +390,21 @@ fn tokenizer_json(c: &Content) -> Result<(serde_json::Value, Vec<String>)> {
     Ok((tj, tokens))
 }
 
-/// Imports `gguf_path` into `out_dir` with weights in `dtype` (f32 or bf16).
-pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<ImportReport> {
+/// Imports `gguf_path` into `out_dir` with weights in `dtype` (f32 or bf16). The file is
+/// untrusted: its header is checked first ([`check_header`]), every model size read from it
+/// is bounded, and the chat template it carries must render within its limits.
+pub fn import_gguf(
+    gguf_path: &Path,
+    out_dir: &Path,
+    dtype: DType,
+    limits: &ImportLimits,
+) -> Result<ImportReport> {
     if !matches!(dtype, DType::F32 | DType::BF16) {
         return Err(Error::param("dtype", "GGUF import writes f32 or bf16"));
     }
+    check_header(gguf_path, limits)?;
     let mut f = std::fs::File::open(gguf_path).map_err(|e| Error::io(gguf_path, e))?;
-    let c =
-        Content::read(&mut f).map_err(|e| Error::Model(format!("{}: {e}", gguf_path.display())))?;
+    let c = Content::read(&mut f).map_err(|e| bad(e.to_string()))?;
     let arch = md_str(&c, "general.architecture").unwrap_or_default();
     if arch != "llama" {
         return Err(Error::Model(format!(
@@ -188,15 +412,51 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Imp
         )));
     }
     let k = |s: &str| format!("llama.{s}");
-    let hidden = md_u(&c, &k("embedding_length"))?;
-    let layers = md_u(&c, &k("block_count"))?;
-    let ffn = md_u(&c, &k("feed_forward_length"))?;
-    let heads = md_u(&c, &k("attention.head_count"))?;
-    let kv_heads = md_u(&c, &k("attention.head_count_kv")).unwrap_or(heads);
+    // Every size is bounded (and a default computed only when the key is absent).
+    let sized = |key: &str, max: usize| -> Result<usize> {
+        let v = md_u(&c, &k(key))?;
+        if v == 0 || v > max {
+            return Err(Error::Model(format!(
+                "GGUF `{}` is {v}: expected 1 to {max}",
+                k(key)
+            )));
+        }
+        Ok(v)
+    };
+    let hidden = sized("embedding_length", 1 << 16)?;
+    let layers = sized("block_count", 1024)?;
+    let ffn = sized("feed_forward_length", 1 << 18)?;
+    let heads = sized("attention.head_count", 1024)?;
+    let kv_heads = match c.metadata.get(&k("attention.head_count_kv")) {
+        Some(_) => sized("attention.head_count_kv", heads)?,
+        None => heads,
+    };
+    if heads % kv_heads != 0 {
+        return Err(Error::Model(format!(
+            "GGUF head counts: {heads} attention heads are not a multiple of {kv_heads} KV heads"
+        )));
+    }
     let eps = md_f(&c, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
     let theta = md_f(&c, &k("rope.freq_base")).unwrap_or(10000.0);
-    let ctx_len = md_u(&c, &k("context_length")).unwrap_or(2048);
-    let head_dim = md_u(&c, &k("rope.dimension_count")).unwrap_or(hidden / heads);
+    let ctx_len = match c.metadata.get(&k("context_length")) {
+        Some(_) => sized("context_length", 1 << 24)?,
+        None => 2048,
+    };
+    let head_dim = match c.metadata.get(&k("rope.dimension_count")) {
+        Some(_) => sized("rope.dimension_count", 1 << 12)?,
+        None => hidden / heads,
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(Error::Model(format!(
+            "GGUF head size {head_dim} (from {hidden} / {heads}) must be even and at least 2"
+        )));
+    }
+    let chat_template = md_str(&c, "tokenizer.chat_template");
+    if let Some(t) = &chat_template {
+        // The template is code from the file: refused now rather than at training time.
+        crate::data::check_chat_template(t)
+            .map_err(|e| Error::Model(format!("GGUF `tokenizer.chat_template`: {e}")))?;
+    }
 
     let (tok_json, tokens) = tokenizer_json(&c)?;
     let tied = !c.tensor_infos.contains_key("output.weight");
@@ -240,7 +500,6 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Imp
         "torch_dtype": if dtype == DType::BF16 { "bfloat16" } else { "float32" },
         "imported_from": gguf_path.file_name().map(|s| s.to_string_lossy().to_string()),
     });
-    let chat_template = md_str(&c, "tokenizer.chat_template");
     let tok_cfg = json!({
         "bos_token": tok_name("tokenizer.ggml.bos_token_id"),
         "eos_token": tok_name("tokenizer.ggml.eos_token_id"),

@@ -171,3 +171,148 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .and_then(|d| d.to_scalar::<f64>())
         .expect("tensors of the same shape and device")
 }
+
+/// GGUF files built byte by byte: a minimal valid LLaMA ([`gguf::base`] + [`gguf::build`]) to
+/// break one field at a time in tests of the importer.
+pub mod gguf {
+    /// A metadata value.
+    pub enum V {
+        U32(u32),
+        U64(u64),
+        F32(f32),
+        Bool(bool),
+        Str(&'static str),
+        Strs(Vec<String>),
+        /// An array header claiming `n` strings, with nothing behind it.
+        ClaimedStrs(u64),
+    }
+
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+
+    fn value(out: &mut Vec<u8>, v: &V) {
+        match v {
+            V::U32(x) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            V::U64(x) => {
+                out.extend(10u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            V::F32(x) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            V::Bool(b) => {
+                out.extend(7u32.to_le_bytes());
+                out.push(*b as u8);
+            }
+            V::Str(s) => {
+                out.extend(8u32.to_le_bytes());
+                string(out, s);
+            }
+            V::Strs(v) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((v.len() as u64).to_le_bytes());
+                for s in v {
+                    string(out, s);
+                }
+            }
+            V::ClaimedStrs(n) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend(n.to_le_bytes());
+            }
+        }
+    }
+
+    /// A tiny LLaMA (hidden 8, one layer, FFN 16, 2 heads / 1 KV head, 6 tokens), f32 tensors.
+    /// Metadata pairs and `(tensor name, dimensions)` of a file.
+    pub type Parts = (Vec<(&'static str, V)>, Vec<(String, Vec<u64>)>);
+
+    pub fn base() -> Parts {
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "<s>", "</s>"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let kvs = vec![
+            ("general.architecture", V::Str("llama")),
+            ("llama.embedding_length", V::U32(8)),
+            ("llama.block_count", V::U32(1)),
+            ("llama.feed_forward_length", V::U32(16)),
+            ("llama.attention.head_count", V::U32(2)),
+            ("llama.attention.head_count_kv", V::U32(1)),
+            ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+            ("tokenizer.ggml.model", V::Str("gpt2")),
+            ("tokenizer.ggml.tokens", V::Strs(tokens)),
+            ("tokenizer.ggml.merges", V::Strs(vec!["a b".into()])),
+            ("tokenizer.ggml.bos_token_id", V::U32(4)),
+            ("tokenizer.ggml.eos_token_id", V::U32(5)),
+            ("tokenizer.ggml.add_bos_token", V::Bool(false)),
+        ];
+        let (h, f, kv, v) = (8u64, 16u64, 4u64, 6u64);
+        let tensors = vec![
+            ("token_embd.weight".into(), vec![h, v]),
+            ("output_norm.weight".into(), vec![h]),
+            ("blk.0.attn_norm.weight".into(), vec![h]),
+            ("blk.0.ffn_norm.weight".into(), vec![h]),
+            ("blk.0.attn_q.weight".into(), vec![h, h]),
+            ("blk.0.attn_k.weight".into(), vec![h, kv]),
+            ("blk.0.attn_v.weight".into(), vec![h, kv]),
+            ("blk.0.attn_output.weight".into(), vec![h, h]),
+            ("blk.0.ffn_gate.weight".into(), vec![h, f]),
+            ("blk.0.ffn_up.weight".into(), vec![h, f]),
+            ("blk.0.ffn_down.weight".into(), vec![f, h]),
+        ];
+        (kvs, tensors)
+    }
+
+    /// Serialises a GGUF v3 file (f32 tensors, alignment 32 unless a kv sets another).
+    pub fn build(kvs: &[(&str, V)], tensors: &[(String, Vec<u64>)]) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((tensors.len() as u64).to_le_bytes());
+        out.extend((kvs.len() as u64).to_le_bytes());
+        for (k, v) in kvs {
+            string(&mut out, k);
+            value(&mut out, v);
+        }
+        let mut offset = 0u64;
+        let mut sizes = Vec::new();
+        for (name, dims) in tensors {
+            string(&mut out, name);
+            out.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(0u32.to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            let bytes = dims
+                .iter()
+                .fold(4u64, |a, &d| a.saturating_mul(d))
+                .min(1 << 20);
+            sizes.push(bytes);
+            offset += bytes.div_ceil(32) * 32;
+        }
+        while !out.len().is_multiple_of(32) {
+            out.push(0);
+        }
+        for b in sizes {
+            let n = b.div_ceil(32) * 32;
+            out.extend(std::iter::repeat_n(0u8, n as usize));
+        }
+        out
+    }
+
+    /// The minimal model with metadata `key` set to `v` (added or replaced).
+    pub fn with(key: &'static str, v: V) -> Vec<u8> {
+        let (mut kvs, tensors) = base();
+        kvs.retain(|(k, _)| *k != key);
+        kvs.push((key, v));
+        build(&kvs, &tensors)
+    }
+}

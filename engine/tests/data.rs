@@ -312,3 +312,20 @@ fn truncation_and_seeded_order() {
     assert_ne!(epoch_order(100, 7, 0, true), epoch_order(100, 7, 1, true));
     assert_ne!(epoch_order(100, 7, 0, true), epoch_order(100, 8, 0, true));
 }
+
+#[test]
+fn hostile_chat_templates_stop_within_their_limits() {
+    use sparsegrad_engine::data::{check_chat_template, DEFAULT_CHAT_TEMPLATE};
+    check_chat_template(DEFAULT_CHAT_TEMPLATE).unwrap();
+    // Three nested loops of 10^5 would run ~forever; the fuel stops them.
+    let bomb = "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}";
+    let e = check_chat_template(bomb).unwrap_err().to_string();
+    assert!(e.contains("fuel"), "{e}");
+    // Output is capped too (each piece is small; there are many).
+    let flood = "{% for a in range(10000) %}{{ 'y' * 100000 }}{% endfor %}";
+    let e = check_chat_template(flood).unwrap_err().to_string();
+    assert!(e.contains("wrote more than"), "{e}");
+    let big = "x".repeat(100 << 10);
+    let e = check_chat_template(&big).unwrap_err().to_string();
+    assert!(e.contains("at most"), "{e}");
+}

@@ -111,10 +111,19 @@ struct CreateModel {
     source: Source,
 }
 
-/// Keys a tenant may point at: not another tenant's, not the service's own job outputs.
+/// Keys a tenant may point at: not another tenant's, not the service's own job outputs, and
+/// never an uploaded dataset (a file can be a valid dataset and a valid model at once; what
+/// was validated as data must not be loaded as a model).
 fn check_key(tenant: &str, key: &str, param: &str) -> ApiResult<String> {
     let k = key.trim_matches('/');
     let own = format!("tenants/{tenant}/");
+    if k.starts_with(&format!("{own}files/")) || k == format!("{own}files") {
+        return Err(ApiError::invalid(
+            "an uploaded dataset file cannot be a model source",
+            Some(param),
+            "invalid_storage_key",
+        ));
+    }
     let ok = !k.is_empty()
         && !k.split('/').any(|s| s == ".." || s == "." || s.is_empty())
         && !k.starts_with("jobs/")
@@ -135,6 +144,18 @@ fn bad_model(message: impl Into<String>, param: &str) -> ApiError {
 }
 
 /// Reads and checks `config.json` of a model under a prefix.
+/// A model's small JSON/text object, refused past 1 MiB (config files are a few KiB).
+async fn small_object(st: &AppState, key: &str, param: &str) -> ApiResult<bytes::Bytes> {
+    const MAX: u64 = 1 << 20;
+    if st.storage.size(key).await?.unwrap_or(0) > MAX {
+        return Err(bad_model(
+            format!("`{key}` is larger than {MAX} bytes"),
+            param,
+        ));
+    }
+    Ok(st.storage.get(key).await?)
+}
+
 async fn stored_config(st: &AppState, prefix: &str, param: &str) -> ApiResult<(String, Value)> {
     let listed = st.storage.list(prefix).await?;
     let has = |name: &str| listed.iter().any(|k| k == &format!("{prefix}/{name}"));
@@ -150,9 +171,29 @@ async fn stored_config(st: &AppState, prefix: &str, param: &str) -> ApiResult<(S
     if !has("tokenizer.json") {
         return Err(bad_model(format!("no `{prefix}/tokenizer.json`"), param));
     }
-    let raw = st.storage.get(&format!("{prefix}/config.json")).await?;
+    let raw = small_object(st, &format!("{prefix}/config.json"), param).await?;
     let cfg: Value =
         serde_json::from_slice(&raw).map_err(|e| bad_model(format!("config.json: {e}"), param))?;
+    // The chat template is code that comes with the model: checked before it is registered.
+    let mut templates = Vec::new();
+    if has("tokenizer_config.json") {
+        let raw = small_object(st, &format!("{prefix}/tokenizer_config.json"), param).await?;
+        let tc: Value = serde_json::from_slice(&raw)
+            .map_err(|e| bad_model(format!("tokenizer_config.json: {e}"), param))?;
+        if let Some(t) = tc.get("chat_template").and_then(Value::as_str) {
+            templates.push(t.to_string());
+        }
+    }
+    if has("chat_template.jinja") {
+        let raw = small_object(st, &format!("{prefix}/chat_template.jinja"), param).await?;
+        templates.push(String::from_utf8_lossy(&raw).into_owned());
+    }
+    for t in templates {
+        tokio::task::spawn_blocking(move || sparsegrad_engine::data::check_chat_template(&t))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| bad_model(e.to_string(), param))?;
+    }
     let arch = cfg
         .get("model_type")
         .and_then(Value::as_str)
@@ -258,16 +299,21 @@ async fn import_gguf(
         }
         let (g, o) = (gguf.clone(), out.clone());
         // Dequantising a whole model: a blocking thread.
-        tokio::task::spawn_blocking(move || sparsegrad_engine::gguf::import_gguf(&g, &o, dtype))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(|e| {
-                if e.is_user_error() {
-                    ApiError::invalid(e.to_string(), Some("source.key"), "invalid_gguf")
-                } else {
-                    ApiError::internal(e)
-                }
-            })?;
+        let limits = sparsegrad_engine::gguf::ImportLimits {
+            max_params: st.cfg.max_import_params,
+        };
+        tokio::task::spawn_blocking(move || {
+            sparsegrad_engine::gguf::import_gguf(&g, &o, dtype, &limits)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| {
+            if e.is_user_error() {
+                ApiError::invalid(e.to_string(), Some("source.key"), "invalid_gguf")
+            } else {
+                ApiError::internal(e)
+            }
+        })?;
         let mut rd = tokio::fs::read_dir(&out)
             .await
             .map_err(ApiError::internal)?;
@@ -298,6 +344,8 @@ mod tests {
         assert!(ok("/imports/x.gguf"));
         assert!(ok("tenants/t1/models/m"));
         assert!(!ok("tenants/t2/files/f"));
+        assert!(!ok("tenants/t1/files/file_x"));
+        assert!(!ok("tenants/t1/files"));
         assert!(!ok("jobs/j/artifact/delta/delta.safetensors"));
         assert!(!ok("models/../jobs/x"));
         assert!(!ok("models//x"));

@@ -376,7 +376,12 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::ImportGguf(a) => {
             let dtype = pipeline::parse_dtype(Some(&a.dtype))?;
-            let r = sparsegrad_engine::gguf::import_gguf(&a.gguf, &a.out, dtype)?;
+            let r = sparsegrad_engine::gguf::import_gguf(
+                &a.gguf,
+                &a.out,
+                dtype,
+                &sparsegrad_engine::gguf::ImportLimits::NONE,
+            )?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }

@@ -316,7 +316,12 @@ pub fn ensure(root: &Path) -> Result<Fixtures> {
         );
         let tmp = fx.smollm2.with_extension("part");
         let _ = std::fs::remove_dir_all(&tmp);
-        sparsegrad_engine::gguf::import_gguf(&fx.smollm2_gguf, &tmp, candle_core::DType::F32)?;
+        sparsegrad_engine::gguf::import_gguf(
+            &fx.smollm2_gguf,
+            &tmp,
+            candle_core::DType::F32,
+            &sparsegrad_engine::gguf::ImportLimits::NONE,
+        )?;
         std::fs::rename(&tmp, &fx.smollm2)?;
     }
     if !fx.smollm2_4l.join("model.safetensors").exists() {

@@ -74,25 +74,115 @@ impl TextTokenizer {
     }
 
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", &self.chat_template)
-            .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
-        let tmpl = env.get_template("chat").expect("just added");
-        tmpl.render(minijinja::context! {
+        render_chat_template(
+            &self.chat_template,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or_default(),
+            self.eos_token.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+/// Largest chat template accepted (real ones are a few KiB).
+pub const MAX_TEMPLATE_BYTES: usize = 64 << 10;
+/// Template instructions one rendering may execute (a real template spends a few hundred on
+/// a conversation); past it the rendering stops with an error.
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
+/// Largest rendered conversation (longer ones are truncated to at most 8192 tokens anyway).
+pub const MAX_RENDER_BYTES: usize = 4 << 20;
+
+/// A writer that refuses to grow past its cap (so a template cannot fill memory through
+/// its output).
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > MAX_RENDER_BYTES {
+            return Err(std::io::Error::other(
+                "the rendered conversation is too long",
+            ));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders a chat template — untrusted input: it comes with the model — with a size cap on
+/// the template, a fuel limit on what it executes and a cap on what it writes.
+pub fn render_chat_template(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let bad = |m: String| Error::Tokenizer(format!("chat template: {m}"));
+    if template.len() > MAX_TEMPLATE_BYTES {
+        return Err(bad(format!(
+            "{} bytes; at most {MAX_TEMPLATE_BYTES} are accepted",
+            template.len()
+        )));
+    }
+    let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| bad(e.to_string()))?;
+    let tmpl = env.get_template("chat").expect("just added");
+    let mut out = Capped(Vec::new());
+    tmpl.render_captured_to(
+        minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))
-    }
+            bos_token => bos_token,
+            eos_token => eos_token,
+        },
+        &mut out,
+    )
+    .map(|_| ())
+    .map_err(|e| {
+        let why = match e.kind() {
+            minijinja::ErrorKind::OutOfFuel => format!(
+                "it ran out of fuel ({TEMPLATE_FUEL} instructions): a loop without a sane bound"
+            ),
+            minijinja::ErrorKind::WriteFailure => {
+                format!("it wrote more than {MAX_RENDER_BYTES} bytes")
+            }
+            _ => e.to_string(),
+        };
+        bad(why)
+    })?;
+    String::from_utf8(out.0).map_err(|_| bad("it wrote invalid UTF-8".into()))
+}
+
+/// Checks a template before it is stored with a model: its size, and a rendering of a short
+/// conversation within the fuel and output caps.
+pub fn check_chat_template(template: &str) -> Result<()> {
+    let conversation = [
+        Message {
+            role: "system".into(),
+            content: "You are helpful.".into(),
+        },
+        Message {
+            role: "user".into(),
+            content: "Hello".into(),
+        },
+        Message {
+            role: "assistant".into(),
+            content: "Hi!".into(),
+        },
+    ];
+    render_chat_template(template, &conversation, true, "<s>", "</s>").map(|_| ())
 }

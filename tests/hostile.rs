@@ -1,0 +1,153 @@
+//! A hostile tenant against the API (in-process router, real Postgres, real object storage
+//! on disk): model sources, untrusted model files and templates. Each test is one attack
+//! that used to succeed and must now get a clear 4xx and leave nothing behind.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::api::{assert_envelope, post_json, state_with, tenant_key, upload};
+use serde_json::{json, Value};
+use sparsegrad_engine::models::Arch;
+use sparsegrad_engine::testing::gguf::{with, V};
+use sparsegrad_engine::testing::write_tiny_model_dir;
+use sparsegrad_service::api::AppState;
+use sparsegrad_service::storage::{S3Settings, Storage};
+use sqlx::PgPool;
+
+struct Env {
+    tmp: tempfile::TempDir,
+    st: AppState,
+}
+
+fn env(db: PgPool) -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", tmp.path().join("objects").display());
+    let storage = Storage::from_url(&url, &S3Settings::default()).unwrap();
+    let data = tmp.path().join("data");
+    let st = state_with(db, &["--data-dir", data.to_str().unwrap()], Some(storage));
+    Env { tmp, st }
+}
+
+async fn model_rows(db: &PgPool) -> i64 {
+    sqlx::query_as::<_, (i64,)>("select count(*) from models")
+        .fetch_one(db)
+        .await
+        .unwrap()
+        .0
+}
+
+async fn register(st: &AppState, key: &str, source: Value) -> (StatusCode, Value) {
+    post_json(
+        st,
+        "/v1/models",
+        Some(key),
+        json!({"id": "m1", "source": source}),
+    )
+    .await
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn an_uploaded_dataset_can_never_be_a_model_source(db: PgPool) {
+    let e = env(db.clone());
+    let st = &e.st;
+    let (tenant, key) = tenant_key(st, "acme").await;
+    // A file that is a valid dataset; as a GGUF source it must be refused by where it lives,
+    // whatever its bytes are.
+    let f = upload(st, &key, "poly.csv", "text,label\nhello,cat\nworld,dog\n").await;
+    let file_key = format!("tenants/{tenant}/files/{}", f["id"].as_str().unwrap());
+    for source in [
+        json!({"type": "gguf", "key": file_key}),
+        json!({"type": "storage", "prefix": format!("tenants/{tenant}/files")}),
+        json!({"type": "storage", "prefix": format!("tenants/{tenant}/files/")}),
+    ] {
+        let (s, v) = register(st, &key, source.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{source}: {v}");
+        assert_envelope(&v, "invalid_request_error");
+        assert!(v["error"]["param"].as_str().unwrap().starts_with("source."));
+    }
+    assert_eq!(model_rows(&db).await, 0);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn malformed_gguf_files_are_400s_naming_the_problem(db: PgPool) {
+    let e = env(db.clone());
+    let st = &e.st;
+    let (_, key) = tenant_key(st, "acme").await;
+    for (bytes, want) in [
+        (
+            with("llama.attention.head_count", V::U32(0)),
+            "head_count",
+        ),
+        (with("general.alignment", V::U32(0)), "alignment"),
+        (
+            with("tokenizer.ggml.tokens", V::ClaimedStrs(1 << 40)),
+            "exceeds the file",
+        ),
+        (
+            with(
+                "tokenizer.chat_template",
+                V::Str("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}"),
+            ),
+            "fuel",
+        ),
+    ] {
+        st.storage.put("imports/bad.gguf", bytes.into()).await.unwrap();
+        let (s, v) = register(st, &key, json!({"type": "gguf", "key": "imports/bad.gguf"})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{want}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{want}: {msg}");
+        // No server path reaches the tenant.
+        assert!(!msg.contains(e.tmp.path().to_str().unwrap()), "{msg}");
+        assert!(!msg.contains("/work/") && !msg.contains("data/work"), "{msg}");
+    }
+    assert_eq!(model_rows(&db).await, 0);
+    assert!(st.storage.list("tenants").await.unwrap().is_empty());
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_template_bomb_in_a_stored_model_is_refused_at_registration(db: PgPool) {
+    let e = env(db.clone());
+    let st = &e.st;
+    let (_, key) = tenant_key(st, "acme").await;
+    let dir = e.tmp.path().join("tiny-llama");
+    write_tiny_model_dir(&dir, Arch::Llama, 1).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        st.storage
+            .put_file(&format!("models/bomb/{f}"), &dir.join(f))
+            .await
+            .unwrap();
+    }
+    let bomb = json!({"eos_token": "<eos>", "chat_template":
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}"});
+    st.storage
+        .put("models/bomb/tokenizer_config.json", bomb.to_string().into())
+        .await
+        .unwrap();
+    let (s, v) = register(
+        st,
+        &key,
+        json!({"type": "storage", "prefix": "models/bomb"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("fuel"),
+        "{v}"
+    );
+    // The same folder with a sane template registers.
+    st.storage
+        .put(
+            "models/bomb/tokenizer_config.json",
+            json!({"eos_token": "<eos>"}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let (s, v) = register(
+        st,
+        &key,
+        json!({"type": "storage", "prefix": "models/bomb"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(model_rows(&db).await, 1);
+}
