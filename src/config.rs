@@ -50,6 +50,9 @@ pub struct Config {
         default_value_t = 2_000_000_000
     )]
     pub max_import_params: u64,
+    /// Most jobs (fine-tunes and merges) one tenant may have queued or running at once.
+    #[arg(long, env = "SPARSEGRAD_MAX_ACTIVE_JOBS", default_value_t = 32)]
+    pub max_active_jobs: i64,
     /// In-process workers (`serve`); 0 runs the API only.
     #[arg(long, env = "SPARSEGRAD_WORKERS", default_value_t = 1)]
     pub workers: usize,

@@ -12,6 +12,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds a client should wait before trying again (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -22,6 +24,7 @@ impl ApiError {
             message: message.into(),
             param: param.map(str::to_string),
             code: Some(code),
+            retry_after: None,
         }
     }
     pub fn unauthorized(message: impl Into<String>) -> Self {
@@ -31,6 +34,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some("invalid_api_key"),
+            retry_after: None,
         }
     }
     pub fn not_found(what: &str, id: &str) -> Self {
@@ -40,6 +44,7 @@ impl ApiError {
             message: format!("no {what} `{id}`"),
             param: None,
             code: Some("not_found"),
+            retry_after: None,
         }
     }
     pub fn conflict(message: impl Into<String>, code: &'static str) -> Self {
@@ -49,6 +54,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some(code),
+            retry_after: None,
         }
     }
     pub fn too_large(limit: u64) -> Self {
@@ -58,6 +64,7 @@ impl ApiError {
             message: format!("the upload exceeds the limit of {limit} bytes"),
             param: Some("file".into()),
             code: Some("file_too_large"),
+            retry_after: None,
         }
     }
     /// A `Range` outside an object of `size` bytes.
@@ -68,6 +75,18 @@ impl ApiError {
             message: format!("the range is outside the artifact's {size} bytes"),
             param: Some("Range".into()),
             code: Some("range_not_satisfiable"),
+            retry_after: None,
+        }
+    }
+    /// A limit of the tenant's was reached: try again later.
+    pub fn too_many(message: impl Into<String>, code: &'static str, retry_after: u64) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            message: message.into(),
+            param: None,
+            code: Some(code),
+            retry_after: Some(retry_after),
         }
     }
     /// A server-side failure: logged with its cause, answered opaquely.
@@ -79,6 +98,7 @@ impl ApiError {
             message: "internal server error".into(),
             param: None,
             code: None,
+            retry_after: None,
         }
     }
     pub fn unavailable(what: &str) -> Self {
@@ -88,6 +108,7 @@ impl ApiError {
             message: format!("{what} unavailable"),
             param: None,
             code: Some("unavailable"),
+            retry_after: None,
         }
     }
 }
@@ -100,7 +121,12 @@ impl IntoResponse for ApiError {
             "param": self.param,
             "code": self.code,
         }});
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -121,7 +147,17 @@ impl From<crate::storage::StorageError> for ApiError {
 
 impl From<crate::queue::QueueError> for ApiError {
     fn from(e: crate::queue::QueueError) -> Self {
-        ApiError::internal(e)
+        match e {
+            crate::queue::QueueError::Quota { active, limit } => ApiError::too_many(
+                format!(
+                    "{active} of your jobs are queued or running; at most {limit} may be at \
+                     once: wait for one to finish or cancel one"
+                ),
+                "too_many_active_jobs",
+                60,
+            ),
+            e => ApiError::internal(e),
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 mod common;
 
 use axum::http::StatusCode;
-use common::api::{assert_envelope, post_json, state_with, tenant_key, upload};
+use common::api::{assert_envelope, post_json, request, state_with, tenant_key, upload};
+use common::tiny_rows;
 use serde_json::{json, Value};
 use sparsegrad_engine::models::Arch;
 use sparsegrad_engine::testing::gguf::{with, V};
@@ -20,12 +21,34 @@ struct Env {
 }
 
 fn env(db: PgPool) -> Env {
+    env_with(db, &[])
+}
+
+/// A state with a models folder holding `tiny-bert`, and `extra` flags.
+fn env_with(db: PgPool, extra: &[&str]) -> Env {
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("file://{}", tmp.path().join("objects").display());
     let storage = Storage::from_url(&url, &S3Settings::default()).unwrap();
     let data = tmp.path().join("data");
-    let st = state_with(db, &["--data-dir", data.to_str().unwrap()], Some(storage));
+    let models = tmp.path().join("models");
+    write_tiny_model_dir(&models.join("tiny-bert"), Arch::Bert, 1).unwrap();
+    let mut flags = vec![
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--models-dir",
+        models.to_str().unwrap(),
+    ];
+    flags.extend_from_slice(extra);
+    let st = state_with(db, &flags, Some(storage));
     Env { tmp, st }
+}
+
+async fn job_count(db: &PgPool) -> i64 {
+    sqlx::query_as::<_, (i64,)>("select count(*) from jobs")
+        .fetch_one(db)
+        .await
+        .unwrap()
+        .0
 }
 
 async fn model_rows(db: &PgPool) -> i64 {
@@ -150,4 +173,129 @@ async fn a_template_bomb_in_a_stored_model_is_refused_at_registration(db: PgPool
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(model_rows(&db).await, 1);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn unbounded_work_is_refused_naming_the_field(db: PgPool) {
+    let e = env(db.clone());
+    let st = &e.st;
+    let (_, key) = tenant_key(st, "acme").await;
+    let f = upload(st, &key, "t.jsonl", &tiny_rows(20, 1)).await;
+    let tid = f["id"].as_str().unwrap();
+    for (hp, param) in [
+        (
+            json!({"max_steps": 1e18}),
+            "method.hyperparameters.max_steps",
+        ),
+        (
+            json!({"max_steps": 1_000_001}),
+            "method.hyperparameters.max_steps",
+        ),
+        (
+            json!({"batch_size": 1u64 << 40}),
+            "method.hyperparameters.batch_size",
+        ),
+        (
+            json!({"grad_accum": 1u64 << 40}),
+            "method.hyperparameters.grad_accum",
+        ),
+        (
+            json!({"n_epochs": 1_000_000}),
+            "method.hyperparameters.n_epochs",
+        ),
+        (
+            json!({"k": 1_000_000_000_000u64}),
+            "method.hyperparameters.k",
+        ),
+        (
+            json!({"basis_steps": 1_000_000_000_000u64}),
+            "method.hyperparameters.basis_steps",
+        ),
+        (
+            json!({"eval_every": 0}),
+            "method.hyperparameters.eval_every",
+        ),
+    ] {
+        let body = json!({"model": "tiny-bert", "training_file": tid,
+                          "method": {"type": "sparsegrad", "hyperparameters": hp}});
+        let (s, v) = post_json(st, "/v1/fine_tuning/jobs", Some(&key), body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{hp}: {v}");
+        assert_eq!(v["error"]["param"], param, "{hp}: {v}");
+    }
+    for task in [
+        json!("bogus"),
+        json!("x".repeat(100_000)),
+        json!("causal-lm"),
+    ] {
+        let body = json!({"model": "tiny-bert", "training_file": tid, "task": task});
+        let (s, v) = post_json(st, "/v1/fine_tuning/jobs", Some(&key), body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"]["param"], "task", "{v}");
+    }
+    assert_eq!(job_count(&db).await, 0);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_tenant_at_its_active_job_limit_gets_429_and_replays_still_answer(db: PgPool) {
+    let e = env_with(db.clone(), &["--max-active-jobs", "2"]);
+    let st = &e.st;
+    let (_, key) = tenant_key(st, "acme").await;
+    let (_, other) = tenant_key(st, "rival").await;
+    let f = upload(st, &key, "t.jsonl", &tiny_rows(20, 1)).await;
+    let body = json!({"model": "tiny-bert", "training_file": f["id"]});
+    let create = |k: &str, idem: &str| {
+        let (st, body, k, idem) = (st.clone(), body.clone(), k.to_string(), idem.to_string());
+        async move {
+            request(
+                &st,
+                "POST",
+                "/v1/fine_tuning/jobs",
+                Some(&k),
+                axum::body::Body::from(body.to_string()),
+                &[
+                    ("content-type", "application/json"),
+                    ("idempotency-key", &idem),
+                ],
+            )
+            .await
+        }
+    };
+    let first = create(&key, "a").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    assert_eq!(create(&key, "b").await.status, StatusCode::OK);
+    let third = create(&key, "c").await;
+    assert_eq!(
+        third.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        third.json
+    );
+    assert_envelope(&third.json, "rate_limit_error");
+    assert_eq!(third.headers["retry-after"], "60");
+    // A replay of a job that exists is not new work: answered with that job.
+    let replay = create(&key, "a").await;
+    assert_eq!(replay.status, StatusCode::OK);
+    assert_eq!(replay.json["id"], first.json["id"]);
+    // Another tenant's limit is its own.
+    let g = upload(st, &other, "t.jsonl", &tiny_rows(20, 2)).await;
+    let (s, v) = post_json(
+        st,
+        "/v1/fine_tuning/jobs",
+        Some(&other),
+        json!({"model": "tiny-bert", "training_file": g["id"]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // A cancelled job frees its place.
+    let id = first.json["id"].as_str().unwrap();
+    let (s, _) = post_json(
+        st,
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        Some(&key),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(create(&key, "d").await.status, StatusCode::OK);
+    assert_eq!(job_count(&db).await, 4);
 }

@@ -44,17 +44,24 @@ pub fn estimate(
     let examples_per_step = (r.train.batch_size * r.train.grad_accum) as u64;
     // About four bytes of text per token, plus the special tokens, capped at the length.
     let per_row = ((bytes / rows.max(1)) / 4 + 2).min(r.max_seq_len as u64);
-    let examples = (steps as u64 * examples_per_step).min(match r.train.max_steps {
-        Some(_) => u64::MAX,
-        None => rows * r.train.epochs as u64,
-    });
-    let tokens = examples * per_row;
+    // Saturating: every factor is bounded by the registry, but no request may wrap a figure.
+    let examples = (steps as u64)
+        .saturating_mul(examples_per_step)
+        .min(match r.train.max_steps {
+            Some(_) => u64::MAX,
+            None => rows.saturating_mul(r.train.epochs as u64),
+        });
+    let tokens = examples.saturating_mul(per_row);
     let footprint = r.method.footprint(shape);
-    let calib = footprint.calibration_batches * r.train.batch_size as u64 * per_row;
+    let calib = footprint
+        .calibration_batches
+        .saturating_mul(r.train.batch_size as u64)
+        .saturating_mul(per_row);
     let (duration_secs, basis) = match secs_per_token {
-        Some(s) => ((tokens + calib) as f64 * s, "history"),
+        Some(s) => (tokens.saturating_add(calib) as f64 * s, "history"),
         None => (
-            6.0 * shape.block_params() as f64 * (tokens + calib) as f64 / PRIOR_FLOPS_PER_SEC,
+            6.0 * shape.block_params() as f64 * tokens.saturating_add(calib) as f64
+                / PRIOR_FLOPS_PER_SEC,
             "flops",
         ),
     };
@@ -67,8 +74,14 @@ pub fn estimate(
     // keeps besides (SparseGrad's bases); activations kept for backward, per token and layer
     // about 16 hidden-sized and 2 FFN-sized vectors.
     let batch_tokens = r.train.batch_size as u64 * per_row;
-    let activations = batch_tokens * shape.layers * (16 * shape.hidden + 2 * shape.ffn);
-    let memory_bytes = 4 * (params + 3 * trainable + footprint.extra_state + activations);
+    let activations = batch_tokens
+        .saturating_mul(shape.layers)
+        .saturating_mul(16 * shape.hidden + 2 * shape.ffn);
+    let memory_bytes = params
+        .saturating_add(trainable.saturating_mul(3))
+        .saturating_add(footprint.extra_state)
+        .saturating_add(activations)
+        .saturating_mul(4);
     Estimate {
         steps,
         examples: examples as usize,

@@ -73,8 +73,16 @@ pub fn resolve(req: Option<&MethodRequest>, seed: Option<u64>) -> Result<Resolve
     })
 }
 
-/// Checks the free-form fields other APIs accept the same way.
+/// The tasks a job may name (else it is inferred from the training file).
+pub const TASKS: [&str; 3] = ["classification", "regression", "causal-lm"];
+
+/// Checks the free-form fields other APIs accept the same way, and the task's name.
 pub fn check_request(req: &CreateJob) -> Result<(), Invalid> {
+    if let Some(t) = &req.task {
+        if !TASKS.contains(&t.as_str()) {
+            return Err(Invalid::new("task", format!("one of {}", TASKS.join(", "))));
+        }
+    }
     if let Some(s) = &req.suffix {
         if s.is_empty()
             || s.len() > 64
@@ -192,6 +200,22 @@ mod tests {
             bad(json!({"hyperparameters": {"max_seq_len": 4}})),
             "method.hyperparameters.max_seq_len"
         );
+    }
+
+    #[test]
+    fn unknown_tasks_are_refused() {
+        let req = |task: &str| -> CreateJob {
+            serde_json::from_value(json!({"model": "m", "training_file": "f", "task": task}))
+                .unwrap()
+        };
+        assert_eq!(check_request(&req("bogus")).unwrap_err().param, "task");
+        assert_eq!(
+            check_request(&req(&"x".repeat(100_000))).unwrap_err().param,
+            "task"
+        );
+        for t in TASKS {
+            check_request(&req(t)).unwrap();
+        }
     }
 
     #[test]

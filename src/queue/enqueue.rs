@@ -3,7 +3,7 @@
 
 use sqlx::PgExecutor;
 
-use super::{QueuedJob, Result, JOB_COLS};
+use super::{QueueError, QueuedJob, Result, JOB_COLS};
 use crate::domain::{EventLevel, EventType, JobKind, JobStatus};
 
 /// A job to enqueue.
@@ -22,6 +22,9 @@ pub struct NewJob {
     pub model: Option<String>,
     /// The dry-run estimate of its duration, for queue ETAs.
     pub estimate_secs: Option<f64>,
+    /// Most jobs the tenant may have queued or running at once, this one included (`None`:
+    /// no limit).
+    pub active_limit: Option<i64>,
 }
 
 impl NewJob {
@@ -37,6 +40,7 @@ impl NewJob {
             parent_id: None,
             model: None,
             estimate_secs: None,
+            active_limit: None,
         }
     }
 
@@ -69,7 +73,42 @@ async fn insert_once(db: &sqlx::PgPool, job: &NewJob, dedupe: Dedupe) -> Result<
             "parent_id = $3 and kind = 'merge'",
         ),
     };
+    let repeated_sql = format!("select {JOB_COLS} from jobs where {existing}");
+    async fn repeated(
+        tx: &mut sqlx::PgConnection,
+        sql: &str,
+        job: &NewJob,
+    ) -> sqlx::Result<Option<QueuedJob>> {
+        sqlx::query_as::<_, QueuedJob>(sql)
+            .bind(&job.tenant_id)
+            .bind(&job.idempotency_key)
+            .bind(&job.parent_id)
+            .fetch_optional(tx)
+            .await
+    }
     let mut tx = db.begin().await?;
+    if let Some(limit) = job.active_limit {
+        // One tenant's creates in turn: the count and the insert cannot interleave.
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 7))")
+            .bind(&job.tenant_id)
+            .execute(&mut *tx)
+            .await?;
+        // A repeated request is answered with its job, at the limit or not.
+        if let Some(j) = repeated(&mut tx, &repeated_sql, job).await? {
+            tx.commit().await?;
+            return Ok((j, false));
+        }
+        let (active,): (i64,) = sqlx::query_as(
+            "select count(*) from jobs
+              where tenant_id = $1 and status in ('queued', 'running', 'cancelling')",
+        )
+        .bind(&job.tenant_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if active >= limit {
+            return Err(QueueError::Quota { active, limit });
+        }
+    }
     let inserted: Option<QueuedJob> = sqlx::query_as(&format!(
         "insert into jobs (id, tenant_id, status, spec, idempotency_key, priority, max_attempts,
                            kind, parent_id, model, estimate_secs)

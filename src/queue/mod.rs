@@ -105,6 +105,9 @@ impl Default for QueueConfig {
 pub enum QueueError {
     #[error("lease on job {0} lost")]
     LeaseLost(String),
+    /// The tenant already has `limit` jobs queued or running.
+    #[error("{active} jobs are queued or running; the limit is {limit}")]
+    Quota { active: i64, limit: i64 },
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }

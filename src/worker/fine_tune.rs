@@ -146,7 +146,7 @@ pub(super) async fn run(
                         abort = Some(Stop::Lost);
                     }
                     // A database hiccup: keep training; the lease has slack for it.
-                    Err(QueueError::Db(e)) => tracing::warn!("heartbeat failed: {e}"),
+                    Err(e) => tracing::warn!("heartbeat failed: {e}"),
                 }
             }
         }

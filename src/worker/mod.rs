@@ -102,6 +102,8 @@ impl From<QueueError> for Stop {
         match e {
             QueueError::LeaseLost(_) => Stop::Lost,
             QueueError::Db(e) => Stop::Infra(format!("database: {e}")),
+            // Only creating a job can meet the limit; nothing a worker writes does.
+            e @ QueueError::Quota { .. } => Stop::Infra(e.to_string()),
         }
     }
 }

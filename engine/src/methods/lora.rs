@@ -62,7 +62,8 @@ impl MethodConfig for LoraConfig {
                 .min(Bound::Incl(1.0))
                 .max(Bound::Incl(1024.0)),
             Hyper::number("alpha", "scale: the update is multiplied by alpha / r")
-                .min(Bound::Excl(0.0)),
+                .min(Bound::Excl(0.0))
+                .max(Bound::Incl(1e4)),
             Hyper::number("dropout", "dropout on the adapter's input")
                 .min(Bound::Incl(0.0))
                 .max(Bound::Excl(1.0)),

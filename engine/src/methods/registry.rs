@@ -113,8 +113,22 @@ pub fn resolve(
     hyperparameters: &Map<String, Value>,
     seed: Option<u64>,
 ) -> Result<Resolved> {
+    // The key each loop hyperparameter was given under (an error names that one).
+    let mut given: std::collections::HashMap<&str, &str> = Default::default();
+    for k in hyperparameters.keys() {
+        if let Some(h) = TRAINING.iter().find(|h| h.aliases.contains(&k.as_str())) {
+            if !hyperparameters.contains_key(h.name) {
+                given.insert(h.name, k);
+            }
+        }
+    }
     let under = |e: Error| match e {
         Error::Param { param, reason } if param != "type" => {
+            let head = param.split('.').next().unwrap_or(&param);
+            let param = match given.get(head) {
+                Some(k) => param.replacen(head, k, 1),
+                None => param,
+            };
             Error::param(&format!("hyperparameters.{param}"), reason)
         }
         other => other,
@@ -301,8 +315,24 @@ mod tests {
             bad(json!({"batch_size": 0})),
             (
                 "hyperparameters.batch_size".into(),
-                "must be at least 1".into()
+                "must be between 1 and 1024".into()
             )
+        );
+        // An alias is named as given.
+        assert_eq!(bad(json!({"n_epochs": 1000})).0, "hyperparameters.n_epochs");
+        // Every count has an upper bound too.
+        assert_eq!(
+            bad(json!({"max_steps": 1e18})).0,
+            "hyperparameters.max_steps"
+        );
+        assert_eq!(
+            bad(json!({"grad_accum": 1u64 << 40})).0,
+            "hyperparameters.grad_accum"
+        );
+        assert_eq!(bad(json!({"k": 1e12})).0, "hyperparameters.k");
+        assert_eq!(
+            bad(json!({"basis_steps": 1e12})).0,
+            "hyperparameters.basis_steps"
         );
         assert_eq!(
             bad(json!({"eval_every": 0})).0,
@@ -325,6 +355,23 @@ mod tests {
         match resolve(Some("adapter"), &Map::new(), None) {
             Err(Error::Param { param, .. }) => assert_eq!(param, "type"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_count_and_size_has_an_upper_bound() {
+        // A request can neither overflow an estimate nor queue unbounded work.
+        for m in listings() {
+            for h in &m.hyperparameters {
+                if matches!(h.kind, Kind::Integer | Kind::Number) {
+                    assert!(
+                        h.maximum.is_some() || h.exclusive_maximum.is_some(),
+                        "{} {} has no upper bound",
+                        m.id,
+                        h.name
+                    );
+                }
+            }
         }
     }
 

@@ -98,13 +98,18 @@ pub const TRAINING: &[Hyper] = &[
         "passes over the training set (at least 1 unless max_steps is set)",
     )
     .min(Bound::Incl(0.0))
+    .max(Bound::Incl(100.0))
     .aliases(&["n_epochs"]),
     Hyper::integer("max_steps", "optimizer steps to run; overrides epochs")
         .min(Bound::Incl(1.0))
+        .max(Bound::Incl(1e6))
         .nullable(),
-    Hyper::integer("batch_size", "examples per micro-batch").min(Bound::Incl(1.0)),
+    Hyper::integer("batch_size", "examples per micro-batch")
+        .min(Bound::Incl(1.0))
+        .max(Bound::Incl(1024.0)),
     Hyper::integer("grad_accum", "micro-batches per optimizer step")
         .min(Bound::Incl(1.0))
+        .max(Bound::Incl(1024.0))
         .aliases(&["gradient_accumulation_steps"]),
     Hyper::number(
         "lr",
@@ -119,7 +124,9 @@ pub const TRAINING: &[Hyper] = &[
         "learning-rate decay after warm-up",
     )
     .aliases(&["lr_scheduler"]),
-    Hyper::integer("warmup_steps", "steps of linear warm-up from 0").min(Bound::Incl(0.0)),
+    Hyper::integer("warmup_steps", "steps of linear warm-up from 0")
+        .min(Bound::Incl(0.0))
+        .max(Bound::Incl(1e6)),
     Hyper::number("weight_decay", "AdamW's decoupled weight decay")
         .min(Bound::Incl(0.0))
         .max(Bound::Excl(1.0)),
@@ -128,6 +135,7 @@ pub const TRAINING: &[Hyper] = &[
         "global gradient-norm clipping; null disables it",
     )
     .min(Bound::Excl(0.0))
+    .max(Bound::Incl(1e6))
     .nullable(),
     // `dropout` is LoRA's; the model's own dropout while training is this.
     Hyper::boolean(
@@ -140,11 +148,15 @@ pub const TRAINING: &[Hyper] = &[
         "evaluate on the validation file every N steps",
     )
     .min(Bound::Incl(1.0))
+    .max(Bound::Incl(1e6))
     .nullable(),
     Hyper::integer("checkpoint_every", "store a checkpoint every N steps")
         .min(Bound::Incl(1.0))
+        .max(Bound::Incl(1e6))
         .nullable(),
-    Hyper::integer("keep_checkpoints", "checkpoints kept on the worker").min(Bound::Incl(1.0)),
+    Hyper::integer("keep_checkpoints", "checkpoints kept on the worker")
+        .min(Bound::Incl(1.0))
+        .max(Bound::Incl(100.0)),
     Hyper::integer(
         "max_seq_len",
         "tokens per example; longer rows are truncated",

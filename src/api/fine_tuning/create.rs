@@ -139,6 +139,19 @@ pub(super) async fn create(
             "task_mismatch",
         ));
     }
+    // A forced task must suit the rows: SFT rows train a causal LM and nothing else.
+    if let Some(t) = &req.task {
+        if (t == "causal-lm") != (train.task == "causal-lm") {
+            return Err(ApiError::invalid(
+                format!(
+                    "the training file holds `{}` rows; they cannot train `{t}`",
+                    train.task
+                ),
+                Some("task"),
+                "task_mismatch",
+            ));
+        }
+    }
     let shape = shape_of(&model.config).ok_or_else(bad_model)?;
     let history = records::secs_per_token(&st.db, &req.model).await?;
     let estimate = estimate(
@@ -189,6 +202,7 @@ pub(super) async fn create(
         max_attempts: st.cfg.max_attempts,
         model: Some(req.model.clone()),
         estimate_secs: Some(estimate.duration_secs),
+        active_limit: Some(st.cfg.max_active_jobs),
         ..NewJob::fine_tune(
             &db::new_id("ftjob"),
             &tenant,

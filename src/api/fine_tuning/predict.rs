@@ -56,6 +56,7 @@ pub(super) async fn merge(
     };
     let new = NewJob {
         max_attempts: st.cfg.max_attempts,
+        active_limit: Some(st.cfg.max_active_jobs),
         ..NewJob::merge(
             &new_id("merge"),
             &tenant,

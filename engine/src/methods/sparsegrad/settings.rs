@@ -127,9 +127,13 @@ const DENSITY: Hyper = Hyper::number(
 )
 .min(Bound::Excl(0.0))
 .max(Bound::Incl(1.0));
-const K: Hyper = Hyper::integer("k", "entries updated per MLP matrix (overrides density)")
-    .min(Bound::Incl(1.0))
-    .nullable();
+const K: Hyper = Hyper::integer(
+    "k",
+    "entries updated per MLP matrix (overrides density; at most the matrix's size)",
+)
+.min(Bound::Incl(1.0))
+.max(Bound::Incl(1e9))
+.nullable();
 const SCOPE: Hyper = Hyper::choice(
     "scope",
     &["mlp", "paper"],
@@ -140,13 +144,15 @@ const BLOCK_STRIDE: Hyper = Hyper::integer(
     "block_stride",
     "train the MLP of every n-th block only (the paper used 3 for LLaMA-2)",
 )
-.min(Bound::Incl(1.0));
+.min(Bound::Incl(1.0))
+.max(Bound::Incl(1024.0));
 const DENSE_LR_SCALE: Hyper = Hyper::number(
     "dense_lr_scale",
     "learning-rate multiplier for densely trained parameters (default 1 in mlp scope, 0.1 in \
      paper scope)",
 )
 .min(Bound::Excl(0.0))
+.max(Bound::Incl(1e3))
 .nullable();
 
 /// Values trained on the sparse matrices: k per matrix, or the density's share of them.
@@ -178,12 +184,14 @@ impl MethodConfig for SparseGradConfig {
                 "refresh_every",
                 "steps between re-selections of a refreshed support",
             )
-            .min(Bound::Incl(1.0)),
+            .min(Bound::Incl(1.0))
+            .max(Bound::Incl(1e6)),
             Hyper::integer(
                 "basis_steps",
                 "micro-batches of ordinary backprop whose gradients define the bases",
             )
-            .min(Bound::Incl(1.0)),
+            .min(Bound::Incl(1.0))
+            .max(Bound::Incl(1000.0)),
             Hyper::boolean(
                 "basis_update",
                 "update the weights densely during the basis phase, as the paper's code does",
