@@ -132,6 +132,16 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        // Text Postgres cannot store (a NUL byte) came from the request, not from us.
+        if let sqlx::Error::Database(d) = &e {
+            if d.code().as_deref() == Some("22021") {
+                return ApiError::invalid(
+                    "a value in the request holds a NUL byte",
+                    None,
+                    "invalid_text",
+                );
+            }
+        }
         ApiError::internal(format!("database: {e}"))
     }
 }

@@ -12,7 +12,9 @@ use sparsegrad_engine::models::Arch;
 use sparsegrad_engine::testing::gguf::{with, V};
 use sparsegrad_engine::testing::write_tiny_model_dir;
 use sparsegrad_service::api::AppState;
+use sparsegrad_service::queue::QueueConfig;
 use sparsegrad_service::storage::{S3Settings, Storage};
+use sparsegrad_service::worker::{try_run_one, Outcome, WorkerCtx};
 use sqlx::PgPool;
 
 struct Env {
@@ -298,4 +300,226 @@ async fn a_tenant_at_its_active_job_limit_gets_429_and_replays_still_answer(db: 
     assert_eq!(s, StatusCode::OK);
     assert_eq!(create(&key, "d").await.status, StatusCode::OK);
     assert_eq!(job_count(&db).await, 4);
+}
+
+/// A worker on the same database and storage as `e`.
+fn worker(e: &Env) -> WorkerCtx {
+    WorkerCtx {
+        db: e.st.db.clone(),
+        storage: e.st.storage.clone(),
+        queue: QueueConfig::default(),
+        worker_id: "w1".into(),
+        work_dir: e.tmp.path().join("work"),
+        heartbeat: std::time::Duration::from_millis(50),
+        cache_dir: None,
+        model_cache: e.tmp.path().join("model-cache"),
+        device: candle_core::Device::Cpu,
+    }
+}
+
+/// A succeeded fine-tune of tiny-bert: its id.
+async fn succeeded_job(e: &Env, key: &str) -> String {
+    let f = upload(&e.st, key, "t.jsonl", &tiny_rows(24, 1)).await;
+    let body = json!({"model": "tiny-bert", "training_file": f["id"],
+        "method": {"type": "lora", "hyperparameters": {"max_steps": 2, "batch_size": 4, "max_seq_len": 16}}});
+    let (s, j) = post_json(&e.st, "/v1/fine_tuning/jobs", Some(key), body).await;
+    assert_eq!(s, StatusCode::OK, "{j}");
+    match try_run_one(&worker(e)).await.unwrap() {
+        Outcome::Ran { status, .. } => assert_eq!(status, "succeeded"),
+        other => panic!("{other:?}"),
+    }
+    j["id"].as_str().unwrap().to_string()
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_file_a_queued_job_reads_cannot_be_deleted(db: PgPool) {
+    let e = env(db.clone());
+    let st = &e.st;
+    let (_, key) = tenant_key(st, "acme").await;
+    let f = upload(st, &key, "t.jsonl", &tiny_rows(20, 1)).await;
+    let fid = f["id"].as_str().unwrap();
+    let (_, j) = post_json(
+        st,
+        "/v1/fine_tuning/jobs",
+        Some(&key),
+        json!({"model": "tiny-bert", "training_file": fid}),
+    )
+    .await;
+    let jid = j["id"].as_str().unwrap();
+    let r = request(
+        st,
+        "DELETE",
+        &format!("/v1/files/{fid}"),
+        Some(&key),
+        axum::body::Body::empty(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "file_in_use");
+    assert!(r.json["error"]["message"].as_str().unwrap().contains(jid));
+    // Once the job is over, the file can go.
+    post_json(
+        st,
+        &format!("/v1/fine_tuning/jobs/{jid}/cancel"),
+        Some(&key),
+        json!({}),
+    )
+    .await;
+    let r = request(
+        st,
+        "DELETE",
+        &format!("/v1/files/{fid}"),
+        Some(&key),
+        axum::body::Body::empty(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_failed_merge_can_be_asked_again_and_a_merge_id_is_not_a_job(db: PgPool) {
+    let e = env(db.clone());
+    let st = &e.st;
+    let (_, key) = tenant_key(st, "acme").await;
+    let id = succeeded_job(&e, &key).await;
+    let (s, m1) = post_json(
+        st,
+        &format!("/v1/fine_tuning/jobs/{id}/merge"),
+        Some(&key),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{m1}");
+    let mid = m1["id"].as_str().unwrap();
+    // A merge's id is not a fine-tuning job: 404, and the merge is untouched.
+    let (s, v) = post_json(
+        st,
+        &format!("/v1/fine_tuning/jobs/{mid}/cancel"),
+        Some(&key),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (_, j) = common::api::get(st, &format!("/v1/fine_tuning/jobs/{id}"), &key).await;
+    assert_eq!(j["merge"]["status"], "queued");
+    // Asking again while it is live answers the same merge.
+    let (s, again) = post_json(
+        st,
+        &format!("/v1/fine_tuning/jobs/{id}/merge"),
+        Some(&key),
+        json!({}),
+    )
+    .await;
+    assert_eq!((s, again["id"].clone()), (StatusCode::OK, m1["id"].clone()));
+    // The merge fails (its worker gave up): a new one may be asked for, and is shown.
+    sqlx::query("update jobs set status = 'failed', finished_at = now() where id = $1")
+        .bind(mid)
+        .execute(&db)
+        .await
+        .unwrap();
+    let (s, m2) = post_json(
+        st,
+        &format!("/v1/fine_tuning/jobs/{id}/merge"),
+        Some(&key),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{m2}");
+    assert_ne!(m2["id"], m1["id"]);
+    let (_, j) = common::api::get(st, &format!("/v1/fine_tuning/jobs/{id}"), &key).await;
+    assert_eq!(
+        (j["merge"]["id"].clone(), j["merge"]["status"].clone()),
+        (m2["id"].clone(), json!("queued"))
+    );
+    match try_run_one(&worker(&e)).await.unwrap() {
+        Outcome::Ran { status, .. } => assert_eq!(status, "succeeded"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn forty_concurrent_first_predictions_all_succeed(db: PgPool) {
+    let e = env(db.clone());
+    let (_, key) = tenant_key(&e.st, "acme").await;
+    let id = succeeded_job(&e, &key).await;
+    let body = json!({"inputs": [{"text": "a good film"}]});
+    let calls = (0..40).map(|_| {
+        let (st, key, body) = (e.st.clone(), key.clone(), body.clone());
+        let uri = format!("/v1/fine_tuning/jobs/{id}/predict");
+        async move { post_json(&st, &uri, Some(&key), body).await }
+    });
+    for (s, v) in futures::future::join_all(calls).await {
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    // The model was loaded once; no temporary download was left behind.
+    assert_eq!(e.st.predictor.loads(), 1);
+    let deltas = e.tmp.path().join("data/cache/deltas");
+    let names: Vec<String> = std::fs::read_dir(&deltas)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].ends_with(".safetensors"));
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn made_up_http_methods_share_one_metrics_series(db: PgPool) {
+    let e = env(db);
+    for i in 0..50 {
+        request(
+            &e.st,
+            &format!("FOO{i}"),
+            "/healthz",
+            None,
+            axum::body::Body::empty(),
+            &[],
+        )
+        .await;
+    }
+    let r = request(
+        &e.st,
+        "GET",
+        "/metrics",
+        None,
+        axum::body::Body::empty(),
+        &[],
+    )
+    .await;
+    let text = String::from_utf8(r.bytes).unwrap();
+    assert!(!text.contains("FOO"), "{text}");
+    assert!(text.contains("method=\"OTHER\""), "{text}");
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn nul_bytes_and_control_characters_are_not_500s(db: PgPool) {
+    let e = env(db);
+    let st = &e.st;
+    let (_, key) = tenant_key(st, "acme").await;
+    // A NUL in an id, a cursor and a tenant name: 400 or 404, never a 500.
+    for uri in [
+        "/v1/files/file_%00x",
+        "/v1/fine_tuning/jobs/ftjob_%00",
+        "/v1/files?after=a%00b",
+    ] {
+        let r = request(st, "GET", uri, Some(&key), axum::body::Body::empty(), &[]).await;
+        assert!(r.status.is_client_error(), "{uri}: {} {}", r.status, r.json);
+    }
+    let (s, v) = post_json(
+        st,
+        "/v1/admin/tenants",
+        Some(common::api::ADMIN),
+        json!({"name": "a\u{0}b"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // File names are stored printable and bounded.
+    let long = format!("a%0D%0Ab{}", "x".repeat(20_000));
+    let f = upload(st, &key, &long, &tiny_rows(5, 1)).await;
+    let name = f["filename"].as_str().unwrap();
+    assert!(
+        name.len() <= 255 && !name.contains('\r') && !name.contains('\n'),
+        "{name}"
+    );
 }

@@ -105,7 +105,18 @@ async fn upload(
             "invalid_purpose",
         ));
     }
-    let filename = filename.unwrap_or_else(|| "upload.jsonl".into());
+    // Stored as shown back: printable, and of a sane length.
+    let filename: String = filename
+        .unwrap_or_else(|| "upload.jsonl".into())
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(255)
+        .collect();
+    let filename = if filename.trim().is_empty() {
+        "upload.jsonl".to_string()
+    } else {
+        filename
+    };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::invalid(
             "the file is empty",
@@ -191,9 +202,16 @@ async fn delete(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Deleted>> {
-    let f = datasets::delete(&st.db, &tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    let f = match datasets::delete(&st.db, &tenant, &id).await? {
+        datasets::Deleted::Gone(f) => f,
+        datasets::Deleted::NotFound => return Err(ApiError::not_found("file", &id)),
+        datasets::Deleted::InUse(job) => {
+            return Err(ApiError::conflict(
+                format!("fine-tuning job `{job}` is queued or running on this file"),
+                "file_in_use",
+            ))
+        }
+    };
     st.storage.delete(&f.object_key).await?;
     Ok(axum::Json(Deleted {
         id: f.id,

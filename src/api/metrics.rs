@@ -70,7 +70,11 @@ impl HttpMetrics {
 /// Times every request; the route is the matched template (`/v1/files/{id}`), so ids never
 /// become label values.
 pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().to_string();
+    // Made-up methods would each become a series: they share one label.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m.to_string(),
+        _ => "OTHER".to_string(),
+    };
     let route = req
         .extensions()
         .get::<MatchedPath>()

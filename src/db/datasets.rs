@@ -53,18 +53,51 @@ pub async fn get(db: impl PgExecutor<'_>, tenant: &str, id: &str) -> sqlx::Resul
     .await
 }
 
-pub async fn delete(
-    db: impl PgExecutor<'_>,
-    tenant: &str,
-    id: &str,
-) -> sqlx::Result<Option<FileRow>> {
-    sqlx::query_as(&format!(
+/// What deleting a file did.
+#[derive(Debug)]
+pub enum Deleted {
+    Gone(FileRow),
+    NotFound,
+    /// A queued or running job reads it: the job's id.
+    InUse(String),
+}
+
+/// Deletes a tenant's file unless a queued or running job reads it.
+pub async fn delete(db: &sqlx::PgPool, tenant: &str, id: &str) -> sqlx::Result<Deleted> {
+    let mut tx = db.begin().await?;
+    // The file row first, locked: a job checked against it meanwhile waits.
+    let found: Option<(String,)> =
+        sqlx::query_as("select id from files where id = $1 and tenant_id = $2 for update")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if found.is_none() {
+        return Ok(Deleted::NotFound);
+    }
+    let user: Option<(String,)> = sqlx::query_as(
+        "select id from jobs
+          where tenant_id = $2 and kind = 'fine_tune'
+            and status in ('queued', 'running', 'cancelling')
+            and (spec->'training_file'->>'id' = $1 or spec->'validation_file'->>'id' = $1)
+          limit 1",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((job,)) = user {
+        return Ok(Deleted::InUse(job));
+    }
+    let row: FileRow = sqlx::query_as(&format!(
         "delete from files where id = $1 and tenant_id = $2 returning {FILE_COLS}"
     ))
     .bind(id)
     .bind(tenant)
-    .fetch_optional(db)
-    .await
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Deleted::Gone(row))
 }
 
 /// A tenant's files, newest first; `(rows, has_more)`.

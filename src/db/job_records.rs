@@ -70,10 +70,11 @@ pub async fn list(
     Ok(super::cut_page(rows, page.limit))
 }
 
-/// The merge queued for a fine-tune, if any.
+/// The latest merge asked for a fine-tune, if any.
 pub async fn merge_of(db: impl PgExecutor<'_>, parent: &str) -> sqlx::Result<Option<JobRow>> {
     sqlx::query_as(&format!(
-        "select {COLS} from jobs where parent_id = $1 and kind = 'merge'"
+        "select {COLS} from jobs where parent_id = $1 and kind = 'merge'
+          order by created_at desc, id desc limit 1"
     ))
     .bind(parent)
     .fetch_optional(db)
@@ -214,10 +215,12 @@ pub async fn secs_per_token(db: impl PgExecutor<'_>, model: &str) -> sqlx::Resul
     Ok(row.0)
 }
 
-/// The merges of the fine-tunes among `ids`.
+/// The latest merge of each of the fine-tunes among `ids`.
 pub async fn merges_of(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<Vec<JobRow>> {
     sqlx::query_as(&format!(
-        "select {COLS} from jobs where parent_id = any($1) and kind = 'merge'"
+        "select distinct on (parent_id) {COLS} from jobs
+          where parent_id = any($1) and kind = 'merge'
+          order by parent_id, created_at desc, id desc"
     ))
     .bind(ids)
     .fetch_all(db)

@@ -57,7 +57,7 @@ impl NewJob {
 enum Dedupe {
     /// The same tenant's Idempotency-Key.
     IdempotencyKey,
-    /// A fine-tune's one merge.
+    /// A fine-tune's one live merge (a failed or cancelled one may be asked for again).
     MergeOf,
 }
 
@@ -69,8 +69,9 @@ async fn insert_once(db: &sqlx::PgPool, job: &NewJob, dedupe: Dedupe) -> Result<
             "tenant_id = $1 and idempotency_key = $2",
         ),
         Dedupe::MergeOf => (
-            "on conflict (parent_id) where kind = 'merge' do nothing",
-            "parent_id = $3 and kind = 'merge'",
+            "on conflict (parent_id) where kind = 'merge' and status not in ('failed', 'cancelled')
+             do nothing",
+            "parent_id = $3 and kind = 'merge' and status not in ('failed', 'cancelled')",
         ),
     };
     let repeated_sql = format!("select {JOB_COLS} from jobs where {existing}");
@@ -156,8 +157,8 @@ pub async fn enqueue(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool
     insert_once(db, job, Dedupe::IdempotencyKey).await
 }
 
-/// Queues the merge of a succeeded fine-tune (one per fine-tune: a second request returns
-/// the first, with `false`).
+/// Queues the merge of a succeeded fine-tune (one live merge per fine-tune: a second request
+/// returns it, with `false`; after a failed or cancelled one, a new one is queued).
 pub async fn enqueue_merge(db: &sqlx::PgPool, job: &NewJob) -> Result<(QueuedJob, bool)> {
     let merge = NewJob {
         kind: JobKind::Merge,

@@ -39,6 +39,8 @@ pub enum StorageError {
     Store(#[from] object_store::Error),
     #[error("storage I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("object `{0}` does not have the digest it was stored with")]
+    Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;
@@ -223,26 +225,48 @@ impl Storage {
     /// Writes an object to a local file, streamed through a temporary name so a failure
     /// leaves none.
     pub async fn download(&self, key: &str, to: &Path) -> Result<()> {
+        self.download_checked(key, to, None).await
+    }
+
+    /// Downloads `key` to `to` through a temporary file of its own (concurrent downloads of
+    /// one object never share one) renamed into place once complete — and, with `sha256`,
+    /// only if the bytes have that digest.
+    pub async fn download_checked(&self, key: &str, to: &Path, sha256: Option<&str>) -> Result<()> {
         use futures::StreamExt;
+        use sha2::{Digest, Sha256};
         use tokio::io::AsyncWriteExt;
         let (_, mut chunks) = self.get_stream(key).await?;
         if let Some(d) = to.parent() {
             tokio::fs::create_dir_all(d).await?;
         }
-        let tmp = to.with_extension("part");
+        let name = to
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let tmp = to.with_file_name(format!(".{name}.{}.part", crate::db::new_id("dl")));
         let mut f = tokio::fs::File::create(&tmp).await?;
-        while let Some(c) = chunks.next().await {
-            match c {
-                Ok(c) => f.write_all(&c).await?,
-                Err(e) => {
-                    drop(f);
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(e);
-                }
+        let mut h = Sha256::new();
+        let written: Result<()> = async {
+            while let Some(c) = chunks.next().await {
+                let c = c?;
+                h.update(&c);
+                f.write_all(&c).await?;
             }
+            f.flush().await?;
+            Ok(())
         }
-        f.flush().await?;
+        .await;
         drop(f);
+        let checked = written.and_then(|()| match sha256 {
+            Some(want) if hex::encode(h.finalize()) != want => {
+                Err(StorageError::Corrupt(key.to_string()))
+            }
+            _ => Ok(()),
+        });
+        if let Err(e) = checked {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
         tokio::fs::rename(&tmp, to).await?;
         Ok(())
     }

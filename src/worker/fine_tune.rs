@@ -15,6 +15,18 @@ use crate::domain::{ArtifactKind, EventLevel, EventType, FineTune, FineTuneResul
 use crate::queue::{self, Completion, Lease, QueueError};
 use crate::storage::local_copy::materialize;
 
+/// Downloads an input file; one that is gone was deleted by its owner (no retry brings it
+/// back).
+async fn input(ctx: &WorkerCtx, key: &str, to: &Path, param: &str) -> Result<(), Stop> {
+    match ctx.storage.download(key, to).await {
+        Err(crate::storage::StorageError::NotFound(_)) => Err(Stop::User(
+            format!("the {} was deleted", param.replace('_', " ")),
+            Some(param.into()),
+        )),
+        r => Ok(r?),
+    }
+}
+
 pub(super) async fn run(
     ctx: &WorkerCtx,
     lease: &Lease,
@@ -27,13 +39,17 @@ pub(super) async fn run(
     tokio::fs::create_dir_all(dir).await?;
     let model_dir = materialize(&ctx.storage, &spec.base, &ctx.model_cache).await?;
     let train_path = dir.join("train.data");
-    ctx.storage
-        .download(&spec.training_file.object_key, &train_path)
-        .await?;
+    input(
+        ctx,
+        &spec.training_file.object_key,
+        &train_path,
+        "training_file",
+    )
+    .await?;
     let valid_path = match &spec.validation_file {
         Some(f) => {
             let p = dir.join("valid.data");
-            ctx.storage.download(&f.object_key, &p).await?;
+            input(ctx, &f.object_key, &p, "validation_file").await?;
             Some(p)
         }
         None => None,

@@ -119,7 +119,9 @@ pub(super) async fn predict(
         .join("deltas")
         .join(format!("{}.safetensors", delta.sha256));
     if !local.exists() {
-        st.storage.download(&delta.object_key, &local).await?;
+        st.storage
+            .download_checked(&delta.object_key, &local, Some(&delta.sha256))
+            .await?;
     }
     let preds = st
         .predictor

@@ -152,6 +152,8 @@ pub(super) async fn cancel(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<JobObject>> {
+    // Fine-tuning jobs only: a merge's id is not a fine-tuning job here (404, untouched).
+    job_for(&st, &tenant, &id).await?;
     match queue::cancel(&st.db, &tenant, &id).await? {
         Cancelled::NotFound => return Err(ApiError::not_found("fine-tuning job", &id)),
         Cancelled::Now | Cancelled::Requested | Cancelled::AlreadyFinal => {}
