@@ -87,8 +87,58 @@ pub async fn worker_loop(ctx: WorkerCtx, stop: watch::Receiver<bool>) {
     }
 }
 
+/// Removes scratch a crashed process left: import folders and partial downloads older than
+/// an hour (anything that old was abandoned; other processes sharing the data dir keep
+/// theirs younger). Training attempts clean up after themselves and are left alone here.
+pub fn sweep_stale_scratch(data_dir: &std::path::Path, older_than: Duration) -> usize {
+    let stale = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > older_than)
+    };
+    let mut removed = 0;
+    for (dir, matches) in [
+        (
+            data_dir.join("work"),
+            (|n: &str| n.starts_with("import_")) as fn(&str) -> bool,
+        ),
+        (data_dir.join("cache/models"), |n: &str| {
+            n.starts_with(".tmp-")
+        }),
+        (data_dir.join("cache/deltas"), |n: &str| {
+            n.ends_with(".part")
+        }),
+    ] {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let p = e.path();
+            if matches(&name) && stale(&p) {
+                let gone = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                removed += usize::from(gone.is_ok());
+            }
+        }
+    }
+    removed
+}
+
 pub async fn run(cfg: Config, api: bool) -> Result<()> {
     let (db, storage) = connect(&cfg).await?;
+    let swept = sweep_stale_scratch(&cfg.data_dir, Duration::from_secs(3600));
+    if swept > 0 {
+        tracing::info!(
+            "removed {swept} stale scratch entries under {}",
+            cfg.data_dir.display()
+        );
+    }
     let cfg = Arc::new(cfg);
     let stop = shutdown_signal();
     // One device for every in-process worker (they share its stream); a bad explicit choice
@@ -131,4 +181,32 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
         let _ = w.await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn only_stale_scratch_is_swept() {
+        let d = tempfile::tempdir().unwrap();
+        let work = d.path().join("work");
+        for p in ["import_old", "import_new", "ftjob_x/attempt-1"] {
+            std::fs::create_dir_all(work.join(p)).unwrap();
+        }
+        let deltas = d.path().join("cache/deltas");
+        std::fs::create_dir_all(&deltas).unwrap();
+        std::fs::write(deltas.join(".a.safetensors.dl_1.part"), b"x").unwrap();
+        std::fs::write(deltas.join("a.safetensors"), b"x").unwrap();
+        // Everything is "older" than zero seconds once a moment has passed.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            super::sweep_stale_scratch(d.path(), Duration::from_secs(3600)),
+            0
+        );
+        assert_eq!(super::sweep_stale_scratch(d.path(), Duration::ZERO), 3);
+        assert!(work.join("ftjob_x/attempt-1").exists());
+        assert!(deltas.join("a.safetensors").exists());
+        assert!(!work.join("import_old").exists());
+    }
 }

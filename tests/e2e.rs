@@ -353,7 +353,16 @@ async fn gguf_import_through_the_api(db: PgPool) {
     assert_eq!(m["architecture"], "llama");
     assert_eq!(m["owned_by"], tenant.as_str());
     // The stored folder is what `sparsegrad import-gguf` (the fixture) produced.
-    let prefix = format!("tenants/{tenant}/models/smollm2");
+    // (under the model's area, in a folder of that import's own)
+    let listed = storage
+        .list(&format!("tenants/{tenant}/models/smollm2"))
+        .await
+        .unwrap();
+    let config_key = listed
+        .iter()
+        .find(|k| k.ends_with("/config.json"))
+        .expect("an imported config.json");
+    let prefix = config_key.trim_end_matches("/config.json").to_string();
     let mut stored: Value =
         serde_json::from_slice(&storage.get(&format!("{prefix}/config.json")).await.unwrap())
             .unwrap();

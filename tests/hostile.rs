@@ -523,3 +523,48 @@ async fn nul_bytes_and_control_characters_are_not_500s(db: PgPool) {
         "{name}"
     );
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn concurrent_imports_of_one_id_leave_exactly_one_complete_model(db: PgPool) {
+    let e = env(db.clone());
+    let (tenant, key) = tenant_key(&e.st, "acme").await;
+    let (kvs, tensors) = sparsegrad_engine::testing::gguf::base();
+    let file = sparsegrad_engine::testing::gguf::build(&kvs, &tensors);
+    e.st.storage
+        .put("imports/m.gguf", file.into())
+        .await
+        .unwrap();
+    let calls = (0..6).map(|_| {
+        let (st, key) = (e.st.clone(), key.clone());
+        async move { register(&st, &key, json!({"type": "gguf", "key": "imports/m.gguf"})).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let ok: Vec<_> = results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::OK)
+        .collect();
+    assert_eq!(ok.len(), 1, "{results:?}");
+    assert!(results
+        .iter()
+        .all(|(s, _)| *s == StatusCode::OK || *s == StatusCode::CONFLICT));
+    assert_eq!(model_rows(&db).await, 1);
+    // The winner's files are all there, and nothing of the losers'.
+    let keys =
+        e.st.storage
+            .list(&format!("tenants/{tenant}/models/m1"))
+            .await
+            .unwrap();
+    let configs = keys.iter().filter(|k| k.ends_with("/config.json")).count();
+    assert_eq!(configs, 1, "{keys:?}");
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        assert!(
+            keys.iter().any(|k| k.ends_with(&format!("/{f}"))),
+            "{f} in {keys:?}"
+        );
+    }
+}

@@ -26,6 +26,9 @@ pub fn router() -> Router<AppState> {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
+/// Largest non-file multipart field (`purpose`).
+const MAX_FIELD_BYTES: usize = 1024;
+
 #[derive(Deserialize, Default)]
 struct UploadQuery {
     purpose: Option<String>,
@@ -73,9 +76,21 @@ async fn upload(
         {
             match field.name() {
                 Some("purpose") => {
-                    purpose = Some(field.text().await.map_err(|e| {
+                    // A small field: read with a cap, not whole.
+                    let mut v = Vec::new();
+                    while let Some(chunk) = field.chunk().await.map_err(|e| {
                         ApiError::invalid(e.body_text(), Some("purpose"), "bad_multipart")
-                    })?)
+                    })? {
+                        if v.len() + chunk.len() > MAX_FIELD_BYTES {
+                            return Err(ApiError::invalid(
+                                format!("at most {MAX_FIELD_BYTES} bytes"),
+                                Some("purpose"),
+                                "field_too_large",
+                            ));
+                        }
+                        v.extend_from_slice(&chunk);
+                    }
+                    purpose = Some(String::from_utf8_lossy(&v).into_owned());
                 }
                 Some("file") => {
                     filename = filename.or(field.file_name().map(str::to_string));

@@ -233,7 +233,13 @@ async fn create(
         }
         Source::Gguf { key, dtype } => {
             let k = check_key(&tenant, key, "source.key")?;
-            let prefix = format!("tenants/{tenant}/models/{}", req.id);
+            // A prefix of this import's own: a concurrent import of the same id writes
+            // elsewhere, and the loser deletes only what it wrote.
+            let prefix = format!(
+                "tenants/{tenant}/models/{}/{}",
+                req.id,
+                crate::db::new_id("import")
+            );
             let (arch, cfg) = import_gguf(&st, &k, dtype.as_deref(), &prefix).await?;
             (
                 prefix,
