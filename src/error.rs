@@ -17,99 +17,105 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error with a code and nothing else set; the constructors below add the rest.
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        message: impl Into<String>,
+        code: Option<&'static str>,
+    ) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code,
+            retry_after: None,
+        }
+    }
+    fn about(self, param: &str) -> Self {
+        ApiError {
+            param: Some(param.to_string()),
+            ..self
+        }
+    }
     pub fn invalid(message: impl Into<String>, param: Option<&str>, code: &'static str) -> Self {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
-            message: message.into(),
             param: param.map(str::to_string),
-            code: Some(code),
-            retry_after: None,
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                message,
+                Some(code),
+            )
         }
     }
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            kind: "authentication_error",
-            message: message.into(),
-            param: None,
-            code: Some("invalid_api_key"),
-            retry_after: None,
-        }
+        let code = Some("invalid_api_key");
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            message,
+            code,
+        )
     }
     pub fn not_found(what: &str, id: &str) -> Self {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            kind: "not_found_error",
-            message: format!("no {what} `{id}`"),
-            param: None,
-            code: Some("not_found"),
-            retry_after: None,
-        }
+        let message = format!("no {what} `{id}`");
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            message,
+            Some("not_found"),
+        )
     }
     pub fn conflict(message: impl Into<String>, code: &'static str) -> Self {
-        ApiError {
-            status: StatusCode::CONFLICT,
-            kind: "conflict_error",
-            message: message.into(),
-            param: None,
-            code: Some(code),
-            retry_after: None,
-        }
+        Self::new(StatusCode::CONFLICT, "conflict_error", message, Some(code))
     }
     pub fn too_large(limit: u64) -> Self {
-        ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            kind: "invalid_request_error",
-            message: format!("the upload exceeds the limit of {limit} bytes"),
-            param: Some("file".into()),
-            code: Some("file_too_large"),
-            retry_after: None,
-        }
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the upload exceeds the limit of {limit} bytes"),
+            Some("file_too_large"),
+        )
+        .about("file")
     }
     /// A `Range` outside an object of `size` bytes.
     pub fn range_not_satisfiable(size: u64) -> Self {
-        ApiError {
-            status: StatusCode::RANGE_NOT_SATISFIABLE,
-            kind: "invalid_request_error",
-            message: format!("the range is outside the artifact's {size} bytes"),
-            param: Some("Range".into()),
-            code: Some("range_not_satisfiable"),
-            retry_after: None,
-        }
+        Self::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "invalid_request_error",
+            format!("the range is outside the artifact's {size} bytes"),
+            Some("range_not_satisfiable"),
+        )
+        .about("Range")
     }
     /// A limit of the tenant's was reached: try again later.
     pub fn too_many(message: impl Into<String>, code: &'static str, retry_after: u64) -> Self {
         ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            kind: "rate_limit_error",
-            message: message.into(),
-            param: None,
-            code: Some(code),
             retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                message,
+                Some(code),
+            )
         }
     }
     /// A server-side failure: logged with its cause, answered opaquely.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {cause}");
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            kind: "server_error",
-            message: "internal server error".into(),
-            param: None,
-            code: None,
-            retry_after: None,
-        }
+        let status = StatusCode::INTERNAL_SERVER_ERROR;
+        Self::new(status, "server_error", "internal server error", None)
     }
     pub fn unavailable(what: &str) -> Self {
-        ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "server_error",
-            message: format!("{what} unavailable"),
-            param: None,
-            code: Some("unavailable"),
-            retry_after: None,
-        }
+        let message = format!("{what} unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            message,
+            Some("unavailable"),
+        )
     }
 }
 

@@ -5,7 +5,9 @@
 mod common;
 
 use axum::http::StatusCode;
-use common::api::{assert_envelope, post_json, request, state_with, tenant_key, upload};
+use common::api::{
+    assert_envelope, delete, get, post_json, request, state_with, tenant_key, upload,
+};
 use common::tiny_rows;
 use serde_json::{json, Value};
 use sparsegrad_engine::models::Arch;
@@ -59,6 +61,12 @@ async fn model_rows(db: &PgPool) -> i64 {
         .await
         .unwrap()
         .0
+}
+
+/// POSTs `body` to `/v1/fine_tuning/jobs{tail}` as the tenant of `key`.
+async fn jobs_post(st: &AppState, key: &str, tail: &str, body: Value) -> (StatusCode, Value) {
+    let uri = format!("/v1/fine_tuning/jobs{tail}");
+    post_json(st, &uri, Some(key), body).await
 }
 
 async fn register(st: &AppState, key: &str, source: Value) -> (StatusCode, Value) {
@@ -130,7 +138,7 @@ async fn malformed_gguf_files_are_400s_naming_the_problem(db: PgPool) {
 }
 
 #[sqlx::test(migrations = "./migrations")]
-async fn a_template_bomb_in_a_stored_model_is_refused_at_registration(db: PgPool) {
+async fn a_template_bomb_or_an_oversize_config_in_a_stored_model_is_refused(db: PgPool) {
     let e = env(db.clone());
     let st = &e.st;
     let (_, key) = tenant_key(st, "acme").await;
@@ -159,12 +167,40 @@ async fn a_template_bomb_in_a_stored_model_is_refused_at_registration(db: PgPool
         v["error"]["message"].as_str().unwrap().contains("fuel"),
         "{v}"
     );
-    // The same folder with a sane template registers.
+    // The same folder with a sane template but a config.json past 1 MiB: refused unread.
     st.storage
         .put(
             "models/bomb/tokenizer_config.json",
             json!({"eos_token": "<eos>"}).to_string().into(),
         )
+        .await
+        .unwrap();
+    let config = std::fs::read(dir.join("config.json")).unwrap();
+    let mut padded = config.clone();
+    padded.extend(std::iter::repeat_n(b' ', 2 << 20));
+    st.storage
+        .put("models/bomb/config.json", padded.into())
+        .await
+        .unwrap();
+    let (s, v) = register(
+        st,
+        &key,
+        json!({"type": "storage", "prefix": "models/bomb"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "source.prefix", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than"),
+        "{v}"
+    );
+    assert_eq!(model_rows(&db).await, 0);
+    // With its real config it registers.
+    st.storage
+        .put("models/bomb/config.json", config.into())
         .await
         .unwrap();
     let (s, v) = register(
@@ -220,7 +256,7 @@ async fn unbounded_work_is_refused_naming_the_field(db: PgPool) {
     ] {
         let body = json!({"model": "tiny-bert", "training_file": tid,
                           "method": {"type": "sparsegrad", "hyperparameters": hp}});
-        let (s, v) = post_json(st, "/v1/fine_tuning/jobs", Some(&key), body).await;
+        let (s, v) = jobs_post(st, &key, "", body).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{hp}: {v}");
         assert_eq!(v["error"]["param"], param, "{hp}: {v}");
     }
@@ -230,7 +266,7 @@ async fn unbounded_work_is_refused_naming_the_field(db: PgPool) {
         json!("causal-lm"),
     ] {
         let body = json!({"model": "tiny-bert", "training_file": tid, "task": task});
-        let (s, v) = post_json(st, "/v1/fine_tuning/jobs", Some(&key), body).await;
+        let (s, v) = jobs_post(st, &key, "", body).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         assert_eq!(v["error"]["param"], "task", "{v}");
     }
@@ -280,23 +316,17 @@ async fn a_tenant_at_its_active_job_limit_gets_429_and_replays_still_answer(db: 
     assert_eq!(replay.json["id"], first.json["id"]);
     // Another tenant's limit is its own.
     let g = upload(st, &other, "t.jsonl", &tiny_rows(20, 2)).await;
-    let (s, v) = post_json(
+    let (s, v) = jobs_post(
         st,
-        "/v1/fine_tuning/jobs",
-        Some(&other),
+        &other,
+        "",
         json!({"model": "tiny-bert", "training_file": g["id"]}),
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     // A cancelled job frees its place.
     let id = first.json["id"].as_str().unwrap();
-    let (s, _) = post_json(
-        st,
-        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
-        Some(&key),
-        json!({}),
-    )
-    .await;
+    let (s, _) = jobs_post(st, &key, &format!("/{id}/cancel"), json!({})).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(create(&key, "d").await.status, StatusCode::OK);
     assert_eq!(job_count(&db).await, 4);
@@ -322,7 +352,7 @@ async fn succeeded_job(e: &Env, key: &str) -> String {
     let f = upload(&e.st, key, "t.jsonl", &tiny_rows(24, 1)).await;
     let body = json!({"model": "tiny-bert", "training_file": f["id"],
         "method": {"type": "lora", "hyperparameters": {"max_steps": 2, "batch_size": 4, "max_seq_len": 16}}});
-    let (s, j) = post_json(&e.st, "/v1/fine_tuning/jobs", Some(key), body).await;
+    let (s, j) = jobs_post(&e.st, key, "", body).await;
     assert_eq!(s, StatusCode::OK, "{j}");
     match try_run_one(&worker(e)).await.unwrap() {
         Outcome::Ran { status, .. } => assert_eq!(status, "succeeded"),
@@ -338,43 +368,21 @@ async fn a_file_a_queued_job_reads_cannot_be_deleted(db: PgPool) {
     let (_, key) = tenant_key(st, "acme").await;
     let f = upload(st, &key, "t.jsonl", &tiny_rows(20, 1)).await;
     let fid = f["id"].as_str().unwrap();
-    let (_, j) = post_json(
+    let (_, j) = jobs_post(
         st,
-        "/v1/fine_tuning/jobs",
-        Some(&key),
+        &key,
+        "",
         json!({"model": "tiny-bert", "training_file": fid}),
     )
     .await;
     let jid = j["id"].as_str().unwrap();
-    let r = request(
-        st,
-        "DELETE",
-        &format!("/v1/files/{fid}"),
-        Some(&key),
-        axum::body::Body::empty(),
-        &[],
-    )
-    .await;
+    let r = delete(st, &format!("/v1/files/{fid}"), &key).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.json);
     assert_eq!(r.json["error"]["code"], "file_in_use");
     assert!(r.json["error"]["message"].as_str().unwrap().contains(jid));
     // Once the job is over, the file can go.
-    post_json(
-        st,
-        &format!("/v1/fine_tuning/jobs/{jid}/cancel"),
-        Some(&key),
-        json!({}),
-    )
-    .await;
-    let r = request(
-        st,
-        "DELETE",
-        &format!("/v1/files/{fid}"),
-        Some(&key),
-        axum::body::Body::empty(),
-        &[],
-    )
-    .await;
+    jobs_post(st, &key, &format!("/{jid}/cancel"), json!({})).await;
+    let r = delete(st, &format!("/v1/files/{fid}"), &key).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.json);
 }
 
@@ -384,34 +392,16 @@ async fn a_failed_merge_can_be_asked_again_and_a_merge_id_is_not_a_job(db: PgPoo
     let st = &e.st;
     let (_, key) = tenant_key(st, "acme").await;
     let id = succeeded_job(&e, &key).await;
-    let (s, m1) = post_json(
-        st,
-        &format!("/v1/fine_tuning/jobs/{id}/merge"),
-        Some(&key),
-        json!({}),
-    )
-    .await;
+    let (s, m1) = jobs_post(st, &key, &format!("/{id}/merge"), json!({})).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{m1}");
     let mid = m1["id"].as_str().unwrap();
     // A merge's id is not a fine-tuning job: 404, and the merge is untouched.
-    let (s, v) = post_json(
-        st,
-        &format!("/v1/fine_tuning/jobs/{mid}/cancel"),
-        Some(&key),
-        json!({}),
-    )
-    .await;
+    let (s, v) = jobs_post(st, &key, &format!("/{mid}/cancel"), json!({})).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    let (_, j) = common::api::get(st, &format!("/v1/fine_tuning/jobs/{id}"), &key).await;
+    let (_, j) = get(st, &format!("/v1/fine_tuning/jobs/{id}"), &key).await;
     assert_eq!(j["merge"]["status"], "queued");
     // Asking again while it is live answers the same merge.
-    let (s, again) = post_json(
-        st,
-        &format!("/v1/fine_tuning/jobs/{id}/merge"),
-        Some(&key),
-        json!({}),
-    )
-    .await;
+    let (s, again) = jobs_post(st, &key, &format!("/{id}/merge"), json!({})).await;
     assert_eq!((s, again["id"].clone()), (StatusCode::OK, m1["id"].clone()));
     // The merge fails (its worker gave up): a new one may be asked for, and is shown.
     sqlx::query("update jobs set status = 'failed', finished_at = now() where id = $1")
@@ -419,16 +409,10 @@ async fn a_failed_merge_can_be_asked_again_and_a_merge_id_is_not_a_job(db: PgPoo
         .execute(&db)
         .await
         .unwrap();
-    let (s, m2) = post_json(
-        st,
-        &format!("/v1/fine_tuning/jobs/{id}/merge"),
-        Some(&key),
-        json!({}),
-    )
-    .await;
+    let (s, m2) = jobs_post(st, &key, &format!("/{id}/merge"), json!({})).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{m2}");
     assert_ne!(m2["id"], m1["id"]);
-    let (_, j) = common::api::get(st, &format!("/v1/fine_tuning/jobs/{id}"), &key).await;
+    let (_, j) = get(st, &format!("/v1/fine_tuning/jobs/{id}"), &key).await;
     assert_eq!(
         (j["merge"]["id"].clone(), j["merge"]["status"].clone()),
         (m2["id"].clone(), json!("queued"))
@@ -503,8 +487,8 @@ async fn nul_bytes_and_control_characters_are_not_500s(db: PgPool) {
         "/v1/fine_tuning/jobs/ftjob_%00",
         "/v1/files?after=a%00b",
     ] {
-        let r = request(st, "GET", uri, Some(&key), axum::body::Body::empty(), &[]).await;
-        assert!(r.status.is_client_error(), "{uri}: {} {}", r.status, r.json);
+        let (s, v) = get(st, uri, &key).await;
+        assert!(s.is_client_error(), "{uri}: {s} {v}");
     }
     let (s, v) = post_json(
         st,

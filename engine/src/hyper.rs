@@ -99,6 +99,31 @@ impl Hyper {
         Hyper { field, ..self }
     }
 
+    /// This hyperparameter as listed, its default read from `defaults` (settings as JSON).
+    pub fn listing(&self, scope: &'static str, defaults: &Value) -> HyperListing {
+        let split = |b: Option<Bound>| match b {
+            Some(Bound::Incl(m)) => (Some(m), None),
+            Some(Bound::Excl(m)) => (None, Some(m)),
+            None => (None, None),
+        };
+        let ((minimum, exclusive_minimum), (maximum, exclusive_maximum)) =
+            (split(self.min), split(self.max));
+        HyperListing {
+            name: self.name,
+            kind: self.kind,
+            scope,
+            default: defaults.get(self.field).cloned().unwrap_or(Value::Null),
+            nullable: self.nullable,
+            minimum,
+            exclusive_minimum,
+            maximum,
+            exclusive_maximum,
+            choices: self.choices,
+            aliases: self.aliases,
+            description: self.doc,
+        }
+    }
+
     /// "must be …" for a value outside the bounds, `None` when it is inside.
     fn violation(&self, x: f64) -> Option<String> {
         if !x.is_finite() {
@@ -151,39 +176,6 @@ pub fn check_bounds(settings: &Value, hypers: &[Hyper]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-impl Hyper {
-    /// This hyperparameter as listed, its default read from `defaults` (settings as JSON).
-    pub fn listing(&self, scope: &'static str, defaults: &Value) -> HyperListing {
-        let h = self;
-        let (mut minimum, mut exclusive_minimum, mut maximum, mut exclusive_maximum) =
-            (None, None, None, None);
-        match h.min {
-            Some(Bound::Incl(m)) => minimum = Some(m),
-            Some(Bound::Excl(m)) => exclusive_minimum = Some(m),
-            None => {}
-        }
-        match h.max {
-            Some(Bound::Incl(m)) => maximum = Some(m),
-            Some(Bound::Excl(m)) => exclusive_maximum = Some(m),
-            None => {}
-        }
-        HyperListing {
-            name: h.name,
-            kind: h.kind,
-            scope,
-            default: defaults.get(h.field).cloned().unwrap_or(Value::Null),
-            nullable: h.nullable,
-            minimum,
-            exclusive_minimum,
-            maximum,
-            exclusive_maximum,
-            choices: h.choices,
-            aliases: h.aliases,
-            description: h.doc,
-        }
-    }
 }
 
 /// One hyperparameter as `GET /v1/methods` lists it.

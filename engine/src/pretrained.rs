@@ -34,11 +34,7 @@ pub struct LoadOptions {
 
 pub fn read_config(dir: &Path) -> Result<(Arch, serde_json::Value)> {
     let raw = read_json(&dir.join("config.json"))?;
-    let mt = raw
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| Error::Model("config.json has no model_type".into()))?;
-    Ok((Arch::from_model_type(mt)?, raw))
+    Ok((Arch::of_config(&raw)?, raw))
 }
 
 /// The safetensors files of a checkpoint, sorted.

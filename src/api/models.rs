@@ -6,7 +6,6 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sparsegrad_engine::models::Arch;
 
 use super::fine_tuning::find_model;
 use super::objects::{List, ModelObject};
@@ -16,6 +15,7 @@ use crate::domain::estimate::shape_of;
 use crate::domain::request::check_model_name;
 use crate::domain::{catalog, BaseModel, ModelSource};
 use crate::error::{ApiError, ApiResult};
+use crate::storage::StorageError;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -143,19 +143,15 @@ fn bad_model(message: impl Into<String>, param: &str) -> ApiError {
     ApiError::invalid(message, Some(param), "invalid_model")
 }
 
-/// Reads and checks `config.json` of a model under a prefix.
 /// A model's small JSON/text object, refused past 1 MiB (config files are a few KiB).
 async fn small_object(st: &AppState, key: &str, param: &str) -> ApiResult<bytes::Bytes> {
-    const MAX: u64 = 1 << 20;
-    if st.storage.size(key).await?.unwrap_or(0) > MAX {
-        return Err(bad_model(
-            format!("`{key}` is larger than {MAX} bytes"),
-            param,
-        ));
+    match st.storage.get_small(key, 1 << 20).await {
+        Err(e @ StorageError::TooLarge { .. }) => Err(bad_model(e.to_string(), param)),
+        r => Ok(r?),
     }
-    Ok(st.storage.get(key).await?)
 }
 
+/// Reads and checks `config.json` of a model under a prefix.
 async fn stored_config(st: &AppState, prefix: &str, param: &str) -> ApiResult<(String, Value)> {
     let listed = st.storage.list(prefix).await?;
     let has = |name: &str| listed.iter().any(|k| k == &format!("{prefix}/{name}"));
@@ -194,14 +190,10 @@ async fn stored_config(st: &AppState, prefix: &str, param: &str) -> ApiResult<(S
             .map_err(ApiError::internal)?
             .map_err(|e| bad_model(e.to_string(), param))?;
     }
-    let arch = cfg
-        .get("model_type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad_model("config.json has no `model_type`", param))
-        .and_then(|mt| Arch::from_model_type(mt).map_err(|e| bad_model(e.to_string(), param)))?;
-    if shape_of(&cfg).is_none() {
-        return Err(bad_model("config.json lacks the model's sizes", param));
-    }
+    // The engine's own parser: the architecture and every size it will need, or why not.
+    let arch = sparsegrad_engine::models::from_config(&cfg)
+        .map_err(|e| bad_model(e.to_string(), param))?
+        .arch();
     Ok((arch.as_str().to_string(), cfg))
 }
 

@@ -106,18 +106,5 @@ pub async fn list(
     tenant: &str,
     page: &Page,
 ) -> sqlx::Result<(Vec<FileRow>, bool)> {
-    let rows: Vec<FileRow> = sqlx::query_as(&format!(
-        "select {FILE_COLS} from files f
-          where tenant_id = $1
-            and ($2::text is null or (created_at, id) <
-                 (select created_at, id from files where id = $2 and tenant_id = $1))
-          order by created_at desc, id desc
-          limit $3"
-    ))
-    .bind(tenant)
-    .bind(&page.after)
-    .bind(page.limit + 1)
-    .fetch_all(db)
-    .await?;
-    Ok(super::cut_page(rows, page.limit))
+    super::newest_first(db, ("files", FILE_COLS, "true"), tenant, page).await
 }

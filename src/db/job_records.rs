@@ -54,20 +54,7 @@ pub async fn list(
     tenant: &str,
     page: &Page,
 ) -> sqlx::Result<(Vec<JobRow>, bool)> {
-    let rows: Vec<JobRow> = sqlx::query_as(&format!(
-        "select {COLS} from jobs
-          where tenant_id = $1 and kind = 'fine_tune'
-            and ($2::text is null or (created_at, id) <
-                 (select created_at, id from jobs where id = $2 and tenant_id = $1))
-          order by created_at desc, id desc
-          limit $3"
-    ))
-    .bind(tenant)
-    .bind(&page.after)
-    .bind(page.limit + 1)
-    .fetch_all(db)
-    .await?;
-    Ok(super::cut_page(rows, page.limit))
+    super::newest_first(db, ("jobs", COLS, "kind = 'fine_tune'"), tenant, page).await
 }
 
 /// The latest merge asked for a fine-tune, if any.

@@ -27,6 +27,34 @@ pub struct Page {
     pub limit: i64,
 }
 
+/// A page of a tenant's rows of `table` (those `filter` keeps), newest first, after the row
+/// `page.after`: keyset pagination on `(created_at, id)`, so a page costs the same however
+/// deep it is. `table`, `cols` and `filter` are this crate's constants, never input.
+async fn newest_first<T>(
+    db: impl sqlx::PgExecutor<'_>,
+    (table, cols, filter): (&str, &str, &str),
+    tenant: &str,
+    page: &Page,
+) -> sqlx::Result<(Vec<T>, bool)>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let rows: Vec<T> = sqlx::query_as(&format!(
+        "select {cols} from {table}
+          where tenant_id = $1 and {filter}
+            and ($2::text is null or (created_at, id) <
+                 (select created_at, id from {table} where id = $2 and tenant_id = $1))
+          order by created_at desc, id desc
+          limit $3"
+    ))
+    .bind(tenant)
+    .bind(&page.after)
+    .bind(page.limit + 1)
+    .fetch_all(db)
+    .await?;
+    Ok(cut_page(rows, page.limit))
+}
+
 /// Rows fetched with `limit + 1` cut to `limit`, and whether there were more.
 pub fn cut_page<T>(mut rows: Vec<T>, limit: i64) -> (Vec<T>, bool) {
     let more = rows.len() as i64 > limit;

@@ -6,6 +6,9 @@
 #[derive(Clone, Debug, PartialEq)]
 pub struct UserFacing {
     pub message: String,
+    /// The message without the field's name in front: what an API error shows beside its
+    /// `param` (the same as `message` when the engine named no field).
+    pub reason: String,
     /// The request field it is about, when the engine knows (`density`, `inputs`, …).
     pub param: Option<String>,
     /// Whether it is the submitter's to fix (bad data, impossible settings, an unusable model).
@@ -28,12 +31,14 @@ impl UserFacing {
 impl From<&sparsegrad_engine::Error> for UserFacing {
     fn from(e: &sparsegrad_engine::Error) -> Self {
         use sparsegrad_engine::Error;
+        let (param, reason) = match e {
+            Error::Param { param, reason } => (Some(param.clone()), reason.clone()),
+            _ => (None, e.to_string()),
+        };
         UserFacing {
             message: e.to_string(),
-            param: match e {
-                Error::Param { param, .. } => Some(param.clone()),
-                _ => None,
-            },
+            reason,
+            param,
             user_error: e.is_user_error(),
             data_error: matches!(e, Error::Data { .. }),
         }
@@ -55,6 +60,8 @@ mod tests {
     fn engine_errors_map_to_param_and_retryability() {
         let p = UserFacing::from(Error::param("density", "must be in (0, 1]"));
         assert_eq!(p.param.as_deref(), Some("density"));
+        assert_eq!(p.reason, "must be in (0, 1]");
+        assert!(p.message.contains("density"));
         assert!(p.user_error && !p.retryable());
         let d = UserFacing::from(Error::data(6, Some("label"), "missing"));
         assert!(d.data_error && d.user_error);

@@ -65,11 +65,10 @@ pub fn resolve(req: Option<&MethodRequest>, seed: Option<u64>) -> Result<Resolve
     let req = req.unwrap_or(&default);
     methods::resolve(req.kind.as_deref(), &req.hyperparameters, seed).map_err(|e| {
         let f = UserFacing::from(&e);
-        let message = match e {
-            sparsegrad_engine::Error::Param { reason, .. } => reason,
-            other => other.to_string(),
-        };
-        Invalid::new(format!("method.{}", f.param_or("hyperparameters")), message)
+        Invalid::new(
+            format!("method.{}", f.param_or("hyperparameters")),
+            f.reason,
+        )
     })
 }
 

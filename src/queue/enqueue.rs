@@ -140,13 +140,10 @@ async fn insert_once(db: &sqlx::PgPool, job: &NewJob, dedupe: Dedupe) -> Result<
         tx.commit().await?;
         return Ok((j, true));
     }
-    let repeated: QueuedJob =
-        sqlx::query_as(&format!("select {JOB_COLS} from jobs where {existing}"))
-            .bind(&job.tenant_id)
-            .bind(&job.idempotency_key)
-            .bind(&job.parent_id)
-            .fetch_one(&mut *tx)
-            .await?;
+    // The conflict was with a committed row: it is there to read.
+    let repeated = repeated(&mut tx, &repeated_sql, job)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
     tx.commit().await?;
     Ok((repeated, false))
 }

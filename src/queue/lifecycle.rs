@@ -249,49 +249,31 @@ pub async fn cancel(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<
     let Some((status,)) = row else {
         return Ok(Cancelled::NotFound);
     };
-    let out = match status {
-        JobStatus::Queued => {
-            sqlx::query(
-                "update jobs set status = 'cancelled', cancel_requested = true,
-                        finished_at = now() where id = $1",
-            )
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?;
-            log(
-                &mut *tx,
-                job_id,
-                EventType::Status,
-                JobStatus::Cancelled.as_str(),
-            )
-            .await?;
-            Cancelled::Now
-        }
-        JobStatus::Running => {
-            sqlx::query(
-                "update jobs set status = 'cancelling', cancel_requested = true where id = $1",
-            )
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("select pg_notify($1, $2)")
-                .bind(CANCEL_CHANNEL)
-                .bind(job_id)
-                .execute(&mut *tx)
-                .await?;
-            log(
-                &mut *tx,
-                job_id,
-                EventType::Status,
-                JobStatus::Cancelling.as_str(),
-            )
-            .await?;
-            Cancelled::Requested
-        }
+    // A queued job stops here; a running one is flagged and its worker confirms.
+    let (to, out) = match status {
+        JobStatus::Queued => (JobStatus::Cancelled, Cancelled::Now),
+        JobStatus::Running => (JobStatus::Cancelling, Cancelled::Requested),
         JobStatus::Cancelling | JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled => {
-            Cancelled::AlreadyFinal
+            return Ok(Cancelled::AlreadyFinal);
         }
     };
+    sqlx::query(
+        "update jobs set status = $2, cancel_requested = true,
+                finished_at = case when $2 = 'cancelled' then now() else finished_at end
+         where id = $1",
+    )
+    .bind(job_id)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
+    if to == JobStatus::Cancelling {
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(CANCEL_CHANNEL)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    log(&mut *tx, job_id, EventType::Status, to.as_str()).await?;
     tx.commit().await?;
     Ok(out)
 }

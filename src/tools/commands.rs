@@ -41,13 +41,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         Event::Started {
             total_steps,
             start_step,
-            trainable_params,
-            total_params,
-            examples,
+            ..
         } => {
-            eprintln!(
-                "training: {examples} examples, {total_steps} steps (from {start_step}), {trainable_params} of {total_params} parameters trainable"
-            );
+            eprintln!("{e}");
             if tty {
                 let b = indicatif::ProgressBar::new(*total_steps as u64);
                 b.set_style(
@@ -60,33 +56,20 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 bar = Some(b);
             }
         }
-        Event::Step(p) => {
-            let msg = format!(
-                "loss {:.4} lr {:.2e} {:.0} tok/s",
-                p.loss, p.lr, p.tokens_per_sec
-            );
-            match &bar {
-                Some(b) => {
-                    b.set_position(p.step as u64);
-                    b.set_message(msg);
-                }
-                None => eprintln!(
-                    "step {}/{} {msg} elapsed {:.1}s",
-                    p.step, p.total_steps, p.elapsed_secs
-                ),
+        Event::Step(p) => match &bar {
+            Some(b) => {
+                b.set_position(p.step as u64);
+                b.set_message(format!(
+                    "loss {:.4} lr {:.2e} {:.0} tok/s",
+                    p.loss, p.lr, p.tokens_per_sec
+                ));
             }
-        }
-        Event::Eval { step, metrics } => {
-            let line = format!(
-                "eval @ {step}: {}",
-                serde_json::to_string(metrics).unwrap_or_default()
-            );
-            match &bar {
-                Some(b) => b.println(line),
-                None => eprintln!("{line}"),
-            }
-        }
-        Event::Checkpoint { step, path } => eprintln!("checkpoint @ {step}: {}", path.display()),
+            None => eprintln!("{e}"),
+        },
+        Event::Eval { .. } | Event::Checkpoint { .. } => match &bar {
+            Some(b) => b.println(e.to_string()),
+            None => eprintln!("{e}"),
+        },
     };
     let io = TrainIo {
         on_event: &mut on_event,

@@ -30,13 +30,9 @@ async fn input(ctx: &WorkerCtx, key: &str, to: &Path, param: &str) -> Result<(),
 pub(super) async fn run(
     ctx: &WorkerCtx,
     lease: &Lease,
-    spec: &serde_json::Value,
+    spec: FineTune,
     dir: &Path,
 ) -> Result<Done, Stop> {
-    // The spec also carries what the API keeps (`api`); the worker needs the run.
-    let spec: FineTune = serde_json::from_value(spec.clone())
-        .map_err(|e| Stop::User(format!("job spec: {e}"), None))?;
-    tokio::fs::create_dir_all(dir).await?;
     let model_dir = materialize(&ctx.storage, &spec.base, &ctx.model_cache).await?;
     let train_path = dir.join("train.data");
     input(

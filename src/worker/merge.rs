@@ -5,19 +5,16 @@ use std::path::Path;
 
 use super::transfer::store_artifacts;
 use super::{became, Done, Stop, WorkerCtx};
-use crate::domain::{ArtifactKind, JobStatus, MergeResult, MergeSpec, UserFacing};
+use crate::domain::{ArtifactKind, JobStatus, MergeResult, MergeSpec};
 use crate::queue::{Completion, Lease};
 use crate::storage::local_copy::materialize;
 
 pub(super) async fn run(
     ctx: &WorkerCtx,
     lease: &Lease,
-    spec: &serde_json::Value,
+    spec: MergeSpec,
     dir: &Path,
 ) -> Result<Done, Stop> {
-    let spec: MergeSpec = serde_json::from_value(spec.clone())
-        .map_err(|e| Stop::User(format!("merge spec: {e}"), None))?;
-    tokio::fs::create_dir_all(dir).await?;
     let running =
         serde_json::json!({"device": "cpu", "attempt": lease.attempt, "worker": lease.worker_id});
     became(ctx, lease, JobStatus::Running, Some(running)).await?;
@@ -33,14 +30,7 @@ pub(super) async fn run(
     })
     .await
     .map_err(|e| Stop::Infra(format!("merge thread: {e}")))?;
-    if let Err(e) = merged {
-        let f = UserFacing::from(&e);
-        return Err(if f.user_error {
-            Stop::User(f.message, None)
-        } else {
-            Stop::Infra(f.message)
-        });
-    }
+    merged.map_err(|e| Stop::engine(e, "fine_tuning_job_id"))?;
     let mut names = Vec::new();
     let mut rd = tokio::fs::read_dir(&out).await?;
     while let Some(e) = rd.next_entry().await? {

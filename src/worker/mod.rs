@@ -87,6 +87,12 @@ impl Stop {
     }
 }
 
+/// A job's spec as its kind reads it (the API's own part, `api`, is ignored); one that does
+/// not parse is the submitter's.
+fn spec_of<T: serde::de::DeserializeOwned>(spec: &serde_json::Value) -> Result<T, Stop> {
+    T::deserialize(spec).map_err(|e| Stop::User(format!("job spec: {e}"), None))
+}
+
 impl From<StorageError> for Stop {
     fn from(e: StorageError) -> Self {
         Stop::Infra(e.to_string())
@@ -171,19 +177,15 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
         .work_dir
         .join(&job.id)
         .join(format!("attempt-{}", job.attempt));
-    // Instrumented, not entered: a span guard held across awaits tags other tasks' logs.
-    let result = match job.kind {
-        JobKind::FineTune => {
-            fine_tune::run(ctx, &lease, &job.spec, &dir)
-                .instrument(span)
-                .await
-        }
-        JobKind::Merge => {
-            merge::run(ctx, &lease, &job.spec, &dir)
-                .instrument(span)
-                .await
+    let attempt = async {
+        tokio::fs::create_dir_all(&dir).await?;
+        match job.kind {
+            JobKind::FineTune => fine_tune::run(ctx, &lease, spec_of(&job.spec)?, &dir).await,
+            JobKind::Merge => merge::run(ctx, &lease, spec_of(&job.spec)?, &dir).await,
         }
     };
+    // Instrumented, not entered: a span guard held across awaits tags other tasks' logs.
+    let result = attempt.instrument(span).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let settled = match result {
         Ok((done, artifacts)) => {

@@ -24,29 +24,17 @@ pub(super) async fn record(
             if let Some(d) = last_progress.as_ref() {
                 queue::metric(&ctx.db, lease, MetricKind::Train, p.step, d).await?;
             }
-            let msg = format!("step {}/{}: loss {:.4}", p.step, p.total_steps, p.loss);
-            info(EventType::Metrics, msg, last_progress.clone()).await
+            info(EventType::Metrics, e.to_string(), last_progress.clone()).await
         }
         Event::Eval { step, metrics } => {
-            let msg = format!("eval at step {step}: loss {:.4}", metrics.loss);
             let data = serde_json::json!({"step": step, "eval": metrics});
             let point = serde_json::to_value(metrics).unwrap_or_default();
             queue::metric(&ctx.db, lease, MetricKind::Eval, *step, &point).await?;
-            info(EventType::Metrics, msg, Some(data)).await
+            info(EventType::Metrics, e.to_string(), Some(data)).await
         }
-        Event::Started {
-            total_steps,
-            start_step,
-            trainable_params,
-            total_params,
-            examples,
-        } => {
-            let msg = format!(
-                "training on {examples} examples for {total_steps} steps from step {start_step}; \
-                 {trainable_params} of {total_params} parameters trained"
-            );
+        Event::Started { .. } => {
             let data = serde_json::to_value(e).unwrap_or_default();
-            info(EventType::Message, msg, Some(data)).await
+            info(EventType::Message, e.to_string(), Some(data)).await
         }
         Event::Checkpoint { step, path } => {
             let prefix = checkpoint_prefix(&lease.job_id, *step);
@@ -62,6 +50,7 @@ pub(super) async fn record(
             match stored {
                 Ok(bytes) => {
                     queue::checkpoint(&ctx.db, lease, *step, &prefix, bytes).await?;
+                    // Not the event's own line: that names the worker's local folder.
                     info(
                         EventType::Message,
                         format!("checkpoint at step {step}"),

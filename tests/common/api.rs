@@ -96,6 +96,10 @@ pub async fn get(st: &AppState, uri: &str, key: &str) -> (StatusCode, Value) {
     (s, v)
 }
 
+pub async fn delete(st: &AppState, uri: &str, key: &str) -> Resp {
+    request(st, "DELETE", uri, Some(key), Body::empty(), &[]).await
+}
+
 pub async fn post_json(
     st: &AppState,
     uri: &str,

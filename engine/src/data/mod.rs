@@ -19,6 +19,4 @@ pub use reader::{
     check_consistent, detect_format, parse_records, read_records, FileFormat, RecordReader,
 };
 pub use records::{parse_json_record, parse_jsonl_line, Message, RawLabel, Record};
-pub use tokenizer::{
-    check_chat_template, render_chat_template, TextTokenizer, DEFAULT_CHAT_TEMPLATE,
-};
+pub use tokenizer::{check_chat_template, ChatTemplate, TextTokenizer, DEFAULT_CHAT_TEMPLATE};

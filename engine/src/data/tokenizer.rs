@@ -18,7 +18,7 @@ pub struct TextTokenizer {
     pub eos_id: Option<u32>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
-    pub chat_template: String,
+    pub chat_template: ChatTemplate,
 }
 
 fn special_token(cfg: &Value, key: &str) -> Option<String> {
@@ -63,7 +63,7 @@ impl TextTokenizer {
             eos_id,
             bos_token,
             eos_token,
-            chat_template,
+            chat_template: ChatTemplate::new(chat_template),
         })
     }
 
@@ -74,8 +74,7 @@ impl TextTokenizer {
     }
 
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        render_chat_template(
-            &self.chat_template,
+        self.chat_template.render(
             messages,
             add_generation_prompt,
             self.bos_token.as_deref().unwrap_or_default(),
@@ -111,60 +110,86 @@ impl std::io::Write for Capped {
     }
 }
 
-/// Renders a chat template — untrusted input: it comes with the model — with a size cap on
-/// the template, a fuel limit on what it executes and a cap on what it writes.
-pub fn render_chat_template(
-    template: &str,
-    messages: &[Message],
-    add_generation_prompt: bool,
-    bos_token: &str,
-    eos_token: &str,
-) -> Result<String> {
-    let bad = |m: String| Error::Tokenizer(format!("chat template: {m}"));
-    if template.len() > MAX_TEMPLATE_BYTES {
-        return Err(bad(format!(
-            "{} bytes; at most {MAX_TEMPLATE_BYTES} are accepted",
-            template.len()
-        )));
+fn template_error(m: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(format!("chat template: {m}"))
+}
+
+/// A chat template — untrusted input: it comes with the model — with a size cap on its
+/// source, a fuel limit on what it executes and a cap on what it writes. Compiled once, on
+/// first use (a model that never renders a conversation never needs it to compile).
+pub struct ChatTemplate {
+    source: String,
+    compiled: std::sync::OnceLock<std::result::Result<minijinja::Environment<'static>, String>>,
+}
+
+impl ChatTemplate {
+    pub fn new(source: impl Into<String>) -> Self {
+        ChatTemplate {
+            source: source.into(),
+            compiled: std::sync::OnceLock::new(),
+        }
     }
-    let mut env = minijinja::Environment::new();
-    env.set_fuel(Some(TEMPLATE_FUEL));
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_template("chat", template)
-        .map_err(|e| bad(e.to_string()))?;
-    let tmpl = env.get_template("chat").expect("just added");
-    let mut out = Capped(Vec::new());
-    tmpl.render_captured_to(
-        minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => bos_token,
-            eos_token => eos_token,
-        },
-        &mut out,
-    )
-    .map(|_| ())
-    .map_err(|e| {
-        let why = match e.kind() {
-            minijinja::ErrorKind::OutOfFuel => format!(
-                "it ran out of fuel ({TEMPLATE_FUEL} instructions): a loop without a sane bound"
-            ),
-            minijinja::ErrorKind::WriteFailure => {
-                format!("it wrote more than {MAX_RENDER_BYTES} bytes")
-            }
-            _ => e.to_string(),
-        };
-        bad(why)
-    })?;
-    String::from_utf8(out.0).map_err(|_| bad("it wrote invalid UTF-8".into()))
+
+    fn compile(source: &str) -> std::result::Result<minijinja::Environment<'static>, String> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(format!(
+                "{} bytes; at most {MAX_TEMPLATE_BYTES} are accepted",
+                source.len()
+            ));
+        }
+        let mut env = minijinja::Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(env)
+    }
+
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String> {
+        let env = self
+            .compiled
+            .get_or_init(|| Self::compile(&self.source))
+            .as_ref()
+            .map_err(template_error)?;
+        let tmpl = env.get_template("chat").map_err(template_error)?;
+        let mut out = Capped(Vec::new());
+        tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            },
+            &mut out,
+        )
+        .map_err(|e| {
+            template_error(match e.kind() {
+                minijinja::ErrorKind::OutOfFuel => format!(
+                    "it ran out of fuel ({TEMPLATE_FUEL} instructions): a loop without a sane \
+                     bound"
+                ),
+                minijinja::ErrorKind::WriteFailure => {
+                    format!("it wrote more than {MAX_RENDER_BYTES} bytes")
+                }
+                _ => e.to_string(),
+            })
+        })?;
+        String::from_utf8(out.0).map_err(|_| template_error("it wrote invalid UTF-8"))
+    }
 }
 
 /// Checks a template before it is stored with a model: its size, and a rendering of a short
@@ -184,5 +209,7 @@ pub fn check_chat_template(template: &str) -> Result<()> {
             content: "Hi!".into(),
         },
     ];
-    render_chat_template(template, &conversation, true, "<s>", "</s>").map(|_| ())
+    ChatTemplate::new(template)
+        .render(&conversation, true, "<s>", "</s>")
+        .map(|_| ())
 }

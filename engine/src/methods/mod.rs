@@ -53,11 +53,6 @@ macro_rules! registry {
                 }
                 .expect("serialisable")
             }
-            fn check(&self) -> Result<()> {
-                match self {
-                    $(MethodSpec::$variant(c) => c.check()),+
-                }
-            }
             pub fn footprint(&self, shape: &ParamShape) -> Footprint {
                 match self {
                     $(MethodSpec::$variant(c) => c.footprint(shape)),+

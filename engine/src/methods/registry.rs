@@ -42,10 +42,6 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Default {
     /// The method, ready to prepare on a model. Settings are checked first.
     fn build(&self, adam: AdamConfig) -> Box<dyn Method>;
     fn footprint(&self, shape: &ParamShape) -> Footprint;
-    /// Rules beyond each value's bounds (none by default).
-    fn check(&self) -> Result<()> {
-        Ok(())
-    }
 }
 
 /// A method as listed: what it is, its learning rate and its own hyperparameters.
@@ -65,14 +61,13 @@ impl MethodSpec {
     pub fn default_lr(&self) -> f64 {
         self.info().default_lr
     }
-    /// Checks the settings (bounds and any method rules) and builds the method.
+    /// Checks the settings' bounds and builds the method.
     pub fn build(&self, adam: AdamConfig) -> Result<Box<dyn Method>> {
         self.validate()?;
         Ok(self.build_checked(adam))
     }
     pub fn validate(&self) -> Result<()> {
-        check_bounds(&self.settings(), self.info().hyperparameters)?;
-        self.check()
+        check_bounds(&self.settings(), self.info().hyperparameters)
     }
     /// A method by name with its default settings.
     pub fn default_for(name: &str) -> Result<MethodSpec> {
@@ -113,29 +108,16 @@ pub fn resolve(
     hyperparameters: &Map<String, Value>,
     seed: Option<u64>,
 ) -> Result<Resolved> {
-    // The key each loop hyperparameter was given under (an error names that one).
-    let mut given: std::collections::HashMap<&str, &str> = Default::default();
-    for k in hyperparameters.keys() {
-        if let Some(h) = TRAINING.iter().find(|h| h.aliases.contains(&k.as_str())) {
-            if !hyperparameters.contains_key(h.name) {
-                given.insert(h.name, k);
-            }
-        }
-    }
     let under = |e: Error| match e {
         Error::Param { param, reason } if param != "type" => {
-            let head = param.split('.').next().unwrap_or(&param);
-            let param = match given.get(head) {
-                Some(k) => param.replacen(head, k, 1),
-                None => param,
-            };
             Error::param(&format!("hyperparameters.{param}"), reason)
         }
         other => other,
     };
     let name = name.unwrap_or(DEFAULT_METHOD);
-    let mut train = Map::new();
-    let mut own = Map::new();
+    let (mut train, mut own) = (Map::new(), Map::new());
+    // The key each loop setting was given under, by field: an error names that key.
+    let mut given: std::collections::HashMap<&str, &str> = Default::default();
     let mut max_seq_len = DEFAULT_MAX_SEQ_LEN;
     for (k, v) in hyperparameters {
         let Some(h) = TRAINING
@@ -145,22 +127,37 @@ pub fn resolve(
             own.insert(k.clone(), v.clone());
             continue;
         };
-        if h.name == "max_seq_len" {
-            max_seq_len = parse_at(v.clone(), "")
-                .map_err(|e| match e {
-                    Error::Param { reason, .. } => Error::param("max_seq_len", reason),
-                    other => other,
-                })
-                .map_err(under)?;
-            check_bounds(&serde_json::json!({"max_seq_len": max_seq_len}), TRAINING)
-                .map_err(under)?;
-        } else if train.insert(h.field.to_string(), v.clone()).is_some() {
-            return Err(under(Error::param(
-                k,
+        if given.insert(h.field, k).is_some() {
+            return Err(Error::param(
+                &format!("hyperparameters.{k}"),
                 format!("`{}` is given twice (under two names)", h.name),
-            )));
+            ));
+        }
+        if h.name == "max_seq_len" {
+            max_seq_len = parse_at(v.clone(), "max_seq_len").map_err(under)?;
+        } else {
+            train.insert(h.field.to_string(), v.clone());
         }
     }
+    // A loop error names its field or request name; the request may have used an alias.
+    let as_given = |e: Error| {
+        under(match e {
+            Error::Param { param, reason } => {
+                let head = param.split('.').next().unwrap_or(&param);
+                let key = TRAINING
+                    .iter()
+                    .find(|h| h.field == head || h.name == head)
+                    .map(|h| given.get(h.field).copied().unwrap_or(h.name));
+                let param = match key {
+                    Some(k) => param.replacen(head, k, 1),
+                    None => param,
+                };
+                Error::param(&param, reason)
+            }
+            other => other,
+        })
+    };
+    check_bounds(&serde_json::json!({ "max_seq_len": max_seq_len }), TRAINING).map_err(as_given)?;
     let method = resolve_method(name, &own).map_err(under)?;
     if !train.contains_key("lr") {
         train.insert("lr".into(), method.default_lr().into());
@@ -168,14 +165,8 @@ pub fn resolve(
     if let Some(s) = seed {
         train.insert("seed".into(), s.into());
     }
-    let train: TrainConfig = parse_at(Value::Object(train), "")
-        .map_err(|e| match e {
-            // Loop fields are named as requests name them.
-            Error::Param { param, reason } => Error::param(&request_name(&param), reason),
-            other => other,
-        })
-        .map_err(under)?;
-    train.validate().map_err(under)?;
+    let train: TrainConfig = parse_at(Value::Object(train), "").map_err(as_given)?;
+    train.validate().map_err(as_given)?;
 
     let mut hp = serde_json::to_value(&train).expect("serialisable");
     if let (Some(h), Value::Object(m)) = (hp.as_object_mut(), method.settings()) {
@@ -191,15 +182,6 @@ pub fn resolve(
         max_seq_len,
         hyperparameters: hp,
     })
-}
-
-/// The request name of a loop settings field (`dropout` → `train_dropout`).
-fn request_name(field: &str) -> String {
-    let head = field.split('.').next().unwrap_or(field);
-    match TRAINING.iter().find(|h| h.field == head) {
-        Some(h) => field.replacen(head, h.name, 1),
-        None => field.to_string(),
-    }
 }
 
 /// One method as `GET /v1/methods` lists it.

@@ -282,13 +282,12 @@ impl Architecture for LlamaConfig {
     }
     fn shape(&self) -> ParamShape {
         let h = self.hidden_size as u64;
-        let heads = self.num_attention_heads.max(1) as u64;
         ParamShape {
             vocab: self.vocab_size as u64,
             hidden: h,
             layers: self.num_hidden_layers as u64,
             ffn: self.intermediate_size as u64,
-            kv_dim: h / heads * self.kv_heads() as u64,
+            kv_dim: (self.head_dim() * self.kv_heads()) as u64,
             mlp_matrices: MLP.len() as u64,
             head: 0,
         }

@@ -112,6 +112,15 @@ impl Arch {
             })
     }
 
+    /// The architecture a `config.json` names (its `model_type`).
+    pub fn of_config(raw: &Value) -> Result<Arch> {
+        let mt = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::Model("config.json has no model_type".into()))?;
+        Arch::from_model_type(mt)
+    }
+
     pub fn as_str(self) -> &'static str {
         self.entry().model_type
     }
@@ -145,11 +154,7 @@ impl<'de> Deserialize<'de> for Arch {
 
 /// The architecture a `config.json` declares, parsed and validated.
 pub fn from_config(raw: &Value) -> Result<Box<dyn Architecture>> {
-    let mt = raw
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| Error::Model("config.json has no model_type".into()))?;
-    Arch::from_model_type(mt)?.parse(raw)
+    Arch::of_config(raw)?.parse(raw)
 }
 
 /// Deserialises an architecture's config struct, naming the file in errors.

@@ -58,6 +58,50 @@ pub enum Event {
     },
 }
 
+/// One line for a person: the CLI prints it, the service keeps it as the job event's message.
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Started {
+                total_steps,
+                start_step,
+                trainable_params,
+                total_params,
+                examples,
+            } => write!(
+                f,
+                "training on {examples} examples for {total_steps} steps from step {start_step}; \
+                 {trainable_params} of {total_params} parameters trained"
+            ),
+            Event::Step(p) => write!(
+                f,
+                "step {}/{}: loss {:.4}, lr {:.2e}, {:.0} tok/s, {:.1}s",
+                p.step, p.total_steps, p.loss, p.lr, p.tokens_per_sec, p.elapsed_secs
+            ),
+            Event::Eval { step, metrics: m } => {
+                write!(f, "eval at step {step}: loss {:.4}", m.loss)?;
+                let scores = [
+                    ("accuracy", m.accuracy),
+                    ("macro F1", m.macro_f1),
+                    ("Matthews", m.matthews),
+                    ("Pearson", m.pearson),
+                    ("Spearman", m.spearman),
+                    ("perplexity", m.perplexity),
+                ];
+                for (name, v) in scores {
+                    if let Some(v) = v {
+                        write!(f, ", {name} {v:.4}")?;
+                    }
+                }
+                Ok(())
+            }
+            Event::Checkpoint { step, path } => {
+                write!(f, "checkpoint at step {step}: {}", path.display())
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainSummary {
     pub steps: usize,

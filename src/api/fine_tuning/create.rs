@@ -13,7 +13,7 @@ use crate::api::objects::EstimateObject;
 use crate::api::{AppState, Tenant};
 use crate::db::datasets::{self, FileRow};
 use crate::db::{self, job_records as records, registered_models};
-use crate::domain::estimate::{estimate, shape_of};
+use crate::domain::estimate::estimate;
 use crate::domain::job::MethodEcho;
 use crate::domain::request::{check_request, resolve, CreateJob};
 use crate::domain::{
@@ -152,7 +152,7 @@ pub(super) async fn create(
             ));
         }
     }
-    let shape = shape_of(&model.config).ok_or_else(bad_model)?;
+    let shape = architecture.shape();
     let history = records::secs_per_token(&st.db, &req.model).await?;
     let estimate = estimate(
         &shape,

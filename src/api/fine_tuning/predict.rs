@@ -140,11 +140,7 @@ pub(super) async fn predict(
                 if !f.user_error {
                     return ApiError::internal(e);
                 }
-                let message = match e {
-                    sparsegrad_engine::Error::Param { reason, .. } => reason,
-                    other => other.to_string(),
-                };
-                ApiError::invalid(message, Some(&f.param_or("inputs")), "invalid_value")
+                ApiError::invalid(&f.reason, Some(&f.param_or("inputs")), "invalid_value")
             }
             other => ApiError::internal(other),
         })?;
