@@ -150,65 +150,42 @@ async fn a_template_bomb_or_an_oversize_config_in_a_stored_model_is_refused(db: 
             .await
             .unwrap();
     }
+    let put = |name: &str, bytes: Vec<u8>| {
+        let key = format!("models/bomb/{name}");
+        async move { st.storage.put(&key, bytes.into()).await.unwrap() }
+    };
+    let try_register = || {
+        register(
+            st,
+            &key,
+            json!({"type": "storage", "prefix": "models/bomb"}),
+        )
+    };
     let bomb = json!({"eos_token": "<eos>", "chat_template":
         "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}"});
-    st.storage
-        .put("models/bomb/tokenizer_config.json", bomb.to_string().into())
-        .await
-        .unwrap();
-    let (s, v) = register(
-        st,
-        &key,
-        json!({"type": "storage", "prefix": "models/bomb"}),
-    )
-    .await;
+    put("tokenizer_config.json", bomb.to_string().into()).await;
+    let (s, v) = try_register().await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(
         v["error"]["message"].as_str().unwrap().contains("fuel"),
         "{v}"
     );
     // The same folder with a sane template but a config.json past 1 MiB: refused unread.
-    st.storage
-        .put(
-            "models/bomb/tokenizer_config.json",
-            json!({"eos_token": "<eos>"}).to_string().into(),
-        )
-        .await
-        .unwrap();
+    let sane = json!({"eos_token": "<eos>"});
+    put("tokenizer_config.json", sane.to_string().into()).await;
     let config = std::fs::read(dir.join("config.json")).unwrap();
     let mut padded = config.clone();
     padded.extend(std::iter::repeat_n(b' ', 2 << 20));
-    st.storage
-        .put("models/bomb/config.json", padded.into())
-        .await
-        .unwrap();
-    let (s, v) = register(
-        st,
-        &key,
-        json!({"type": "storage", "prefix": "models/bomb"}),
-    )
-    .await;
+    put("config.json", padded).await;
+    let (s, v) = try_register().await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["error"]["param"], "source.prefix", "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("larger than"),
-        "{v}"
-    );
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("larger than"), "{v}");
     assert_eq!(model_rows(&db).await, 0);
     // With its real config it registers.
-    st.storage
-        .put("models/bomb/config.json", config.into())
-        .await
-        .unwrap();
-    let (s, v) = register(
-        st,
-        &key,
-        json!({"type": "storage", "prefix": "models/bomb"}),
-    )
-    .await;
+    put("config.json", config).await;
+    let (s, v) = try_register().await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(model_rows(&db).await, 1);
 }
