@@ -3,7 +3,7 @@
 
 use sparsegrad_engine::data::{
     encode_records, epoch_order, infer_task, parse_records, Message, RawLabel, Record,
-    RecordReader, Target, TextTokenizer,
+    RecordReader, StreamingCheck, Target, TextTokenizer, MAX_CLASSES, MAX_ROW_BYTES,
 };
 use sparsegrad_engine::models::{Arch, Task};
 use sparsegrad_engine::Error;
@@ -205,6 +205,71 @@ fn task_inference_and_label_maps() {
     );
 }
 
+#[test]
+fn streaming_check_agrees_with_the_whole_file_in_any_chunking() {
+    let files: [&[u8]; 3] = [
+        b"{\"text\":\"a\",\"label\":\"pos\"}\n{\"text\":\"b\",\"label\":\"neg\"}\n",
+        b"text,label\nx,0.5\ny,2\n",
+        b"{\"prompt\":\"p\",\"completion\":\"c\"}\n",
+    ];
+    for data in files {
+        let recs = parse_records(data).unwrap();
+        let (task, _) = infer_task(&recs, None).unwrap();
+        for chunk in [1, 4, 1000] {
+            let mut c = StreamingCheck::new();
+            for part in data.chunks(chunk) {
+                c.feed(part).unwrap();
+            }
+            let got = c.finish().unwrap();
+            assert_eq!((got.task, got.rows), (task.clone(), recs.len()));
+        }
+    }
+    // A row of another shape fails at its own line, as the whole-file check does.
+    let mut c = StreamingCheck::new();
+    let e = c
+        .feed(b"{\"text\":\"a\",\"label\":1}\n{\"prompt\":\"p\",\"completion\":\"c\"}\n")
+        .unwrap_err();
+    assert!(matches!(e, Error::Data { line: 2, .. }), "{e}");
+}
+
+#[test]
+fn a_row_past_the_row_limit_or_too_many_classes_is_an_error_not_memory() {
+    let mut c = StreamingCheck::new();
+    c.feed(b"{\"text\":\"a\",\"label\":1}\n{\"text\":\"")
+        .unwrap();
+    let filler = vec![b'x'; 1 << 20];
+    let mut err = None;
+    for _ in 0..=(MAX_ROW_BYTES >> 20) {
+        if let Err(e) = c.feed(&filler) {
+            err = Some(e);
+            break;
+        }
+    }
+    match err {
+        Some(Error::Data {
+            line: 2, reason, ..
+        }) => assert!(reason.contains("longer than"), "{reason}"),
+        e => panic!("{e:?}"),
+    }
+    let mut c = StreamingCheck::new();
+    let mut rows = String::new();
+    for i in 0..=MAX_CLASSES {
+        rows.push_str(&format!("{{\"text\":\"t\",\"label\":\"class {i}\"}}\n"));
+    }
+    c.feed(rows.as_bytes()).unwrap();
+    match c.finish() {
+        Err(Error::Data {
+            line,
+            field,
+            reason,
+        }) => {
+            assert_eq!((line, field.as_deref()), (MAX_CLASSES + 1, Some("label")));
+            assert!(reason.contains("classes"), "{reason}");
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
 fn tiny_tokenizer(arch: Arch) -> (tempfile::TempDir, TextTokenizer) {
     let d = tempfile::tempdir().unwrap();
     sparsegrad_engine::testing::write_tiny_model_dir(d.path(), arch, 1).unwrap();
@@ -295,7 +360,10 @@ fn truncation_and_seeded_order() {
             },
         ),
     ];
-    let labels = infer_task(&recs, None).unwrap().1;
+    // Rows of two shapes (a file could not mix them): the label map is given, not inferred.
+    let labels = Some(sparsegrad_engine::data::LabelMap {
+        names: vec!["0".into(), "1".into()],
+    });
     let (ex, stats) = encode_records(
         &recs,
         &tok,

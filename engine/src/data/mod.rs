@@ -14,9 +14,10 @@ pub mod tokenizer;
 
 pub use batch::{collate, epoch_order, Dataset};
 pub use encode::{encode_records, EncodeStats, Example, Target};
-pub use labels::{infer_task, LabelMap};
+pub use labels::{infer_task, LabelMap, TaskEvidence, MAX_CLASSES};
 pub use reader::{
-    check_consistent, detect_format, parse_records, read_records, FileFormat, RecordReader,
+    check_consistent, detect_format, parse_records, read_records, CheckedFile, FileFormat,
+    RecordReader, StreamingCheck, MAX_ROW_BYTES,
 };
 pub use records::{parse_json_record, parse_jsonl_line, Message, RawLabel, Record};
 pub use tokenizer::{check_chat_template, ChatTemplate, TextTokenizer, DEFAULT_CHAT_TEMPLATE};

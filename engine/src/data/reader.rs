@@ -6,9 +6,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::records::{
-    kind_of, parse_json_record, parse_jsonl_line, raw_label_from_csv, RawLabel, Record,
-};
+use super::labels::TaskEvidence;
+use super::records::{parse_json_record, parse_jsonl_line, raw_label_from_csv, Record};
+use crate::models::Task;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +31,10 @@ pub fn detect_format(bytes: &[u8]) -> FileFormat {
 
 /// The UTF-8 byte-order mark some editors write first.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Longest row (a JSONL line, or a CSV record with its quoted line breaks): the reader holds
+/// at most one unfinished row, so this bounds its memory whatever the file's size.
+pub const MAX_ROW_BYTES: usize = 8 << 20;
 
 /// Streaming validator: feed bytes in any chunking, get every record (or the first error).
 /// The CLI feeds it files, the service an upload's body.
@@ -98,7 +102,15 @@ impl RecordReader {
             }
             self.format = Some(detect_format(&self.buf));
         }
-        self.drain(false, sink)
+        self.drain(false, sink)?;
+        if self.buf.len() > MAX_ROW_BYTES {
+            return Err(Error::data(
+                self.line + 1,
+                None,
+                format!("row is longer than {MAX_ROW_BYTES} bytes"),
+            ));
+        }
+        Ok(())
     }
 
     /// Ends the input: parses the last row and rejects an empty file.
@@ -302,36 +314,48 @@ pub fn parse_records(bytes: &[u8]) -> Result<Vec<(usize, Record)>> {
 
 /// All rows must share one shape, and labels one type.
 pub fn check_consistent(recs: &[(usize, Record)]) -> Result<()> {
-    let Some((_, first)) = recs.first() else {
-        return Ok(());
-    };
-    let k0 = kind_of(first);
-    let mut label_kind: Option<(&'static str, usize)> = None;
+    let mut ev = TaskEvidence::new();
     for (line, r) in recs {
-        if kind_of(r) != k0 {
-            return Err(Error::data(
-                *line,
-                None,
-                format!("row is {} but earlier rows are {k0}", kind_of(r)),
-            ));
-        }
-        if let Record::Text { label, .. } = r {
-            let lk = match label {
-                RawLabel::Str(_) => "string",
-                RawLabel::Int(_) | RawLabel::Float(_) => "number",
-            };
-            match label_kind {
-                None => label_kind = Some((lk, *line)),
-                Some((k, l)) if k != lk => {
-                    return Err(Error::data(
-                        *line,
-                        Some("label"),
-                        format!("is a {lk} but line {l} has a {k} label"),
-                    ))
-                }
-                _ => {}
-            }
-        }
+        ev.add(*line, r)?;
     }
     Ok(())
+}
+
+/// What checking a whole file found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckedFile {
+    pub format: FileFormat,
+    pub task: Task,
+    pub rows: usize,
+}
+
+/// A dataset file checked as it streams in: every row parsed and held to the first row's
+/// shape and label type, keeping nothing but the unfinished row and the class names, so
+/// memory does not grow with the file and each byte is looked at a bounded number of times.
+#[derive(Default)]
+pub struct StreamingCheck {
+    reader: RecordReader,
+    evidence: TaskEvidence,
+}
+
+impl StreamingCheck {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<()> {
+        let ev = &mut self.evidence;
+        self.reader.feed(chunk, &mut |line, r| ev.add(line, &r))
+    }
+
+    pub fn finish(mut self) -> Result<CheckedFile> {
+        let ev = &mut self.evidence;
+        self.reader.finish(&mut |line, r| ev.add(line, &r))?;
+        let (task, _) = self.evidence.task(None)?;
+        Ok(CheckedFile {
+            format: self.reader.format().unwrap_or(FileFormat::Jsonl),
+            task,
+            rows: self.evidence.rows(),
+        })
+    }
 }
