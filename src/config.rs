@@ -53,6 +53,36 @@ pub struct Config {
     /// Most jobs (fine-tunes and merges) one tenant may have queued or running at once.
     #[arg(long, env = "SPARSEGRAD_MAX_ACTIVE_JOBS", default_value_t = 32)]
     pub max_active_jobs: i64,
+    /// Most bytes one tenant may keep stored (files and fine-tuned artifacts); uploads past it
+    /// answer 429.
+    #[arg(long, env = "SPARSEGRAD_MAX_STORED_BYTES", default_value_t = 20 << 30)]
+    pub max_stored_bytes: u64,
+    /// Most event streams (SSE) one tenant may hold open on one API process.
+    #[arg(long, env = "SPARSEGRAD_MAX_EVENT_STREAMS", default_value_t = 16)]
+    pub max_event_streams: usize,
+    /// Uploads validated at once by one API process (more answer 429).
+    #[arg(long, env = "SPARSEGRAD_MAX_CONCURRENT_UPLOADS", default_value_t = 8)]
+    pub max_concurrent_uploads: usize,
+    /// Model imports at once by one API process (more answer 429).
+    #[arg(long, env = "SPARSEGRAD_MAX_CONCURRENT_IMPORTS", default_value_t = 2)]
+    pub max_concurrent_imports: usize,
+    /// Predictions at once by one API process (more answer 429).
+    #[arg(long, env = "SPARSEGRAD_MAX_CONCURRENT_PREDICTS", default_value_t = 4)]
+    pub max_concurrent_predicts: usize,
+    /// Most open client connections; more wait in the listen backlog.
+    #[arg(long, env = "SPARSEGRAD_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (and a kept-alive connection may sit
+    /// idle before its next request).
+    #[arg(long, env = "SPARSEGRAD_HEADER_TIMEOUT_SECS", default_value_t = 15)]
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may go without a byte arriving before the request is dropped.
+    #[arg(long, env = "SPARSEGRAD_BODY_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_idle_timeout_secs: u64,
+    /// Serve `/metrics` without auth on this separate (operator-only) address; without it,
+    /// `/metrics` is on the API address and needs the admin key.
+    #[arg(long, env = "SPARSEGRAD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// In-process workers (`serve`); 0 runs the API only.
     #[arg(long, env = "SPARSEGRAD_WORKERS", default_value_t = 1)]
     pub workers: usize,

@@ -87,9 +87,11 @@ pub async fn worker_loop(ctx: WorkerCtx, stop: watch::Receiver<bool>) {
     }
 }
 
-/// Removes scratch a crashed process left: import folders and partial downloads older than
-/// an hour (anything that old was abandoned; other processes sharing the data dir keep
-/// theirs younger). Training attempts clean up after themselves and are left alone here.
+/// Removes scratch a crashed process left: import folders, partial downloads and (with the
+/// embedded file store) the staging files of uploads that never completed, older than an
+/// hour (anything that old was abandoned; other processes sharing the data dir keep theirs
+/// younger). Training attempts clean up after themselves and are left alone here. An S3
+/// bucket's incomplete uploads are its lifecycle rule's to abort (see deploy/).
 pub fn sweep_stale_scratch(data_dir: &std::path::Path, older_than: Duration) -> usize {
     let stale = |p: &std::path::Path| {
         std::fs::metadata(p)
@@ -99,6 +101,26 @@ pub fn sweep_stale_scratch(data_dir: &std::path::Path, older_than: Duration) -> 
             .is_some_and(|age| age > older_than)
     };
     let mut removed = 0;
+    // object_store stages a file-store upload as `<key>#<n>` until it completes.
+    let staging = |n: &str| {
+        n.rsplit_once('#')
+            .is_some_and(|(_, s)| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let tenants = std::fs::read_dir(data_dir.join("objects/tenants"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    for t in tenants {
+        let files = std::fs::read_dir(t.path().join("files"))
+            .into_iter()
+            .flatten();
+        for e in files.flatten() {
+            let p = e.path();
+            if staging(&e.file_name().to_string_lossy()) && stale(&p) {
+                removed += usize::from(std::fs::remove_file(&p).is_ok());
+            }
+        }
+    }
     for (dir, matches) in [
         (
             data_dir.join("work"),
@@ -170,10 +192,26 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         tracing::info!("listening on http://{}", listener.local_addr()?);
+        let limits = crate::http::HttpLimits {
+            max_connections: crate::http::fit_connections(cfg.max_connections),
+            header_timeout: Duration::from_secs(cfg.header_timeout_secs.max(1)),
+            body_idle_timeout: Duration::from_secs(cfg.body_idle_timeout_secs.max(1)),
+            drain: Duration::from_secs(10),
+        };
         let state = AppState::new(db, storage, cfg.clone());
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(stopped(stop.clone()))
-            .await?;
+        if let Some(addr) = cfg.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?;
+            tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
+            let ops = crate::api::metrics::operator_router(state.clone());
+            let small = crate::http::HttpLimits {
+                max_connections: 64,
+                ..limits
+            };
+            tokio::spawn(crate::http::serve(l, ops, small, stop.clone()));
+        }
+        crate::http::serve(listener, router(state), limits, stop.clone()).await?;
     } else {
         stopped(stop).await;
     }
@@ -198,13 +236,18 @@ mod tests {
         std::fs::create_dir_all(&deltas).unwrap();
         std::fs::write(deltas.join(".a.safetensors.dl_1.part"), b"x").unwrap();
         std::fs::write(deltas.join("a.safetensors"), b"x").unwrap();
+        let files = d.path().join("objects/tenants/t1/files");
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::write(files.join("file_a#1"), b"x").unwrap();
+        std::fs::write(files.join("file_b"), b"x").unwrap();
         // Everything is "older" than zero seconds once a moment has passed.
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
             super::sweep_stale_scratch(d.path(), Duration::from_secs(3600)),
             0
         );
-        assert_eq!(super::sweep_stale_scratch(d.path(), Duration::ZERO), 3);
+        assert_eq!(super::sweep_stale_scratch(d.path(), Duration::ZERO), 4);
+        assert!(files.join("file_b").exists() && !files.join("file_a#1").exists());
         assert!(work.join("ftjob_x/attempt-1").exists());
         assert!(deltas.join("a.safetensors").exists());
         assert!(!work.join("import_old").exists());

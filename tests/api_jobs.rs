@@ -918,7 +918,21 @@ async fn prometheus_metrics(db: PgPool) {
     assert_eq!(s, StatusCode::OK);
     let (s, _) = get(st, "/v1/fine_tuning/jobs/ftjob_nope", &key).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let r = request(st, "GET", "/metrics", None, Body::empty(), &[]).await;
+    // Job counts span tenants: operators only.
+    for k in [None, Some(key.as_str())] {
+        let r = request(st, "GET", "/metrics", k, Body::empty(), &[]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.json);
+        assert!(!String::from_utf8_lossy(&r.bytes).contains("sparsegrad_jobs"));
+    }
+    let r = request(
+        st,
+        "GET",
+        "/metrics",
+        Some(common::api::ADMIN),
+        Body::empty(),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     let text = String::from_utf8(r.bytes).unwrap();
     assert!(

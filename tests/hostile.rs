@@ -402,7 +402,8 @@ async fn a_failed_merge_can_be_asked_again_and_a_merge_id_is_not_a_job(db: PgPoo
 
 #[sqlx::test(migrations = "./migrations")]
 async fn forty_concurrent_first_predictions_all_succeed(db: PgPool) {
-    let e = env(db.clone());
+    // The predict gate opened wide: this is about the shared download, not the gate.
+    let e = env_with(db.clone(), &["--max-concurrent-predicts", "40"]);
     let (_, key) = tenant_key(&e.st, "acme").await;
     let id = succeeded_job(&e, &key).await;
     let body = json!({"inputs": [{"text": "a good film"}]});
@@ -426,6 +427,27 @@ async fn forty_concurrent_first_predictions_all_succeed(db: PgPool) {
 }
 
 #[sqlx::test(migrations = "./migrations")]
+async fn predictions_past_the_concurrency_limit_get_429_not_a_queue(db: PgPool) {
+    let e = env_with(db.clone(), &["--max-concurrent-predicts", "1"]);
+    let (_, key) = tenant_key(&e.st, "acme").await;
+    let id = succeeded_job(&e, &key).await;
+    let body = json!({"inputs": [{"text": "a good film"}]});
+    let calls = (0..8).map(|_| {
+        let (st, key, body) = (e.st.clone(), key.clone(), body.clone());
+        let uri = format!("/v1/fine_tuning/jobs/{id}/predict");
+        async move { post_json(&st, &uri, Some(&key), body).await }
+    });
+    let got = futures::future::join_all(calls).await;
+    assert!(got.iter().any(|(s, _)| *s == StatusCode::OK), "{got:?}");
+    let busy: Vec<_> = got.iter().filter(|(s, _)| *s != StatusCode::OK).collect();
+    assert!(!busy.is_empty(), "8 at once past a limit of 1: {got:?}");
+    for (s, v) in busy {
+        assert_eq!(*s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        assert_eq!(v["error"]["code"], "server_busy", "{v}");
+    }
+}
+
+#[sqlx::test(migrations = "./migrations")]
 async fn made_up_http_methods_share_one_metrics_series(db: PgPool) {
     let e = env(db);
     for i in 0..50 {
@@ -443,7 +465,7 @@ async fn made_up_http_methods_share_one_metrics_series(db: PgPool) {
         &e.st,
         "GET",
         "/metrics",
-        None,
+        Some(common::api::ADMIN),
         axum::body::Body::empty(),
         &[],
     )
@@ -458,14 +480,19 @@ async fn nul_bytes_and_control_characters_are_not_500s(db: PgPool) {
     let e = env(db);
     let st = &e.st;
     let (_, key) = tenant_key(st, "acme").await;
-    // A NUL in an id, a cursor and a tenant name: 400 or 404, never a 500.
-    for uri in [
-        "/v1/files/file_%00x",
-        "/v1/fine_tuning/jobs/ftjob_%00",
-        "/v1/files?after=a%00b",
+    // A NUL in an id, a cursor and a tenant name: 400 naming the parameter, never a 500.
+    for (uri, param) in [
+        ("/v1/files/file_%00x", "id"),
+        ("/v1/fine_tuning/jobs/ftjob_%00", "id"),
+        (
+            "/v1/fine_tuning/jobs/ftjob_x/artifacts/art_%00/content",
+            "artifact_id",
+        ),
+        ("/v1/files?after=a%00b", "after"),
     ] {
         let (s, v) = get(st, uri, &key).await;
-        assert!(s.is_client_error(), "{uri}: {s} {v}");
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert_eq!(v["error"]["param"], param, "{uri}: {v}");
     }
     let (s, v) = post_json(
         st,
@@ -487,7 +514,7 @@ async fn nul_bytes_and_control_characters_are_not_500s(db: PgPool) {
 
 #[sqlx::test(migrations = "./migrations")]
 async fn concurrent_imports_of_one_id_leave_exactly_one_complete_model(db: PgPool) {
-    let e = env(db.clone());
+    let e = env_with(db.clone(), &["--max-concurrent-imports", "6"]);
     let (tenant, key) = tenant_key(&e.st, "acme").await;
     let (kvs, tensors) = sparsegrad_engine::testing::gguf::base();
     let file = sparsegrad_engine::testing::gguf::build(&kvs, &tensors);

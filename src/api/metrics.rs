@@ -1,6 +1,7 @@
 //! `GET /metrics` in Prometheus text format: jobs by kind and status, the runnable queue
 //! depth, and a request-latency histogram per method, route template and status, recorded by
-//! a middleware around every route.
+//! a middleware around every route. Served behind the admin key, or without auth on a
+//! separate operator address (`--metrics-listen`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -91,8 +92,20 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
     resp
 }
 
+/// `/metrics` on the API address: operators only (the admin key).
 pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(metrics))
+    Router::new().route("/metrics", get(admin_metrics))
+}
+
+/// `/metrics` alone, without auth, for an operator-only address.
+pub fn operator_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn admin_metrics(_: super::Admin, st: State<AppState>) -> ApiResult<Response> {
+    metrics(st).await
 }
 
 async fn metrics(State(st): State<AppState>) -> ApiResult<Response> {

@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod files;
 pub mod fine_tuning;
 pub mod health;
+pub mod limits;
 pub mod methods;
 pub mod metrics;
 pub mod models;
@@ -36,24 +37,36 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     pub http: Arc<metrics::HttpMetrics>,
     pub predictor: Arc<Predictor>,
+    pub gates: Arc<limits::Gates>,
+    /// Wakes event streams when their job has news (one LISTEN per process).
+    pub signals: crate::db::listen::JobSignals,
 }
 
 impl AppState {
     pub fn new(db: PgPool, storage: Storage, cfg: Arc<Config>) -> Self {
         AppState {
+            signals: crate::db::listen::JobSignals::new(db.clone()),
             db,
             storage,
-            cfg,
             http: Default::default(),
             predictor: Default::default(),
+            gates: Arc::new(limits::Gates::new(&cfg)),
+            cfg,
         }
     }
 }
 
+/// Every route of the API. `/metrics` is among them, behind the admin key, unless the
+/// config gives it an operator address of its own (then see [`metrics::operator_router`]).
 pub fn router(state: AppState) -> Router {
+    let metrics = if state.cfg.metrics_listen.is_none() {
+        metrics::router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(health::router())
-        .merge(metrics::router())
+        .merge(metrics)
         .merge(dashboard::router())
         .nest(
             "/v1",
@@ -62,13 +75,50 @@ pub fn router(state: AppState) -> Router {
                 .merge(files::router())
                 .merge(methods::router())
                 .merge(models::router())
-                .merge(fine_tuning::router()),
+                .merge(fine_tuning::router())
+                .route_layer(axum::middleware::from_fn(reject_nul)),
         )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
         ))
         .with_state(state)
+}
+
+/// A NUL byte (`%00`) in a path segment or a query parameter is a 400 naming that parameter
+/// (the segment's name in the route template), before any handler or query sees it.
+async fn reject_nul(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match nul_param(&req) {
+        Some(param) => {
+            ApiError::invalid("holds a NUL byte", Some(&param), "invalid_text").into_response()
+        }
+        None => next.run(req).await,
+    }
+}
+
+fn nul_param(req: &axum::extract::Request) -> Option<String> {
+    let nul = |s: &str| s.to_ascii_lowercase().contains("%00");
+    let uri = req.uri();
+    for pair in uri.query().unwrap_or_default().split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if nul(k) || nul(v) {
+            return Some(k.to_string());
+        }
+    }
+    let template = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()?
+        .as_str();
+    // From the end: inside a nested router the path has lost its prefix, the template not.
+    template
+        .rsplit('/')
+        .zip(uri.path().rsplit('/'))
+        .find(|(_, seg)| nul(seg))
+        .map(|(t, _)| t.trim_start_matches('{').trim_end_matches('}').to_string())
 }
 
 /// The tenant behind `Authorization: Bearer <api key>`.

@@ -225,6 +225,7 @@ async fn create(
         }
         Source::Gguf { key, dtype } => {
             let k = check_key(&tenant, key, "source.key")?;
+            let _permit = st.gates.import()?;
             // A prefix of this import's own: a concurrent import of the same id writes
             // elsewhere, and the loser deletes only what it wrote.
             let prefix = format!(

@@ -43,6 +43,43 @@ pub async fn insert(db: impl PgExecutor<'_>, f: &FileRow) -> sqlx::Result<FileRo
     .await
 }
 
+/// Bytes a tenant keeps in storage: its files and its jobs' artifacts.
+pub async fn stored_bytes(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<i64> {
+    let (n,): (i64,) = sqlx::query_as(
+        "select (coalesce((select sum(bytes) from files where tenant_id = $1), 0)
+               + coalesce((select sum(a.bytes) from job_artifacts a
+                             join jobs j on j.id = a.job_id where j.tenant_id = $1), 0))::bigint",
+    )
+    .bind(tenant)
+    .fetch_one(db)
+    .await?;
+    Ok(n)
+}
+
+/// Inserts the row if the tenant's stored bytes stay within `quota` with it (`None`
+/// otherwise), decided under a per-tenant lock so concurrent uploads cannot together pass it.
+pub async fn insert_within_quota(
+    db: &sqlx::PgPool,
+    f: &FileRow,
+    quota: i64,
+) -> sqlx::Result<Option<FileRow>> {
+    let mut tx = db.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 11))")
+        .bind(&f.tenant_id)
+        .execute(&mut *tx)
+        .await?;
+    if stored_bytes(&mut *tx, &f.tenant_id)
+        .await?
+        .saturating_add(f.bytes)
+        > quota
+    {
+        return Ok(None);
+    }
+    let row = insert(&mut *tx, f).await?;
+    tx.commit().await?;
+    Ok(Some(row))
+}
+
 pub async fn get(db: impl PgExecutor<'_>, tenant: &str, id: &str) -> sqlx::Result<Option<FileRow>> {
     sqlx::query_as(&format!(
         "select {FILE_COLS} from files where id = $1 and tenant_id = $2"

@@ -6,6 +6,7 @@
 
 pub mod datasets;
 pub mod job_records;
+pub mod listen;
 pub mod registered_models;
 pub mod tenants;
 

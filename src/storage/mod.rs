@@ -155,32 +155,27 @@ impl Storage {
     /// Uploads a local file, in parts when it is large; a failed upload leaves no object.
     pub async fn put_file(&self, key: &str, file: &Path) -> Result<u64> {
         let mut f = tokio::fs::File::open(file).await?;
-        let len = f.metadata().await?.len();
-        if len as usize <= PART {
-            let mut buf = Vec::with_capacity(len as usize);
-            f.read_to_end(&mut buf).await?;
-            self.put(key, buf.into()).await?;
-            return Ok(len);
-        }
-        let upload = self.store.put_multipart(&Self::path(key)?).await?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut w = self.writer(key)?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = match f.read(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = w.abort().await;
-                    return Err(e.into());
-                }
-            };
+            let n = f.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
-            w.wait_for_capacity(4).await?;
-            w.write(&buf[..n]);
+            w.write(&buf[..n]).await?;
         }
-        w.finish().await?;
-        Ok(len)
+        w.finish().await
+    }
+
+    /// A writer for `key`; see [`ObjectWriter`].
+    pub fn writer(&self, key: &str) -> Result<ObjectWriter> {
+        Ok(ObjectWriter {
+            store: self.store.clone(),
+            path: Self::path(key)?,
+            buf: Vec::new(),
+            parts: None,
+            len: 0,
+        })
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes> {
@@ -331,6 +326,85 @@ impl Storage {
         let p = Self::path("readyz")?;
         let _ = self.store.list(Some(&p)).try_collect::<Vec<_>>().await?;
         Ok(())
+    }
+}
+
+/// An object written as its bytes arrive: up to one part is held in memory, then parts go
+/// up as they fill, at most [`PARTS_IN_FLIGHT`] at a time, so memory stays bounded whatever
+/// the size. Nothing is visible under the key until [`finish`](Self::finish); an error,
+/// [`abort`](Self::abort) or a drop (a client that went away mid-upload) leaves no object:
+/// the parts sent so far are aborted.
+pub struct ObjectWriter {
+    store: Arc<dyn ObjectStore>,
+    path: ObjPath,
+    buf: Vec<u8>,
+    parts: Option<WriteMultipart>,
+    len: u64,
+}
+
+/// Parts of one object uploading at once.
+const PARTS_IN_FLIGHT: usize = 2;
+
+impl ObjectWriter {
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.len += chunk.len() as u64;
+        if let Some(w) = &mut self.parts {
+            w.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+            w.write(chunk);
+            return Ok(());
+        }
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() > PART {
+            let upload = self.store.put_multipart(&self.path).await?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+            w.write(&std::mem::take(&mut self.buf));
+            self.parts = Some(w);
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes the object visible; its size.
+    pub async fn finish(mut self) -> Result<u64> {
+        match self.parts.take() {
+            Some(w) => {
+                w.finish().await?;
+            }
+            None => {
+                let bytes = Bytes::from(std::mem::take(&mut self.buf));
+                self.store.put(&self.path, PutPayload::from(bytes)).await?;
+            }
+        }
+        Ok(self.len)
+    }
+
+    /// Drops what was written; nothing becomes visible.
+    pub async fn abort(mut self) {
+        if let Some(w) = self.parts.take() {
+            let _ = w.abort().await;
+        }
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        // Dropped unfinished (the request went away): abort the parts in the background so no
+        // incomplete upload lingers in the bucket.
+        if let Some(w) = self.parts.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = w.abort().await;
+                });
+            }
+        }
     }
 }
 

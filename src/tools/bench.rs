@@ -36,6 +36,13 @@ pub enum BenchWhat {
     /// Dataset validation throughput and memory: generated JSONL and CSV files of each size
     /// fed through the row validator in 64 KiB chunks, as an upload arrives.
     Validate(BenchValidateArgs),
+    /// Uploads end to end: generated JSONL and CSV bodies of each size streamed through
+    /// `POST /v1/files` (validation + the file store + the row) in a scratch database; time,
+    /// MB/s and peak RSS growth per upload.
+    Upload(super::bench_service::BenchUploadArgs),
+    /// Event streams: N idle SSE streams held open on a real listener; Postgres transactions
+    /// per second while they wait.
+    Streams(super::bench_service::BenchStreamsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -82,6 +89,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Compare(c) => bench_compare(*c),
         BenchWhat::Queue(q) => tokio::runtime::Runtime::new()?.block_on(bench_queue(q)),
         BenchWhat::Validate(v) => bench_validate(v),
+        BenchWhat::Upload(u) => super::bench_service::upload(u),
+        BenchWhat::Streams(a) => super::bench_service::streams(a),
     }
 }
 
@@ -507,10 +516,16 @@ fn loss_svg(results: &[(String, Vec<RunResult>)]) -> String {
     s
 }
 
-async fn bench_queue(a: BenchQueueArgs) -> Result<()> {
+/// Runs `f` against a scratch database (migrated, dropped afterwards) on the Postgres at
+/// `url`.
+pub(crate) async fn with_scratch_db<T, F, Fut>(url: &str, f: F) -> Result<T>
+where
+    F: FnOnce(sqlx::PgPool) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
     use sqlx::ConnectOptions;
-    let admin: PgConnectOptions = a.database_url.parse()?;
+    let admin: PgConnectOptions = url.parse()?;
     let name = format!("sparsegrad_bench_{}", std::process::id());
     let mut conn = admin.connect().await?;
     sqlx::query(&format!("create database {name}"))
@@ -518,10 +533,23 @@ async fn bench_queue(a: BenchQueueArgs) -> Result<()> {
         .await?;
     let result = async {
         let pool = PgPoolOptions::new()
-            .max_connections(a.claimers as u32 + 2)
+            .max_connections(32)
             .connect_with(admin.clone().database(&name))
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
+        let out = f(pool.clone()).await;
+        pool.close().await;
+        out
+    }
+    .await;
+    sqlx::query(&format!("drop database if exists {name} with (force)"))
+        .execute(&mut conn)
+        .await?;
+    result
+}
+
+async fn bench_queue(a: BenchQueueArgs) -> Result<()> {
+    with_scratch_db(&a.database_url, |pool| async move {
         sqlx::query("insert into tenants (id, name) values ('bench', 'bench')")
             .execute(&pool)
             .await?;
@@ -553,7 +581,6 @@ async fn bench_queue(a: BenchQueueArgs) -> Result<()> {
             total += t.await??;
         }
         let secs = t0.elapsed().as_secs_f64();
-        pool.close().await;
         println!(
             "{}",
             serde_json::json!({
@@ -563,12 +590,8 @@ async fn bench_queue(a: BenchQueueArgs) -> Result<()> {
             })
         );
         anyhow::Ok(())
-    }
-    .await;
-    sqlx::query(&format!("drop database if exists {name} with (force)"))
-        .execute(&mut conn)
-        .await?;
-    result
+    })
+    .await
 }
 
 fn bench_validate(a: BenchValidateArgs) -> Result<()> {

@@ -26,6 +26,8 @@ pub fn router() -> Router<AppState> {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
+mod intake;
+
 /// Largest non-file multipart field (`purpose`).
 const MAX_FIELD_BYTES: usize = 1024;
 
@@ -35,52 +37,59 @@ struct UploadQuery {
     filename: Option<String>,
 }
 
-/// Reads a body stream into memory, refusing it once it passes `limit`.
-async fn read_limited(body: Body, limit: u64) -> ApiResult<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut s = body.into_data_stream();
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::invalid(format!("reading the body: {e}"), Some("file"), "bad_body")
-        })?;
-        if (out.len() + chunk.len()) as u64 > limit {
-            return Err(ApiError::too_large(limit));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
+fn bad_multipart(e: axum::extract::multipart::MultipartError, field: &str) -> ApiError {
+    ApiError::invalid(e.body_text(), Some(field), "bad_multipart")
 }
 
+/// Uploads stream: each chunk is validated and sent to storage as it arrives (see
+/// [`intake`]), and the row is written only once the object is complete.
 async fn upload(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
     Query(q): Query<UploadQuery>,
     req: Request,
 ) -> ApiResult<Response> {
-    let limit = st.cfg.max_upload_bytes;
+    let _permit = st.gates.upload()?;
+    let quota = st.cfg.max_stored_bytes;
+    let used = datasets::stored_bytes(&st.db, &tenant).await?;
+    let room = quota.saturating_sub(used.max(0) as u64);
+    if room == 0 {
+        return Err(over_quota(quota));
+    }
+    // Past the room left in the quota the answer is the quota's, past the size cap the cap's.
+    let (limit, over_limit): (u64, fn(u64) -> ApiError) = if room < st.cfg.max_upload_bytes {
+        (room, |_| over_quota_during_upload())
+    } else {
+        (st.cfg.max_upload_bytes, ApiError::too_large)
+    };
+    let id = new_id("file");
+    let key = keys::file(&tenant, &id);
+    let mut intake = intake::Intake::new(&st.storage, &key, limit, over_limit)?;
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
     let (mut purpose, mut filename) = (q.purpose, q.filename);
-    let bytes = if is_multipart {
+    if is_multipart {
         let mut mp = Multipart::from_request(req, &st)
             .await
             .map_err(|e| ApiError::invalid(e.body_text(), Some("file"), "bad_multipart"))?;
-        let mut data = None;
+        let mut got_file = false;
         while let Some(mut field) = mp
             .next_field()
             .await
-            .map_err(|e| ApiError::invalid(e.body_text(), Some("file"), "bad_multipart"))?
+            .map_err(|e| bad_multipart(e, "file"))?
         {
             match field.name() {
                 Some("purpose") => {
                     // A small field: read with a cap, not whole.
                     let mut v = Vec::new();
-                    while let Some(chunk) = field.chunk().await.map_err(|e| {
-                        ApiError::invalid(e.body_text(), Some("purpose"), "bad_multipart")
-                    })? {
+                    while let Some(chunk) = field
+                        .chunk()
+                        .await
+                        .map_err(|e| bad_multipart(e, "purpose"))?
+                    {
                         if v.len() + chunk.len() > MAX_FIELD_BYTES {
                             return Err(ApiError::invalid(
                                 format!("at most {MAX_FIELD_BYTES} bytes"),
@@ -92,26 +101,41 @@ async fn upload(
                     }
                     purpose = Some(String::from_utf8_lossy(&v).into_owned());
                 }
-                Some("file") => {
+                Some("file") if !got_file => {
+                    got_file = true;
                     filename = filename.or(field.file_name().map(str::to_string));
-                    let mut buf = Vec::new();
-                    while let Some(chunk) = field.chunk().await.map_err(|e| {
-                        ApiError::invalid(e.body_text(), Some("file"), "bad_multipart")
-                    })? {
-                        if (buf.len() + chunk.len()) as u64 > limit {
-                            return Err(ApiError::too_large(limit));
-                        }
-                        buf.extend_from_slice(&chunk);
+                    while let Some(chunk) =
+                        field.chunk().await.map_err(|e| bad_multipart(e, "file"))?
+                    {
+                        intake.push(chunk).await?;
                     }
-                    data = Some(buf);
+                }
+                Some("file") => {
+                    return Err(ApiError::invalid(
+                        "more than one `file` part",
+                        Some("file"),
+                        "bad_multipart",
+                    ))
                 }
                 _ => {}
             }
         }
-        data.ok_or_else(|| ApiError::invalid("no `file` part", Some("file"), "missing_file"))?
+        if !got_file {
+            return Err(ApiError::invalid(
+                "no `file` part",
+                Some("file"),
+                "missing_file",
+            ));
+        }
     } else {
-        read_limited(req.into_body(), limit).await?
-    };
+        let mut body = req.into_body().into_data_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::invalid(format!("reading the body: {e}"), Some("file"), "bad_body")
+            })?;
+            intake.push(chunk).await?;
+        }
+    }
     let purpose = purpose.unwrap_or_else(|| "fine-tune".into());
     if purpose != "fine-tune" {
         return Err(ApiError::invalid(
@@ -132,49 +156,55 @@ async fn upload(
     } else {
         filename
     };
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid(
-            "the file is empty",
-            Some("file"),
-            "empty_file",
-        ));
-    }
-    // Validate every row before anything is stored (off the runtime: it parses the whole file).
-    let (bytes, format, task, rows) =
-        tokio::task::spawn_blocking(move || -> Result<_, sparsegrad_engine::Error> {
-            let format = sparsegrad_engine::data::detect_format(&bytes);
-            let recs = sparsegrad_engine::data::parse_records(&bytes)?;
-            let (task, _) = sparsegrad_engine::data::infer_task(&recs, None)?;
-            let rows = recs.len();
-            Ok((bytes, format, task, rows))
-        })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("file"), "invalid_file"))?;
-    let len = bytes.len() as i64;
-    let id = new_id("file");
-    let key = keys::file(&tenant, &id);
-    st.storage.put(&key, bytes.into()).await?;
+    let checked = intake.finish().await?;
+    let len = checked.writer.finish().await? as i64;
     let row = FileRow {
         id,
         tenant_id: tenant,
         filename,
         purpose,
         bytes: len,
-        format: format!("{format:?}").to_lowercase(),
-        task: task.name().into(),
-        rows: rows as i64,
+        format: format!("{:?}", checked.file.format).to_lowercase(),
+        task: checked.file.task.name().into(),
+        rows: checked.file.rows as i64,
         object_key: key.clone(),
         created_at: chrono::Utc::now(),
     };
-    match datasets::insert(&st.db, &row).await {
-        Ok(f) => Ok((axum::http::StatusCode::OK, axum::Json(FileObject::from(&f))).into_response()),
-        Err(e) => {
+    // The quota is decided again with the row, under the tenant's lock: concurrent uploads
+    // cannot together pass it.
+    let inserted = datasets::insert_within_quota(&st.db, &row, quota as i64).await;
+    match inserted {
+        Ok(Some(f)) => {
+            Ok((axum::http::StatusCode::OK, axum::Json(FileObject::from(&f))).into_response())
+        }
+        other => {
             // No row, no object.
             let _ = st.storage.delete(&key).await;
-            Err(e.into())
+            match other {
+                Err(e) => Err(e.into()),
+                _ => Err(over_quota(quota)),
+            }
         }
     }
+}
+
+fn over_quota(quota: u64) -> ApiError {
+    ApiError::too_many(
+        format!(
+            "your stored files and fine-tuned models take the quota of {quota} bytes: \
+             delete some to upload more"
+        ),
+        "storage_quota_exceeded",
+        60,
+    )
+}
+
+fn over_quota_during_upload() -> ApiError {
+    ApiError::too_many(
+        "this upload would pass your storage quota: delete some files to upload more",
+        "storage_quota_exceeded",
+        60,
+    )
 }
 
 async fn list(
@@ -208,8 +238,16 @@ async fn content(
     let f = datasets::get(&st.db, &tenant, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("file", &id))?;
-    let bytes = st.storage.get(&f.object_key).await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    // Streamed: a slow reader of a large file holds one chunk, not the file.
+    let (size, chunks) = st.storage.get_stream(&f.object_key).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 async fn delete(

@@ -1,5 +1,6 @@
 //! A job's events: a cursor list (newest first), or Server-Sent Events (oldest first, ending
-//! once the job is final and everything is sent, resumable with `Last-Event-ID` or `after`).
+//! once the job is final and everything is sent, resumable with `Last-Event-ID` or `after`;
+//! woken by the job's notifications, never polling; at most `max_event_streams` per tenant).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -10,9 +11,11 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
 use super::job_for;
+use crate::api::limits::StreamSlot;
 use crate::api::objects::{event_id, EventObject, List};
 use crate::api::{AppState, ListParams, Tenant};
 use crate::db::job_records::{self as records, EventRow};
+use crate::db::listen::JobWatch;
 use crate::domain::JobKind;
 use crate::error::{ApiError, ApiResult};
 
@@ -58,19 +61,26 @@ pub(super) async fn events(
             .map(|a| event_cursor(a, "after"))
             .transpose()?,
     };
-    Ok(Sse::new(event_stream(st, tenant, id, after.unwrap_or(0)))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    let slot = st.gates.stream(&tenant)?;
+    Ok(
+        Sse::new(event_stream(st, slot, tenant, id, after.unwrap_or(0)))
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+            .into_response(),
+    )
 }
 
 /// Events in order as they are written; ends once the job is final and everything is sent.
+/// Between queries it waits for the job's notification, not on a timer.
 fn event_stream(
     st: AppState,
+    slot: StreamSlot,
     tenant: String,
     job_id: String,
     after: i64,
 ) -> impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>> {
     struct S {
+        _slot: StreamSlot,
+        news: JobWatch,
         st: AppState,
         tenant: String,
         job_id: String,
@@ -79,6 +89,8 @@ fn event_stream(
         last_poll_empty_and_final: bool,
     }
     let s = S {
+        _slot: slot,
+        news: st.signals.watch(&job_id),
         st,
         tenant,
         job_id,
@@ -96,6 +108,8 @@ fn event_stream(
             if s.last_poll_empty_and_final {
                 return None;
             }
+            // Seen before the queries: news arriving while they run wakes the wait below.
+            s.news.mark_seen();
             // Status first, then events: a final status seen here means every event the
             // worker wrote before settling is visible to the query that follows.
             let status = match records::get(&s.st.db, &s.tenant, &s.job_id, JobKind::FineTune).await
@@ -113,7 +127,7 @@ fn event_stream(
                     s.buf.extend(rows);
                 }
                 Ok(_) if status.is_final() => s.last_poll_empty_and_final = true,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Ok(_) => s.news.changed().await,
                 Err(e) => {
                     tracing::warn!("event stream: {e}");
                     return None;

@@ -110,6 +110,7 @@ pub(super) async fn predict(
             "invalid_value",
         ));
     }
+    let _permit = st.gates.predict()?;
     let cache = st.cfg.data_dir.join("cache");
     let model_dir = materialize(&st.storage, &run.base, &cache.join("models"))
         .await
