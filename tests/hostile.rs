@@ -1,6 +1,8 @@
-//! A hostile tenant against the API (in-process router, real Postgres, real object storage
-//! on disk): model sources, untrusted model files and templates. Each test is one attack
-//! that used to succeed and must now get a clear 4xx and leave nothing behind.
+//! A hostile tenant against the API over real HTTP (the production listener on a local port,
+//! real Postgres, real object storage on disk): model sources, untrusted model files and
+//! templates, bounds, quotas and lifecycle rules. Each test is one attack that used to succeed
+//! and must now get a clear 4xx and leave nothing behind. Attacks on the listener itself
+//! (connections, bodies, streams) are in `hostile_http.rs`.
 
 mod common;
 

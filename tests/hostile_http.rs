@@ -435,3 +435,36 @@ async fn metrics_need_the_admin_key_or_an_operator_address(db: PgPool) {
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("sparsegrad_queue_depth"));
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn an_oversize_multipart_field_is_refused_without_being_read_whole(db: PgPool) {
+    let s = server(db.clone(), &[]).await;
+    let (_, key) = tenant_key(&s.st, "acme").await;
+    // A 64 MB `purpose` field before a good file part.
+    let b = "XBOUNDARYX";
+    let mut body =
+        format!("--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n").into_bytes();
+    body.extend(std::iter::repeat_n(b'p', 64 << 20));
+    body.extend_from_slice(
+        format!(
+            "\r\n--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.jsonl\"\r\n\r\n{}\r\n--{b}--\r\n",
+            tiny_rows(5, 1)
+        )
+        .as_bytes(),
+    );
+    let r = s
+        .http
+        .post(s.url("/v1/files"))
+        .bearer_auth(&key)
+        .header("content-type", format!("multipart/form-data; boundary={b}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "purpose", "{v}");
+    assert_eq!(v["error"]["code"], "field_too_large", "{v}");
+    assert_eq!(file_rows(&db).await, 0);
+    assert!(files_in_store(&s).await.is_empty());
+}

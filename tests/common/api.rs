@@ -1,5 +1,7 @@
-//! Driving the router in-process: a state over a per-test database, requests with a key,
-//! tenants and keys through the admin API, the error-envelope check.
+//! Driving the API over real HTTP: a state over a per-test database served by the production
+//! listener on a local port, requests with a key, tenants and keys through the admin API, the
+//! error-envelope check. (A state not served that way is driven through the router
+//! in-process.)
 
 use std::sync::Arc;
 
@@ -21,7 +23,8 @@ struct Wrap {
 
 pub const ADMIN: &str = "admin-secret";
 
-/// A state with the admin key, `extra` flags, and `storage` (default: in memory).
+/// A state with the admin key, `extra` flags, and `storage` (default: in memory), served
+/// over real HTTP on a local port (every request helper goes there).
 pub fn state_with(db: PgPool, extra: &[&str], storage: Option<Storage>) -> AppState {
     let mut args = vec![
         "x",
@@ -34,7 +37,75 @@ pub fn state_with(db: PgPool, extra: &[&str], storage: Option<Storage>) -> AppSt
     let cfg = Wrap::parse_from(args).cfg;
     let storage =
         storage.unwrap_or_else(|| Storage::from_url("memory://", &S3Settings::default()).unwrap());
-    AppState::new(db, storage, Arc::new(cfg))
+    let st = AppState::new(db, storage, Arc::new(cfg));
+    serve_over_http(&st);
+    st
+}
+
+/// States served on a local port, and where (the config's `Arc` identifies the state and,
+/// held here, is never reused for another).
+static SERVED: std::sync::Mutex<Vec<(Arc<Config>, std::net::SocketAddr)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Serves `st` with the production listener (`http::serve`, default limits) on a local port;
+/// from then on every request helper reaches it over real HTTP. Call inside the test's runtime.
+pub fn serve_over_http(st: &AppState) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    let l = tokio::net::TcpListener::from_std(l).unwrap();
+    let limits = sparsegrad_service::http::HttpLimits {
+        max_connections: 1024,
+        header_timeout: std::time::Duration::from_secs(15),
+        body_idle_timeout: std::time::Duration::from_secs(30),
+        drain: std::time::Duration::from_secs(1),
+    };
+    // The sender goes at once: the server runs until the test's runtime ends.
+    let (_, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(sparsegrad_service::http::serve(
+        l,
+        router(st.clone()),
+        limits,
+        stop,
+    ));
+    SERVED.lock().unwrap().push((st.cfg.clone(), addr));
+}
+
+fn served(st: &AppState) -> Option<std::net::SocketAddr> {
+    let s = SERVED.lock().unwrap();
+    s.iter()
+        .find(|(c, _)| Arc::ptr_eq(c, &st.cfg))
+        .map(|(_, a)| *a)
+}
+
+async fn over_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    uri: &str,
+    key: Option<&str>,
+    body: Body,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = reqwest::Client::new().request(method, format!("http://{addr}{uri}"));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    for (h, v) in headers {
+        req = req.header(*h, *v);
+    }
+    let r = req.body(body).send().await.unwrap();
+    let status = r.status();
+    let headers = r.headers().clone();
+    let bytes = r.bytes().await.unwrap().to_vec();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Resp {
+        status,
+        headers,
+        json,
+        bytes,
+    }
 }
 
 pub struct Resp {
@@ -52,6 +123,9 @@ pub async fn request(
     body: Body,
     headers: &[(&str, &str)],
 ) -> Resp {
+    if let Some(addr) = served(st) {
+        return over_http(addr, method, uri, key, body, headers).await;
+    }
     let mut req = Request::builder().method(method).uri(uri);
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
