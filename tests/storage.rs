@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use futures::TryStreamExt;
+
 use sparsegrad_service::storage::{S3Settings, Storage, StorageError};
 
 fn s3_settings(endpoint: &str) -> S3Settings {
@@ -54,6 +56,33 @@ async fn exercise(st: &Storage) {
         .await
         .unwrap();
     assert_eq!(&tail[..], &big[big.len() - 3..]);
+    // A range spanning parts, streamed.
+    let mid: Vec<u8> = st
+        .get_range_stream("c/big.bin", (7 << 20)..(17 << 20) + 5)
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .concat();
+    assert!(
+        mid == big[7 << 20..(17 << 20) + 5],
+        "streamed range differs"
+    );
+
+    // A writer's object is invisible until finished; an aborted one never appears.
+    let mut w = st.writer("d/streamed.bin").unwrap();
+    for chunk in big.chunks(3 << 20) {
+        w.write(chunk).await.unwrap();
+    }
+    assert_eq!(st.size("d/streamed.bin").await.unwrap(), None);
+    assert_eq!(w.finish().await.unwrap(), big.len() as u64);
+    assert!(st.get("d/streamed.bin").await.unwrap() == big);
+    let mut w = st.writer("d/aborted.bin").unwrap();
+    w.write(&big).await.unwrap();
+    w.abort().await;
+    assert_eq!(st.size("d/aborted.bin").await.unwrap(), None);
+    st.delete_prefix("d").await.unwrap();
 
     assert_eq!(st.delete_prefix("a").await.unwrap(), 2);
     assert!(st.list("a").await.unwrap().is_empty());

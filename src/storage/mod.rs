@@ -219,6 +219,24 @@ impl Storage {
         }
     }
 
+    /// A byte range of an object as a stream of chunks (a large range never sits in memory).
+    pub async fn get_range_stream(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes>>> {
+        use futures::StreamExt;
+        let opts = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(range)),
+            ..Default::default()
+        };
+        match self.store.get_opts(&Self::path(key)?, opts).await {
+            Ok(r) => Ok(r.into_stream().map(|c| c.map_err(Into::into)).boxed()),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound(key.into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// A small object whole, or [`StorageError::TooLarge`] past `max` bytes: one read that
     /// stops there (a size asked for first could change before the read).
     pub async fn get_small(&self, key: &str, max: u64) -> Result<Bytes> {

@@ -119,13 +119,14 @@ pub(super) async fn artifact_content(
             Ok(resp)
         }
         Some(Ok(Some((start, end)))) => {
-            let bytes = st
+            // Streamed like the whole object: `bytes=0-` of a merged model is no smaller.
+            let stream = st
                 .storage
-                .get_range(&art.object_key, start..end + 1)
+                .get_range_stream(&art.object_key, start..end + 1)
                 .await?;
-            base(StatusCode::PARTIAL_CONTENT, bytes.len() as u64)
+            base(StatusCode::PARTIAL_CONTENT, end + 1 - start)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
-                .body(Body::from(bytes))
+                .body(Body::from_stream(stream))
                 .map_err(ApiError::internal)
         }
         _ => {
