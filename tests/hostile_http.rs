@@ -1,7 +1,7 @@
 //! A hostile tenant against a real server over real HTTP (the process's own listener on a
 //! local port, real Postgres, the embedded file store): connections that never finish their
 //! headers, bodies that stop, uploads that are large, broken, abandoned or past the quota,
-//! too many event streams, and the unauthenticated `/metrics`. Every wait is bounded by a
+//! too many event streams, the unauthenticated `/metrics`, and a server killed mid-upload. Every wait is bounded by a
 //! generous guard so a regression fails instead of hanging; none is a performance claim.
 
 mod common;
@@ -467,4 +467,123 @@ async fn an_oversize_multipart_field_is_refused_without_being_read_whole(db: PgP
     assert_eq!(v["error"]["code"], "field_too_large", "{v}");
     assert_eq!(file_rows(&db).await, 0);
     assert!(files_in_store(&s).await.is_empty());
+}
+
+/// `sparsegrad serve` (API only) as a child process on the test's database.
+struct Child {
+    proc: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+async fn spawn_serve(db: &PgPool, data: &std::path::Path) -> Child {
+    let (name,): (String,) = sqlx::query_as("select current_database()")
+        .fetch_one(db)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proc = std::process::Command::new(env!("CARGO_BIN_EXE_sparsegrad"))
+        .args(["serve", "--workers", "0", "--admin-key", ADMIN])
+        .arg("--listen")
+        .arg(port.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .env("DATABASE_URL", url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let up = http.get(format!("http://{port}/healthz")).send().await;
+        if up.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Child { proc, addr: port }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_server_killed_mid_upload_stores_nothing_and_sweeps_the_leftover_at_start(db: PgPool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut child = spawn_serve(&db, &data).await;
+    let st = state_with(db.clone(), &[], None);
+    let (_, key) = tenant_key(&st, "acme").await;
+    let mut c = TcpStream::connect(child.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/files?purpose=fine-tune HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: 100000000\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    c.write_all(rows(200_000).as_bytes()).await.unwrap();
+    let objects = data.join("objects");
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while walk(&objects).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no part was staged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // kill -9 while the upload is half stored.
+    child.proc.kill().unwrap();
+    child.proc.wait().unwrap();
+    drop(c);
+    assert_eq!(file_rows(&db).await, 0);
+    let left = walk(&objects);
+    assert!(
+        !left.is_empty() && left.iter().all(|p| p.to_string_lossy().contains('#')),
+        "only a staging file, never a visible object: {left:?}"
+    );
+    // Restarted after the leftover aged past the sweep's hour: it is removed at start, and
+    // the tenant's files are as before the crash.
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for p in &left {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+    }
+    let child = spawn_serve(&db, &data).await;
+    assert_eq!(walk(&objects), Vec::<std::path::PathBuf>::new());
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/v1/files", child.addr))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["data"], json!([]), "{v}");
 }
