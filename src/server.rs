@@ -173,6 +173,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
         );
     }
     let mut workers = Vec::new();
+    let cancels = crate::db::listen::JobSignals::new(db.clone(), crate::queue::CANCEL_CHANNEL);
     for i in 0..cfg.workers {
         let ctx = WorkerCtx {
             db: db.clone(),
@@ -181,6 +182,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             worker_id: format!("{}-{}-{i}", cfg.host, std::process::id()),
             work_dir: cfg.data_dir.join("work"),
             heartbeat: cfg.queue().lease / 5,
+            cancels: cancels.clone(),
             cache_dir: Some(cfg.data_dir.join("cache")),
             model_cache: cfg.data_dir.join("cache").join("models"),
             device: device.clone(),

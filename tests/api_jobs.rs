@@ -53,6 +53,10 @@ fn env(db: PgPool) -> Env {
         worker_id: "w1".into(),
         work_dir: tmp.path().join("work"),
         heartbeat: Duration::from_millis(50),
+        cancels: sparsegrad_service::db::listen::JobSignals::new(
+            st.db.clone(),
+            sparsegrad_service::queue::CANCEL_CHANNEL,
+        ),
         cache_dir: None,
         model_cache: tmp.path().join("model-cache"),
         device: candle_core::Device::Cpu,

@@ -60,6 +60,10 @@ async fn upload_train_follow_download_merge_predict_over_http(db: PgPool) {
             worker_id: "e2e-worker".into(),
             work_dir: tmp.path().join("work"),
             heartbeat: Duration::from_secs(1),
+            cancels: sparsegrad_service::db::listen::JobSignals::new(
+                db.clone(),
+                sparsegrad_service::queue::CANCEL_CHANNEL,
+            ),
             cache_dir: Some(tmp.path().join("cache")),
             model_cache: tmp.path().join("model-cache"),
             device: candle_core::Device::Cpu,

@@ -320,6 +320,10 @@ fn worker(e: &Env) -> WorkerCtx {
         worker_id: "w1".into(),
         work_dir: e.tmp.path().join("work"),
         heartbeat: std::time::Duration::from_millis(50),
+        cancels: sparsegrad_service::db::listen::JobSignals::new(
+            e.st.db.clone(),
+            sparsegrad_service::queue::CANCEL_CHANNEL,
+        ),
         cache_dir: None,
         model_cache: e.tmp.path().join("model-cache"),
         device: candle_core::Device::Cpu,

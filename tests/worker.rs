@@ -55,6 +55,10 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
         worker_id: "w1".into(),
         work_dir: tmp.path().join("work"),
         heartbeat: Duration::from_millis(50),
+        cancels: sparsegrad_service::db::listen::JobSignals::new(
+            db.clone(),
+            sparsegrad_service::queue::CANCEL_CHANNEL,
+        ),
         cache_dir: None,
         model_cache: tmp.path().join("models"),
         device: candle_core::Device::Cpu,
@@ -282,6 +286,49 @@ async fn cancelling_a_running_job_stops_it(db: PgPool) {
         }
     );
     assert_eq!(job_row(&db, "job_c").await.0, "cancelled");
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_cancel_reaches_a_running_job_without_waiting_for_its_heartbeat(db: PgPool) {
+    let e = env(&db, None).await;
+    e.ctx
+        .storage
+        .put("in/train.jsonl", rows(40, 3).into())
+        .await
+        .unwrap();
+    enqueue(
+        &db,
+        "job_p",
+        &spec(&e.model, "in/train.jsonl", 1_000_000, None),
+    )
+    .await;
+    // A heartbeat an hour apart (and a lease to match): only the `job_cancel` notification
+    // can stop this job within the guard.
+    let ctx = WorkerCtx {
+        heartbeat: Duration::from_secs(3600),
+        queue: QueueConfig {
+            lease: Duration::from_secs(7200),
+            ..e.ctx.queue.clone()
+        },
+        ..e.ctx.clone()
+    };
+    let run = tokio::spawn(async move { try_run_one(&ctx).await.unwrap() });
+    wait_for_event(&db, "job_p", "step 3/").await;
+    assert_eq!(
+        queue::cancel(&db, "t1", "job_p").await.unwrap(),
+        Cancelled::Requested
+    );
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the cancel was pushed, not left to an hourly heartbeat")
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_p".into(),
+            status: JobStatus::Cancelled
+        }
+    );
 }
 
 #[sqlx::test(migrations = "./migrations")]

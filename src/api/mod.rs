@@ -45,7 +45,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(db: PgPool, storage: Storage, cfg: Arc<Config>) -> Self {
         AppState {
-            signals: crate::db::listen::JobSignals::new(db.clone()),
+            signals: crate::db::listen::JobSignals::new(db.clone(), crate::db::listen::EVENTS),
             db,
             storage,
             http: Default::default(),

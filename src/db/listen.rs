@@ -1,7 +1,8 @@
-//! One `LISTEN job_events` connection per process, fanned out to the event streams that
-//! wait on a job: a stream wakes when its job has news, so open streams cost Postgres
-//! nothing while they wait, however many there are. The connection is opened with the first
-//! stream and closed once the state that owns it is gone.
+//! One `LISTEN` connection per channel and process, fanned out to the tasks that wait on a
+//! job: on `job_events` the API's event streams wake when their job has news (so open streams
+//! cost Postgres nothing while they wait, however many there are); on `job_cancel` a worker
+//! learns at once that its job was cancelled. The connection is opened with the first waiter
+//! and closed once the owner is gone.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -11,7 +12,8 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-pub const CHANNEL: &str = "job_events";
+/// Every new event and status change of a job (payload: the job id; see the migrations).
+pub const EVENTS: &str = "job_events";
 
 #[derive(Default)]
 struct Waiters {
@@ -22,6 +24,7 @@ struct Waiters {
 #[derive(Clone)]
 pub struct JobSignals {
     db: PgPool,
+    channel: &'static str,
     waiters: Arc<Mutex<Waiters>>,
 }
 
@@ -69,9 +72,11 @@ fn bump(tx: &watch::Sender<u64>) {
 }
 
 impl JobSignals {
-    pub fn new(db: PgPool) -> Self {
+    /// Signals for the notifications on `channel` whose payload is a job id.
+    pub fn new(db: PgPool, channel: &'static str) -> Self {
         JobSignals {
             db,
+            channel,
             waiters: Default::default(),
         }
     }
@@ -80,7 +85,11 @@ impl JobSignals {
         let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         if !w.listening {
             w.listening = true;
-            tokio::spawn(listen(self.db.clone(), Arc::downgrade(&self.waiters)));
+            tokio::spawn(listen(
+                self.db.clone(),
+                self.channel,
+                Arc::downgrade(&self.waiters),
+            ));
         }
         let rx = w
             .by_job
@@ -111,7 +120,7 @@ fn bump_all(waiters: &Weak<Mutex<Waiters>>) -> bool {
     true
 }
 
-async fn listen(db: PgPool, waiters: Weak<Mutex<Waiters>>) {
+async fn listen(db: PgPool, channel: &'static str, waiters: Weak<Mutex<Waiters>>) {
     let mut listener: Option<PgListener> = None;
     loop {
         if waiters.strong_count() == 0 {
@@ -122,7 +131,7 @@ async fn listen(db: PgPool, waiters: Weak<Mutex<Waiters>>) {
             None => {
                 let connected: sqlx::Result<PgListener> = async {
                     let mut l = PgListener::connect_with(&db).await?;
-                    l.listen(CHANNEL).await?;
+                    l.listen(channel).await?;
                     Ok(l)
                 }
                 .await;
@@ -132,7 +141,7 @@ async fn listen(db: PgPool, waiters: Weak<Mutex<Waiters>>) {
                         listener.insert(l)
                     }
                     Err(e) => {
-                        tracing::warn!("job events listener: {e}; retrying");
+                        tracing::warn!("listener on {channel}: {e}; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
@@ -156,7 +165,7 @@ async fn listen(db: PgPool, waiters: Weak<Mutex<Waiters>>) {
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!("job events listener: {e}; reconnecting");
+                tracing::warn!("listener on {channel}: {e}; reconnecting");
                 listener = None;
                 bump_all(&waiters);
                 tokio::time::sleep(Duration::from_secs(1)).await;

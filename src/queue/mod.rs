@@ -16,8 +16,8 @@
 //! - **Reap** returns jobs with expired leases to the queue, or fails them after
 //!   `max_attempts`.
 //! - **Cancel**: a queued job is cancelled at once; a running one is flagged (`cancelling`)
-//!   and a `NOTIFY job_cancel` announces it; its worker sees the flag at its next heartbeat,
-//!   stops and confirms.
+//!   and a `NOTIFY job_cancel` announces it; its worker, listening, heartbeats at once, sees
+//!   the flag, stops and confirms (a lost notification costs at most one heartbeat interval).
 //!
 //! [`lifecycle`] holds the state changes, [`enqueue`] the inserts, [`records`] what a worker
 //! writes under its fence besides, [`positions`] where queued jobs stand.

@@ -118,6 +118,7 @@ pub(super) async fn run(
         .map_err(|e| Stop::Infra(format!("cannot start the training thread: {e}")))?;
 
     let mut beat = tokio::time::interval(ctx.heartbeat);
+    let mut cancel_news = ctx.cancels.watch(&lease.job_id);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_progress: Option<serde_json::Value> = None;
     // The first reason to stop; training is told to cancel and drained to its end.
@@ -146,7 +147,13 @@ pub(super) async fn run(
                 }
                 drop(ack);
             }
-            _ = beat.tick() => {
+            // A heartbeat on time, or at once when a cancellation is announced for this job.
+            _ = async {
+                tokio::select! {
+                    _ = beat.tick() => {}
+                    _ = cancel_news.changed() => {}
+                }
+            } => {
                 if abort.is_some() {
                     continue;
                 }

@@ -1,6 +1,7 @@
 //! The worker: claims a job, fetches its inputs from storage, runs the engine on a dedicated
 //! thread (never on the async runtime), turns engine progress into events and heartbeats,
-//! honours cancellation within a heartbeat, uploads checkpoints and the artifact, and on a
+//! honours cancellation as soon as it is announced (`LISTEN job_cancel`; at the latest at the
+//! next heartbeat), uploads checkpoints and the artifact, and on a
 //! retry resumes from the last uploaded checkpoint.
 //!
 //! [`try_run_one`] is one step of the loop — claim, run to the end, report — so tests drive it
@@ -33,6 +34,9 @@ pub struct WorkerCtx {
     pub work_dir: PathBuf,
     /// How often the lease is renewed (and cancellation polled); well under the lease.
     pub heartbeat: Duration,
+    /// Cancellations announced on `job_cancel`: a running job hears of its own at once,
+    /// not at its next heartbeat. One per process, shared by its workers.
+    pub cancels: crate::db::listen::JobSignals,
     /// Where SparseGrad bases are cached between jobs.
     pub cache_dir: Option<PathBuf>,
     /// Local copies of base models registered in object storage.
