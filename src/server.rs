@@ -1,5 +1,6 @@
-//! `sparsegrad serve` (API + in-process workers) and `sparsegrad worker` (workers only): one
-//! shutdown signal (SIGTERM / ctrl-c) stops the server gracefully and the workers' loops. A
+//! `sparsegrad serve` (API + in-process workers) and `sparsegrad worker` (workers only), each
+//! with a reaper task: one shutdown signal (SIGTERM / ctrl-c) stops the server gracefully,
+//! the workers' loops and the reaper. A
 //! job still running at shutdown is left to its lease: the reaper re-queues it and the next
 //! attempt resumes from its last checkpoint.
 
@@ -83,6 +84,30 @@ pub async fn worker_loop(ctx: WorkerCtx, stop: watch::Receiver<bool>) {
                 }
             },
             _ = stopped(stop.clone()) => return,
+        }
+    }
+}
+
+/// Reaps expired leases every `every` until shutdown, whatever the workers are doing: with
+/// every worker busy on a long job, a dead worker's job is still returned to the queue. Every
+/// `serve` and `worker` process runs one; [`crate::queue::reap`] lets one pass run at a time.
+pub async fn reaper_loop(
+    db: PgPool,
+    queue: crate::queue::QueueConfig,
+    every: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(stop.clone()) => return,
+        }
+        match crate::queue::reap(&db, &queue).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("reaped {n} jobs with expired leases"),
+            Err(e) => tracing::warn!("reaping failed: {e}"),
         }
     }
 }
@@ -172,6 +197,13 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             sparsegrad_engine::device::device_name(&device)
         );
     }
+    // A quarter of the lease: a dead worker's job waits at most that long past its expiry.
+    let reaper = tokio::spawn(reaper_loop(
+        db.clone(),
+        cfg.queue(),
+        (cfg.queue().lease / 4).max(Duration::from_secs(1)),
+        stop.clone(),
+    ));
     let mut workers = Vec::new();
     let cancels = crate::db::listen::JobSignals::new(db.clone(), crate::queue::CANCEL_CHANNEL);
     for i in 0..cfg.workers {
@@ -220,6 +252,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
     for w in workers {
         let _ = w.await;
     }
+    let _ = reaper.await;
     Ok(())
 }
 

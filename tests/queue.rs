@@ -229,6 +229,52 @@ async fn expired_lease_is_reaped_with_backoff_and_the_zombie_is_fenced_out(pool:
 }
 
 #[sqlx::test(migrations = "./migrations")]
+async fn the_reaper_task_returns_a_dead_workers_job_with_no_worker_idle(pool: PgPool) {
+    tenant(&pool, "t1").await;
+    queue::enqueue(&pool, &job("j1", "t1")).await.unwrap();
+    queue::claim(&pool, "w-dead", &cfg())
+        .await
+        .unwrap()
+        .unwrap();
+    expire_lease(&pool, "j1").await;
+    // No worker calls `try_run_one` here: only the process's reaper task runs.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let reaper = tokio::spawn(sparsegrad_service::server::reaper_loop(
+        pool.clone(),
+        cfg(),
+        Duration::from_millis(50),
+        stop,
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while status(&pool, "j1").await.0 != "queued" {
+        assert!(tokio::time::Instant::now() < deadline, "never reaped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_tx.send(true).unwrap();
+    reaper.await.unwrap();
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn one_reaper_at_a_time(pool: PgPool) {
+    tenant(&pool, "t1").await;
+    queue::enqueue(&pool, &job("j1", "t1")).await.unwrap();
+    queue::claim(&pool, "w-dead", &cfg())
+        .await
+        .unwrap()
+        .unwrap();
+    expire_lease(&pool, "j1").await;
+    // Another process is mid-pass (it holds the reaper's lock): this pass skips.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('sparsegrad:reap', 0))")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(queue::reap(&pool, &cfg()).await.unwrap(), 0);
+    other.rollback().await.unwrap();
+    assert_eq!(queue::reap(&pool, &cfg()).await.unwrap(), 1);
+}
+
+#[sqlx::test(migrations = "./migrations")]
 async fn max_attempts_fails_the_job_and_keeps_the_error(pool: PgPool) {
     tenant(&pool, "t1").await;
     queue::enqueue(

@@ -177,6 +177,15 @@ pub async fn fail(
 /// Returns how many jobs it touched.
 pub async fn reap(db: &sqlx::PgPool, cfg: &QueueConfig) -> Result<u64> {
     let mut tx = db.begin().await?;
+    // One reaper at a time across every process on this database: the others skip this pass
+    // (reaping twice would be harmless, only wasted).
+    let (mine,): (bool,) =
+        sqlx::query_as("select pg_try_advisory_xact_lock(hashtextextended('sparsegrad:reap', 0))")
+            .fetch_one(&mut *tx)
+            .await?;
+    if !mine {
+        return Ok(0);
+    }
     // `no key update`: a worker's event and metric inserts hold key-share locks on its job
     // row (their foreign keys), which must not hide the job from the reaper; rows another
     // reaper or a heartbeat is updating right now are left to that one / the next pass.

@@ -14,7 +14,8 @@
 //!   once; infrastructure errors and expired leases go back to the queue with exponential
 //!   backoff and jitter while attempts remain. The queue's time is a [`Clock`] tests can move.
 //! - **Reap** returns jobs with expired leases to the queue, or fails them after
-//!   `max_attempts`.
+//!   `max_attempts`; one pass at a time (an advisory lock), run by a task in every process
+//!   (`server::reaper_loop`) and before each claim.
 //! - **Cancel**: a queued job is cancelled at once; a running one is flagged (`cancelling`)
 //!   and a `NOTIFY job_cancel` announces it; its worker, listening, heartbeats at once, sees
 //!   the flag, stops and confirms (a lost notification costs at most one heartbeat interval).
