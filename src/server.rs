@@ -1,8 +1,8 @@
 //! `sparsegrad serve` (API + in-process workers) and `sparsegrad worker` (workers only), each
 //! with a reaper task: one shutdown signal (SIGTERM / ctrl-c) stops the server gracefully,
-//! the workers' loops and the reaper. A
-//! job still running at shutdown is left to its lease: the reaper re-queues it and the next
-//! attempt resumes from its last checkpoint.
+//! the reaper, and the workers' loops — a running fine-tune checkpoints at its next step and
+//! is handed back to the queue at once, costing no attempt (within 25 s; past that it is left
+//! to its lease).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,30 +63,33 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     }
 }
 
-/// Claims and runs jobs until shutdown; polls once a second when the queue is empty.
+/// Claims and runs jobs until shutdown; polls once a second when the queue is empty. A job
+/// running at shutdown is not dropped mid-way: it hears the signal through `ctx.drain`,
+/// checkpoints at its next step and is handed back to the queue, and then the loop ends.
 pub async fn worker_loop(ctx: WorkerCtx, stop: watch::Receiver<bool>) {
     loop {
         if *stop.borrow() {
             return;
         }
-        tokio::select! {
-            r = try_run_one(&ctx) => match r {
-                Ok(Outcome::Empty) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stopped(stop.clone()) => return,
-                    }
+        match try_run_one(&ctx).await {
+            Ok(Outcome::Empty) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopped(stop.clone()) => return,
                 }
-                Ok(o) => tracing::info!(worker = %ctx.worker_id, "{o:?}"),
-                Err(e) => {
-                    tracing::warn!(worker = %ctx.worker_id, "worker step failed: {e}");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            },
-            _ = stopped(stop.clone()) => return,
+            }
+            Ok(o) => tracing::info!(worker = %ctx.worker_id, "{o:?}"),
+            Err(e) => {
+                tracing::warn!(worker = %ctx.worker_id, "worker step failed: {e}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
         }
     }
 }
+
+/// How long shutdown waits for running jobs to checkpoint and hand themselves back (under
+/// the systemd unit's `TimeoutStopSec`); a job still running then is left to its lease.
+const WORKER_DRAIN: Duration = Duration::from_secs(25);
 
 /// Reaps expired leases every `every` until shutdown, whatever the workers are doing: with
 /// every worker busy on a long job, a dead worker's job is still returned to the queue. Every
@@ -215,6 +218,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             work_dir: cfg.data_dir.join("work"),
             heartbeat: cfg.queue().lease / 5,
             cancels: cancels.clone(),
+            drain: stop.clone(),
             cache_dir: Some(cfg.data_dir.join("cache")),
             model_cache: cfg.data_dir.join("cache").join("models"),
             device: device.clone(),
@@ -249,8 +253,11 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
     } else {
         stopped(stop).await;
     }
-    for w in workers {
-        let _ = w.await;
+    if tokio::time::timeout(WORKER_DRAIN, futures::future::join_all(workers))
+        .await
+        .is_err()
+    {
+        tracing::warn!("jobs still running after {WORKER_DRAIN:?}: left to their leases");
     }
     let _ = reaper.await;
     Ok(())

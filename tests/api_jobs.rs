@@ -57,6 +57,7 @@ fn env(db: PgPool) -> Env {
             st.db.clone(),
             sparsegrad_service::queue::CANCEL_CHANNEL,
         ),
+        drain: tokio::sync::watch::channel(false).1,
         cache_dir: None,
         model_cache: tmp.path().join("model-cache"),
         device: candle_core::Device::Cpu,

@@ -64,6 +64,7 @@ async fn upload_train_follow_download_merge_predict_over_http(db: PgPool) {
                 db.clone(),
                 sparsegrad_service::queue::CANCEL_CHANNEL,
             ),
+            drain: tokio::sync::watch::channel(false).1,
             cache_dir: Some(tmp.path().join("cache")),
             model_cache: tmp.path().join("model-cache"),
             device: candle_core::Device::Cpu,

@@ -324,6 +324,7 @@ fn worker(e: &Env) -> WorkerCtx {
             e.st.db.clone(),
             sparsegrad_service::queue::CANCEL_CHANNEL,
         ),
+        drain: tokio::sync::watch::channel(false).1,
         cache_dir: None,
         model_cache: e.tmp.path().join("model-cache"),
         device: candle_core::Device::Cpu,

@@ -1,7 +1,8 @@
 //! A hostile tenant against a real server over real HTTP (the process's own listener on a
 //! local port, real Postgres, the embedded file store): connections that never finish their
 //! headers, bodies that stop, uploads that are large, broken, abandoned or past the quota,
-//! too many event streams, the unauthenticated `/metrics`, and a server killed mid-upload. Every wait is bounded by a
+//! too many event streams, the unauthenticated `/metrics`, a server killed mid-upload, and
+//! one stopped with SIGTERM while it trains. Every wait is bounded by a
 //! generous guard so a regression fails instead of hanging; none is a performance claim.
 
 mod common;
@@ -483,6 +484,10 @@ impl Drop for Child {
 }
 
 async fn spawn_serve(db: &PgPool, data: &std::path::Path) -> Child {
+    spawn_serve_with(db, data, &["--workers", "0"]).await
+}
+
+async fn spawn_serve_with(db: &PgPool, data: &std::path::Path, extra: &[&str]) -> Child {
     let (name,): (String,) = sqlx::query_as("select current_database()")
         .fetch_one(db)
         .await
@@ -494,7 +499,8 @@ async fn spawn_serve(db: &PgPool, data: &std::path::Path) -> Child {
         .local_addr()
         .unwrap();
     let proc = std::process::Command::new(env!("CARGO_BIN_EXE_sparsegrad"))
-        .args(["serve", "--workers", "0", "--admin-key", ADMIN])
+        .args(["serve", "--admin-key", ADMIN])
+        .args(extra)
         .arg("--listen")
         .arg(port.to_string())
         .arg("--data-dir")
@@ -586,4 +592,89 @@ async fn a_server_killed_mid_upload_stores_nothing_and_sweeps_the_leftover_at_st
         .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"], json!([]), "{v}");
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn sigterm_hands_a_running_job_back_checkpointed_and_the_process_exits(db: PgPool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let models = tmp.path().join("models");
+    write_tiny_model_dir(&models.join("tiny-bert"), Arch::Bert, 1).unwrap();
+    let mut child = spawn_serve_with(
+        &db,
+        &data,
+        &["--workers", "1", "--models-dir", models.to_str().unwrap()],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", child.addr);
+    let st = state_with(db.clone(), &[], None);
+    let (_, key) = tenant_key(&st, "acme").await;
+    let f: Value = http
+        .post(format!("{base}/v1/files?purpose=fine-tune"))
+        .bearer_auth(&key)
+        .body(tiny_rows(40, 1))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job: Value = http
+        .post(format!("{base}/v1/fine_tuning/jobs"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "tiny-bert", "training_file": f["id"],
+               "method": {"type": "full", "hyperparameters": {"max_steps": 100000}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let step_seen = |db: PgPool, id: String| async move {
+        sqlx::query_as::<_, (i64,)>(
+            "select count(*) from job_events where job_id = $1 and message like 'step %'",
+        )
+        .bind(id)
+        .fetch_one(&db)
+        .await
+        .unwrap()
+        .0 > 0
+    };
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while !step_seen(db.clone(), id.clone()).await {
+        assert!(tokio::time::Instant::now() < deadline, "the job never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = child.proc.id().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let r = child.proc.wait();
+        (r, child)
+    });
+    let (status, _child) = tokio::time::timeout(GUARD, exited).await.unwrap().unwrap();
+    assert!(status.unwrap().success());
+    let (status, attempt, ckpts): (String, i32, i64) = sqlx::query_as(
+        "select status, attempt, (select count(*) from job_checkpoints c where c.job_id = j.id)
+           from jobs j where id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), attempt), ("queued", 1));
+    assert!(ckpts >= 1, "the drain checkpointed the steps done");
+    let (handed,): (i64,) = sqlx::query_as(
+        "select count(*) from job_events where job_id = $1 and message like 'handed back at shutdown%'",
+    )
+    .bind(&id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(handed, 1);
 }

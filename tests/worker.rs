@@ -59,6 +59,7 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
             db.clone(),
             sparsegrad_service::queue::CANCEL_CHANNEL,
         ),
+        drain: tokio::sync::watch::channel(false).1,
         cache_dir: None,
         model_cache: tmp.path().join("models"),
         device: candle_core::Device::Cpu,
@@ -329,6 +330,82 @@ async fn a_cancel_reaches_a_running_job_without_waiting_for_its_heartbeat(db: Pg
             status: JobStatus::Cancelled
         }
     );
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn at_shutdown_a_running_job_checkpoints_and_is_handed_back_at_once(db: PgPool) {
+    let e = env(&db, None).await;
+    e.ctx
+        .storage
+        .put("in/train.jsonl", rows(40, 3).into())
+        .await
+        .unwrap();
+    // No periodic checkpoint before the end: only the drain writes one.
+    enqueue(
+        &db,
+        "job_d",
+        &spec(&e.model, "in/train.jsonl", 60, Some(1000)),
+    )
+    .await;
+    let (budget,): (i32,) = sqlx::query_as("select max_attempts from jobs where id = 'job_d'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let (stop, drain) = tokio::sync::watch::channel(false);
+    let ctx = WorkerCtx {
+        drain,
+        ..e.ctx.clone()
+    };
+    let run = tokio::spawn(async move { try_run_one(&ctx).await.unwrap() });
+    wait_for_event(&db, "job_d", "step 3/").await;
+    stop.send(true).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Released {
+            job_id: "job_d".into()
+        }
+    );
+    // Queued, runnable now, the attempt not held against it, its steps checkpointed.
+    let (status, attempt, max_attempts, runnable): (String, i32, i32, bool) = sqlx::query_as(
+        "select status, attempt, max_attempts, run_after <= now() from jobs where id = 'job_d'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), attempt, runnable), ("queued", 1, true));
+    assert_eq!(max_attempts, budget + 1);
+    let (step,): (i32,) =
+        sqlx::query_as("select max(step) from job_checkpoints where job_id = 'job_d'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!((3..60).contains(&step), "{step}");
+    // The next worker resumes from there and finishes.
+    let second = WorkerCtx {
+        worker_id: "w2".into(),
+        ..e.ctx.clone()
+    };
+    let out = try_run_one(&second).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_d".into(),
+            status: JobStatus::Succeeded
+        }
+    );
+    let msgs = messages(&db, "job_d").await;
+    assert!(
+        msgs.iter()
+            .any(|m| m == &format!("resuming from step {step}")),
+        "{msgs:?}"
+    );
+    assert!(msgs
+        .iter()
+        .any(|m| m.starts_with("handed back at shutdown")));
 }
 
 #[sqlx::test(migrations = "./migrations")]

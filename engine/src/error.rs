@@ -29,6 +29,10 @@ pub enum Error {
     Artifact(String),
     #[error("training was cancelled")]
     Cancelled,
+    /// Stopped at a step boundary to hand the run over (the process is shutting down); the
+    /// steps done are in the last checkpoint.
+    #[error("training stopped after step {step} to be resumed elsewhere")]
+    Drained { step: usize },
     #[error("{0}")]
     Other(String),
 }

@@ -153,11 +153,47 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
             },
         )
         .unwrap();
+        // Drained after step 7 (between periodic checkpoints): the steps done are saved as
+        // step-7, and the run resumed from there ends where the uninterrupted one does.
+        let dk = tmp.path().join("drained");
+        let drain = AtomicBool::new(false);
+        let mut on_event = |e: &Event| {
+            if let Event::Step(p) = e {
+                if p.step == 7 {
+                    drain.store(true, Ordering::SeqCst);
+                }
+            }
+        };
+        let r = run_job(
+            &s,
+            &Device::Cpu,
+            TrainIo {
+                checkpoint_dir: Some(dk.clone()),
+                drain: Some(&drain),
+                ..TrainIo::new(&mut on_event, &cancel)
+            },
+        );
+        assert!(
+            matches!(r, Err(sparsegrad_engine::Error::Drained { step: 7 })),
+            "{arch:?}: {:?}",
+            r.err()
+        );
+        let from_drain = run_job(
+            &s,
+            &Device::Cpu,
+            TrainIo {
+                resume_from: Some(dk.join("step-7")),
+                ..TrainIo::new(&mut |_| {}, &cancel)
+            },
+        )
+        .unwrap();
         let (a, b) = (&full.artifact.tensors, &resumed.artifact.tensors);
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         for (k, t) in a {
             let d = max_abs_diff(t, &b[k]);
             assert!(d <= 1e-6, "{arch:?}: {k} differs by {d} after resume");
+            let d = max_abs_diff(t, &from_drain.artifact.tensors[k]);
+            assert!(d <= 1e-6, "{arch:?}: {k} differs by {d} after a drain");
         }
         // And training moved the weights at all.
         let base = load_model(

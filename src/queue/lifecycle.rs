@@ -172,6 +172,30 @@ pub async fn fail(
         .ok_or_else(|| QueueError::LeaseLost(lease.job_id.clone()))
 }
 
+/// Hands a running job back to the queue at once, runnable now: its worker is shutting down
+/// and checkpointed what it did. The attempt is not held against the job (`max_attempts`
+/// grows by one; attempt numbers keep rising, so the fence still tells attempts apart); a job
+/// whose cancellation was requested ends cancelled instead.
+pub async fn release(db: impl PgExecutor<'_>, lease: &Lease) -> Result<()> {
+    let row: Option<(String,)> = sqlx::query_as(&format!(
+        "update jobs set
+                status = case when cancel_requested then 'cancelled' else 'queued' end,
+                max_attempts = case when cancel_requested then max_attempts
+                                    else max_attempts + 1 end,
+                finished_at = case when cancel_requested then now() else null end,
+                run_after = now(), worker_id = null, lease_expires_at = null
+          where {FENCE} and {HELD}
+          returning id"
+    ))
+    .bind(&lease.job_id)
+    .bind(&lease.worker_id)
+    .bind(lease.attempt)
+    .fetch_optional(db)
+    .await?;
+    row.map(|_| ())
+        .ok_or_else(|| QueueError::LeaseLost(lease.job_id.clone()))
+}
+
 /// Returns running jobs whose lease expired to the queue (with backoff), or fails them when
 /// they have used `max_attempts`; a job whose cancellation was requested ends cancelled.
 /// Returns how many jobs it touched.

@@ -38,7 +38,8 @@ use crate::domain::{JobKind, JobStatus};
 
 pub use enqueue::{enqueue, enqueue_merge, NewJob};
 pub use lifecycle::{
-    cancel, claim, complete, confirm_cancel, fail, heartbeat, reap, Beat, Cancelled, Failure,
+    cancel, claim, complete, confirm_cancel, fail, heartbeat, reap, release, Beat, Cancelled,
+    Failure,
 };
 pub use positions::queue_positions;
 pub use records::{checkpoint, complete_with_artifacts, event, metric, Completion, NewArtifact};

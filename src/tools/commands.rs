@@ -74,6 +74,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let io = TrainIo {
         on_event: &mut on_event,
         cancel: &cancel,
+        drain: None,
         cache_dir: a.basis_cache.clone(),
         checkpoint_dir: Some(a.out.join("checkpoints")),
         resume_from: a.resume.clone(),

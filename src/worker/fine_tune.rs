@@ -77,6 +77,8 @@ pub(super) async fn run(
     let engine = spec.run_spec(model_dir, train_path, valid_path);
 
     let cancel = Arc::new(AtomicBool::new(false));
+    let drain = Arc::new(AtomicBool::new(false));
+    let thread_drain = drain.clone();
     // Checkpoint events carry an acknowledgement: training waits until the checkpoint is
     // uploaded, so the local copy cannot be pruned under the upload.
     let (tx, mut rx) = mpsc::unbounded_channel::<(Event, Option<std::sync::mpsc::Sender<()>>)>();
@@ -107,6 +109,7 @@ pub(super) async fn run(
                 TrainIo {
                     on_event: &mut on_event,
                     cancel: &thread_cancel,
+                    drain: Some(&thread_drain),
                     cache_dir,
                     checkpoint_dir: Some(thread_ckpt),
                     resume_from,
@@ -119,6 +122,8 @@ pub(super) async fn run(
 
     let mut beat = tokio::time::interval(ctx.heartbeat);
     let mut cancel_news = ctx.cancels.watch(&lease.job_id);
+    let mut shutdown = ctx.drain.clone();
+    let mut draining = false;
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_progress: Option<serde_json::Value> = None;
     // The first reason to stop; training is told to cancel and drained to its end.
@@ -137,6 +142,11 @@ pub(super) async fn run(
     };
     loop {
         tokio::select! {
+            // Shutdown: the engine checkpoints at its next step boundary and stops.
+            _ = until_true(&mut shutdown), if !draining => {
+                draining = true;
+                drain.store(true, Ordering::SeqCst);
+            }
             e = rx.recv() => {
                 let Some((e, ack)) = e else { break };
                 if abort.is_none() {
@@ -206,4 +216,11 @@ pub(super) async fn run(
         trained_tokens: Some(result.trained_tokens as i64),
     };
     Ok((done, artifacts))
+}
+
+/// Resolves once the flag is true; never, if its sender is gone without setting it.
+async fn until_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }

@@ -37,6 +37,9 @@ pub struct WorkerCtx {
     /// Cancellations announced on `job_cancel`: a running job hears of its own at once,
     /// not at its next heartbeat. One per process, shared by its workers.
     pub cancels: crate::db::listen::JobSignals,
+    /// Turns true when the process is shutting down: a running fine-tune checkpoints at its
+    /// next step and is handed back to the queue ([`Outcome::Released`]).
+    pub drain: tokio::sync::watch::Receiver<bool>,
     /// Where SparseGrad bases are cached between jobs.
     pub cache_dir: Option<PathBuf>,
     /// Local copies of base models registered in object storage.
@@ -53,6 +56,8 @@ pub enum Outcome {
     Ran { job_id: String, status: JobStatus },
     /// The lease was lost mid-run (another worker owns the job now); nothing was written.
     LostLease { job_id: String },
+    /// Shutting down, the job was checkpointed and handed back to the queue.
+    Released { job_id: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,13 +75,17 @@ enum Stop {
     Infra(String),
     Cancelled,
     Lost,
+    /// Stopped for shutdown after this many steps, all of them checkpointed.
+    Drained(usize),
 }
 
 impl Stop {
     /// An engine error: the submitter's (with the field it is about) or worth a retry.
     fn engine(e: sparsegrad_engine::Error, data_field: &str) -> Stop {
-        if matches!(e, sparsegrad_engine::Error::Cancelled) {
-            return Stop::Cancelled;
+        match e {
+            sparsegrad_engine::Error::Cancelled => return Stop::Cancelled,
+            sparsegrad_engine::Error::Drained { step } => return Stop::Drained(step),
+            _ => {}
         }
         let f = UserFacing::from(&e);
         if !f.user_error {
@@ -201,6 +210,16 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
                 .map(|()| JobStatus::Succeeded)
         }
         Err(Stop::Lost) => return Ok(Outcome::LostLease { job_id: job.id }),
+        Err(Stop::Drained(step)) => {
+            let msg = format!(
+                "handed back at shutdown after step {step}; the next worker resumes from there"
+            );
+            let _ = status(ctx, &lease, EventLevel::Info, &msg, None).await;
+            return match queue::release(&ctx.db, &lease).await {
+                Ok(()) | Err(QueueError::LeaseLost(_)) => Ok(Outcome::Released { job_id: job.id }),
+                Err(e) => Err(e.into()),
+            };
+        }
         Err(Stop::Cancelled) => {
             let _ = became(ctx, &lease, JobStatus::Cancelled, None).await;
             queue::confirm_cancel(&ctx.db, &lease)

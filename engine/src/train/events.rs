@@ -125,6 +125,9 @@ pub struct TrainSummary {
 pub struct TrainIo<'a> {
     pub on_event: &'a mut dyn FnMut(&Event),
     pub cancel: &'a AtomicBool,
+    /// Set to stop at the next step boundary with a checkpoint of the steps done
+    /// ([`crate::Error::Drained`]), so another process resumes the run.
+    pub drain: Option<&'a AtomicBool>,
     /// Where methods may cache what they derive from the base model and data (SparseGrad
     /// bases); `None` disables caching.
     pub cache_dir: Option<PathBuf>,
@@ -140,6 +143,7 @@ impl<'a> TrainIo<'a> {
         TrainIo {
             on_event,
             cancel,
+            drain: None,
             cache_dir: None,
             checkpoint_dir: None,
             resume_from: None,

@@ -95,9 +95,28 @@ pub fn train(
     let mut last_loss = f64::NAN;
     let mut last_eval = None;
     let mut step_time = 0.0;
+    // The last step whose state is in a checkpoint (or that the run resumed from).
+    let mut saved_at = start_step;
     for step in start_step..total {
         if io.cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
+        }
+        if io.drain.is_some_and(|d| d.load(Ordering::Relaxed)) {
+            // The steps done since the last checkpoint are kept for whoever resumes.
+            if let (Some(dir), true) = (&io.checkpoint_dir, step > saved_at) {
+                let meta = CheckpointMeta {
+                    step,
+                    optimizer_t: 0,
+                    tokens,
+                    method: method.name().into(),
+                    total_steps: total,
+                    seed: cfg.seed,
+                };
+                let path = save_checkpoint(dir, method, model, &meta)?;
+                prune_checkpoints(dir, cfg.keep_checkpoints);
+                (io.on_event)(&Event::Checkpoint { step, path });
+            }
+            return Err(Error::Drained { step });
         }
         let step_started = Instant::now();
         let mut step_loss = 0.0;
@@ -177,6 +196,7 @@ pub fn train(
                 };
                 let path = save_checkpoint(dir, method, model, &meta)?;
                 prune_checkpoints(dir, cfg.keep_checkpoints);
+                saved_at = step + 1;
                 (io.on_event)(&Event::Checkpoint {
                     step: step + 1,
                     path,
