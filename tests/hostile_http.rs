@@ -105,19 +105,10 @@ async fn until_closed(c: &mut TcpStream) -> Vec<u8> {
 }
 
 async fn files_in_store(s: &Server) -> Vec<String> {
-    let dir = s.tmp.path().join("objects");
-    let mut out = Vec::new();
-    let mut stack = vec![dir];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path().display().to_string());
-            }
-        }
-    }
-    out
+    walk(&s.tmp.path().join("objects"))
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 async fn file_rows(db: &PgPool) -> i64 {
@@ -241,30 +232,35 @@ async fn large_uploads_stream_in_and_out_and_a_late_bad_row_leaves_nothing(db: P
     assert_eq!(files_in_store(&s).await, stored);
 }
 
-#[sqlx::test(migrations = "./migrations")]
-async fn an_upload_abandoned_midway_leaves_nothing(db: PgPool) {
-    let s = server(db.clone(), &[]).await;
-    let (_, key) = tenant_key(&s.st, "acme").await;
-    let mut c = TcpStream::connect(s.addr).await.unwrap();
+/// Starts a 100 MB upload and sends its first 12 MB of good rows, returning once a storage
+/// part is staged under `objects` (the upload is then half stored).
+async fn half_an_upload(addr: SocketAddr, key: &str, objects: &std::path::Path) -> TcpStream {
+    let mut c = TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "POST /v1/files?purpose=fine-tune HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
          Content-Length: 100000000\r\n\r\n"
     );
     c.write_all(head.as_bytes()).await.unwrap();
-    // 12 MB of good rows: the first storage part goes up (a staging file appears) …
     c.write_all(rows(200_000).as_bytes()).await.unwrap();
     let deadline = tokio::time::Instant::now() + GUARD;
-    while files_in_store(&s).await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no part was ever written"
-        );
+    while walk(objects).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no part was staged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    c
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn an_upload_abandoned_midway_leaves_nothing(db: PgPool) {
+    let s = server(db.clone(), &[]).await;
+    let (_, key) = tenant_key(&s.st, "acme").await;
+    // The first storage part goes up (a staging file appears) …
+    let c = half_an_upload(s.addr, &key, &s.tmp.path().join("objects")).await;
     let staged = files_in_store(&s).await;
     assert!(staged.iter().all(|f| f.contains('#')), "{staged:?}");
     // … then the client vanishes.
     drop(c);
+    let deadline = tokio::time::Instant::now() + GUARD;
     while !files_in_store(&s).await.is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -548,19 +544,8 @@ async fn a_server_killed_mid_upload_stores_nothing_and_sweeps_the_leftover_at_st
     let mut child = spawn_serve(&db, &data).await;
     let st = state_with(db.clone(), &[], None);
     let (_, key) = tenant_key(&st, "acme").await;
-    let mut c = TcpStream::connect(child.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/files?purpose=fine-tune HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
-         Content-Length: 100000000\r\n\r\n"
-    );
-    c.write_all(head.as_bytes()).await.unwrap();
-    c.write_all(rows(200_000).as_bytes()).await.unwrap();
     let objects = data.join("objects");
-    let deadline = tokio::time::Instant::now() + GUARD;
-    while walk(&objects).is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "no part was staged");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let c = half_an_upload(child.addr, &key, &objects).await;
     // kill -9 while the upload is half stored.
     child.proc.kill().unwrap();
     child.proc.wait().unwrap();

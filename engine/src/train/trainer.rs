@@ -26,7 +26,7 @@ pub fn train(
     cfg: &TrainConfig,
     train_set: &Dataset,
     valid: Option<&Dataset>,
-    io: TrainIo<'_>,
+    mut io: TrainIo<'_>,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
     if train_set.examples.is_empty() {
@@ -103,18 +103,8 @@ pub fn train(
         }
         if io.drain.is_some_and(|d| d.load(Ordering::Relaxed)) {
             // The steps done since the last checkpoint are kept for whoever resumes.
-            if let (Some(dir), true) = (&io.checkpoint_dir, step > saved_at) {
-                let meta = CheckpointMeta {
-                    step,
-                    optimizer_t: 0,
-                    tokens,
-                    method: method.name().into(),
-                    total_steps: total,
-                    seed: cfg.seed,
-                };
-                let path = save_checkpoint(dir, method, model, &meta)?;
-                prune_checkpoints(dir, cfg.keep_checkpoints);
-                (io.on_event)(&Event::Checkpoint { step, path });
+            if step > saved_at {
+                checkpoint(&mut io, model, &*method, cfg, step, tokens, total)?;
             }
             return Err(Error::Drained { step });
         }
@@ -184,23 +174,10 @@ pub fn train(
                 last_eval = Some(m);
             }
         }
-        if let (Some(every), Some(dir)) = (cfg.checkpoint_every, &io.checkpoint_dir) {
+        if let Some(every) = cfg.checkpoint_every {
             if (step + 1) % every == 0 && !done {
-                let meta = CheckpointMeta {
-                    step: step + 1,
-                    optimizer_t: 0,
-                    tokens,
-                    method: method.name().into(),
-                    total_steps: total,
-                    seed: cfg.seed,
-                };
-                let path = save_checkpoint(dir, method, model, &meta)?;
-                prune_checkpoints(dir, cfg.keep_checkpoints);
+                checkpoint(&mut io, model, &*method, cfg, step + 1, tokens, total)?;
                 saved_at = step + 1;
-                (io.on_event)(&Event::Checkpoint {
-                    step: step + 1,
-                    path,
-                });
             }
         }
     }
@@ -229,6 +206,34 @@ pub fn train(
 }
 
 /// The `idx`-th batch of an epoch's order, collated for `model`.
+/// Saves the state after `step` steps into the run's checkpoint folder (if it has one), keeps
+/// the newest few, and announces it.
+fn checkpoint(
+    io: &mut TrainIo<'_>,
+    model: &Model,
+    method: &dyn Method,
+    cfg: &TrainConfig,
+    step: usize,
+    tokens: usize,
+    total: usize,
+) -> Result<()> {
+    let Some(dir) = &io.checkpoint_dir else {
+        return Ok(());
+    };
+    let meta = CheckpointMeta {
+        step,
+        optimizer_t: 0,
+        tokens,
+        method: method.name().into(),
+        total_steps: total,
+        seed: cfg.seed,
+    };
+    let path = save_checkpoint(dir, method, model, &meta)?;
+    prune_checkpoints(dir, cfg.keep_checkpoints);
+    (io.on_event)(&Event::Checkpoint { step, path });
+    Ok(())
+}
+
 fn batch_at(
     data: &Dataset,
     order: &[usize],
