@@ -138,6 +138,18 @@ async fn messages(db: &PgPool, id: &str) -> Vec<String> {
 }
 
 /// Waits (polling the database, bounded) until an event message containing `needle` exists.
+/// Where the job's recorded delta is stored (the row names it).
+async fn delta_key(db: &PgPool, job: &str) -> String {
+    sqlx::query_as::<_, (String,)>(
+        "select object_key from job_artifacts where job_id = $1 and name = 'delta.safetensors'",
+    )
+    .bind(job)
+    .fetch_one(db)
+    .await
+    .unwrap()
+    .0
+}
+
 async fn wait_for_event(db: &PgPool, id: &str, needle: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -469,7 +481,13 @@ async fn a_storage_outage_is_retried_not_corrupted(db: PgPool) {
         }
     );
     assert_eq!(job_row(&db, "job_d").await.1, 2);
-    assert_eq!(good.list("jobs/job_d/artifact").await.unwrap().len(), 2);
+    assert_eq!(
+        good.list("jobs/job_d/attempt-2/artifact")
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[sqlx::test(migrations = "./migrations")]
@@ -495,7 +513,7 @@ async fn a_lost_lease_resumes_from_the_last_checkpoint(db: PgPool) {
     let reference = e
         .ctx
         .storage
-        .get("jobs/job_ref/artifact/delta/delta.safetensors")
+        .get(&delta_key(&db, "job_ref").await)
         .await
         .unwrap();
 
@@ -548,13 +566,20 @@ async fn a_lost_lease_resumes_from_the_last_checkpoint(db: PgPool) {
         msgs.iter().any(|m| m.starts_with("resuming from step ")),
         "{msgs:?}"
     );
-    // Resumed = uninterrupted.
-    let resumed = e
-        .ctx
+    // The winner's objects are its own attempt's: what the lost attempt (a zombie, were it
+    // still running) writes under its prefix is never the recorded, served object.
+    let served = delta_key(&db, "job_e").await;
+    assert!(served.starts_with("jobs/job_e/attempt-2/"), "{served}");
+    e.ctx
         .storage
-        .get("jobs/job_e/artifact/delta/delta.safetensors")
+        .put(
+            "jobs/job_e/attempt-1/artifact/delta/delta.safetensors",
+            "zombie bytes".into(),
+        )
         .await
         .unwrap();
+    // Resumed = uninterrupted.
+    let resumed = e.ctx.storage.get(&served).await.unwrap();
     let load = |b: &[u8]| {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("delta.safetensors"), b).unwrap();

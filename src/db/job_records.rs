@@ -136,6 +136,20 @@ pub struct CheckpointRow {
     pub created_at: DateTime<Utc>,
 }
 
+/// The job's latest recorded checkpoint: its step and object prefix.
+pub async fn latest_checkpoint(
+    db: impl PgExecutor<'_>,
+    job_id: &str,
+) -> sqlx::Result<Option<(i32, String)>> {
+    sqlx::query_as(
+        "select step, object_prefix from job_checkpoints
+          where job_id = $1 order by step desc, created_at desc limit 1",
+    )
+    .bind(job_id)
+    .fetch_optional(db)
+    .await
+}
+
 pub async fn checkpoints(
     db: impl PgExecutor<'_>,
     job_id: &str,

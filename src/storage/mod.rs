@@ -434,10 +434,19 @@ pub mod keys {
     pub fn job_prefix(job_id: &str) -> String {
         format!("jobs/{job_id}")
     }
-    pub fn artifact(job_id: &str, name: &str) -> String {
-        format!("jobs/{job_id}/artifact/{name}")
+    /// What one attempt of a job stores lives under that attempt's own prefix: a zombie
+    /// attempt (its lease lost, still running) can only overwrite its own objects, which no
+    /// fenced row of the winning attempt names, so its bytes are never served.
+    pub fn attempt_prefix(job_id: &str, attempt: i32) -> String {
+        format!("jobs/{job_id}/attempt-{attempt}")
     }
-    pub fn checkpoint(job_id: &str, step: usize, name: &str) -> String {
-        format!("jobs/{job_id}/checkpoints/step-{step}/{name}")
+    pub fn artifact(job_id: &str, attempt: i32, name: &str) -> String {
+        format!("{}/artifact/{name}", attempt_prefix(job_id, attempt))
+    }
+    pub fn checkpoint_prefix(job_id: &str, attempt: i32, step: usize) -> String {
+        format!(
+            "{}/checkpoints/step-{step}",
+            attempt_prefix(job_id, attempt)
+        )
     }
 }

@@ -51,7 +51,7 @@ pub(super) async fn run(
         None => None,
     };
     let ckpt_dir = dir.join("checkpoints");
-    let resume_from = match latest_checkpoint(&ctx.storage, &lease.job_id).await? {
+    let resume_from = match latest_checkpoint(&ctx.db, &ctx.storage, &lease.job_id).await? {
         Some((step, objs)) => {
             let local = ckpt_dir.join(format!("step-{step}"));
             for k in objs {
@@ -189,14 +189,8 @@ pub(super) async fn run(
     }
     let summary = result.map_err(|e| Stop::engine(e, "training_file"))?;
     let names = ["delta.safetensors", "delta.json"].map(String::from);
-    let artifacts = store_artifacts(
-        &ctx.storage,
-        &lease.job_id,
-        ArtifactKind::Delta,
-        &out_dir,
-        &names,
-    )
-    .await?;
+    let artifacts =
+        store_artifacts(&ctx.storage, lease, ArtifactKind::Delta, &out_dir, &names).await?;
     let result = FineTuneResult {
         device: device_label,
         result_files: artifacts.iter().map(|a| a.id.clone()).collect(),

@@ -39,14 +39,8 @@ pub(super) async fn run(
         }
     }
     names.sort();
-    let artifacts = store_artifacts(
-        &ctx.storage,
-        &lease.job_id,
-        ArtifactKind::Merged,
-        &out,
-        &names,
-    )
-    .await?;
+    let artifacts =
+        store_artifacts(&ctx.storage, lease, ArtifactKind::Merged, &out, &names).await?;
     let result = MergeResult {
         device: "cpu".into(),
         files: names,

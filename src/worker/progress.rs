@@ -3,7 +3,7 @@
 
 use sparsegrad_engine::train::Event;
 
-use super::transfer::{checkpoint_prefix, upload_dir, COMPLETE_MARKER};
+use super::transfer::{upload_dir, COMPLETE_MARKER};
 use super::{event, Stop, WorkerCtx};
 use crate::domain::{EventLevel, EventType, MetricKind};
 use crate::queue::{self, Lease};
@@ -37,7 +37,8 @@ pub(super) async fn record(
             info(EventType::Message, e.to_string(), Some(data)).await
         }
         Event::Checkpoint { step, path } => {
-            let prefix = checkpoint_prefix(&lease.job_id, *step);
+            let prefix =
+                crate::storage::keys::checkpoint_prefix(&lease.job_id, lease.attempt, *step);
             let stored = async {
                 let bytes = upload_dir(&ctx.storage, path, &prefix).await?;
                 // Written last: a checkpoint without it is incomplete and ignored.

@@ -8,38 +8,31 @@ use crate::domain::ArtifactKind;
 use crate::queue::NewArtifact;
 use crate::storage::{keys, Storage};
 
-/// Where a job's checkpoint for `step` is stored.
-pub(super) fn checkpoint_prefix(job_id: &str, step: usize) -> String {
-    format!("{}/checkpoints/step-{step}", keys::job_prefix(job_id))
-}
-
 /// The marker written after a checkpoint's files: a checkpoint without it is incomplete.
 pub(super) const COMPLETE_MARKER: &str = "complete";
 
-/// The latest complete checkpoint uploaded for a job: `(step, keys)`.
+/// The job's latest recorded checkpoint, `(step, keys)`: the row names the prefix (rows are
+/// fenced, so only attempts that held the lease recorded one), and the objects there must be
+/// complete.
 pub(super) async fn latest_checkpoint(
+    db: &sqlx::PgPool,
     st: &Storage,
     job_id: &str,
 ) -> Result<Option<(usize, Vec<String>)>, Stop> {
-    let prefix = format!("{}/checkpoints", keys::job_prefix(job_id));
-    let all = st.list(&prefix).await?;
-    let mut best: Option<usize> = None;
-    for k in &all {
-        if let Some(step) = k
-            .strip_prefix(&format!("{prefix}/step-"))
-            .and_then(|r| r.strip_suffix(&format!("/{COMPLETE_MARKER}")))
-            .and_then(|s| s.parse().ok())
-        {
-            best = best.max(Some(step));
-        }
+    let Some((step, prefix)) = crate::db::job_records::latest_checkpoint(db, job_id)
+        .await
+        .map_err(|e| Stop::Infra(format!("reading checkpoints: {e}")))?
+    else {
+        return Ok(None);
+    };
+    let keys = st.list(&prefix).await?;
+    if !keys
+        .iter()
+        .any(|k| k.ends_with(&format!("/{COMPLETE_MARKER}")))
+    {
+        return Ok(None);
     }
-    Ok(best.map(|s| {
-        let p = format!("{}/", checkpoint_prefix(job_id, s));
-        (
-            s,
-            all.iter().filter(|k| k.starts_with(&p)).cloned().collect(),
-        )
-    }))
+    Ok(Some((step.max(0) as usize, keys)))
 }
 
 /// Uploads the files of a folder; their total size.
@@ -55,10 +48,10 @@ pub(super) async fn upload_dir(st: &Storage, dir: &Path, prefix: &str) -> Result
     Ok(total)
 }
 
-/// Uploads result files under the job's artifact prefix, with their sizes and digests.
+/// Uploads result files under the attempt's artifact prefix, with their sizes and digests.
 pub(super) async fn store_artifacts(
     st: &Storage,
-    job_id: &str,
+    lease: &crate::queue::Lease,
     kind: ArtifactKind,
     dir: &Path,
     names: &[String],
@@ -71,7 +64,7 @@ pub(super) async fn store_artifacts(
             .await
             .map_err(|e| Stop::Infra(format!("hashing: {e}")))?
             .map_err(|e| Stop::Infra(format!("hashing: {e}")))?;
-        let key = keys::artifact(job_id, &format!("{kind}/{name}"));
+        let key = keys::artifact(&lease.job_id, lease.attempt, &format!("{kind}/{name}"));
         let bytes = st.put_file(&key, &path).await?;
         out.push(NewArtifact {
             id: crate::db::new_id("art"),
