@@ -23,6 +23,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
+use crate::shutdown::until_true;
+
 #[derive(Clone, Copy, Debug)]
 pub struct HttpLimits {
     pub max_connections: usize,
@@ -67,7 +69,7 @@ pub async fn serve(
         // taking file descriptors.
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => s.expect("never closed"),
-            _ = stopped(&mut stop) => break,
+            _ = until_true(&mut stop) => break,
         };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -79,7 +81,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => break,
+            _ = until_true(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
         let idle = limits.body_idle_timeout;
@@ -100,7 +102,7 @@ pub async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = stopped(&mut closing) => conn.as_mut().graceful_shutdown(),
+                _ = until_true(&mut closing) => conn.as_mut().graceful_shutdown(),
             }
             let _ = conn.await;
         });
@@ -119,15 +121,6 @@ pub async fn serve(
         );
     }
     Ok(())
-}
-
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
-            // The sender is gone: nobody will ask to stop.
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// A request body that fails once no frame has arrived for `idle` while the handler waits

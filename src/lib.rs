@@ -18,6 +18,7 @@ pub mod http;
 pub mod inference;
 pub mod queue;
 pub mod server;
+pub mod shutdown;
 pub mod storage;
 pub mod tools;
 pub mod worker;

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::api::{router, AppState};
 use crate::config::Config;
+use crate::shutdown::until_true;
 use crate::storage::Storage;
 use crate::worker::{try_run_one, Outcome, WorkerCtx};
 
@@ -55,18 +56,10 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    while !*rx.borrow() {
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Claims and runs jobs until shutdown; polls once a second when the queue is empty. A job
 /// running at shutdown is not dropped mid-way: it hears the signal through `ctx.drain`,
 /// checkpoints at its next step and is handed back to the queue, and then the loop ends.
-pub async fn worker_loop(ctx: WorkerCtx, stop: watch::Receiver<bool>) {
+pub async fn worker_loop(ctx: WorkerCtx, mut stop: watch::Receiver<bool>) {
     loop {
         if *stop.borrow() {
             return;
@@ -75,7 +68,7 @@ pub async fn worker_loop(ctx: WorkerCtx, stop: watch::Receiver<bool>) {
             Ok(Outcome::Empty) => {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stopped(stop.clone()) => return,
+                    _ = until_true(&mut stop) => return,
                 }
             }
             Ok(o) => tracing::info!(worker = %ctx.worker_id, "{o:?}"),
@@ -98,14 +91,14 @@ pub async fn reaper_loop(
     db: PgPool,
     queue: crate::queue::QueueConfig,
     every: Duration,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stopped(stop.clone()) => return,
+            _ = until_true(&mut stop) => return,
         }
         match crate::queue::reap(&db, &queue).await {
             Ok(0) => {}
@@ -251,7 +244,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
         }
         crate::http::serve(listener, router(state), limits, stop.clone()).await?;
     } else {
-        stopped(stop).await;
+        until_true(&mut stop.clone()).await;
     }
     if tokio::time::timeout(WORKER_DRAIN, futures::future::join_all(workers))
         .await

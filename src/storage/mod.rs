@@ -431,9 +431,6 @@ pub mod keys {
     pub fn file(tenant: &str, file_id: &str) -> String {
         format!("tenants/{tenant}/files/{file_id}")
     }
-    pub fn job_prefix(job_id: &str) -> String {
-        format!("jobs/{job_id}")
-    }
     /// What one attempt of a job stores lives under that attempt's own prefix: a zombie
     /// attempt (its lease lost, still running) can only overwrite its own objects, which no
     /// fenced row of the winning attempt names, so its bytes are never served.

@@ -143,7 +143,7 @@ pub(super) async fn run(
     loop {
         tokio::select! {
             // Shutdown: the engine checkpoints at its next step boundary and stops.
-            _ = until_true(&mut shutdown), if !draining => {
+            _ = crate::shutdown::until_true(&mut shutdown), if !draining => {
                 draining = true;
                 drain.store(true, Ordering::SeqCst);
             }
@@ -210,11 +210,4 @@ pub(super) async fn run(
         trained_tokens: Some(result.trained_tokens as i64),
     };
     Ok((done, artifacts))
-}
-
-/// Resolves once the flag is true; never, if its sender is gone without setting it.
-async fn until_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    if rx.wait_for(|v| *v).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }

@@ -216,7 +216,8 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
             );
             let _ = status(ctx, &lease, EventLevel::Info, &msg, None).await;
             return match queue::release(&ctx.db, &lease).await {
-                Ok(()) | Err(QueueError::LeaseLost(_)) => Ok(Outcome::Released { job_id: job.id }),
+                Ok(()) => Ok(Outcome::Released { job_id: job.id }),
+                Err(QueueError::LeaseLost(_)) => Ok(Outcome::LostLease { job_id: job.id }),
                 Err(e) => Err(e.into()),
             };
         }

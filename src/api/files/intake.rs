@@ -91,7 +91,6 @@ impl Intake {
     /// Ends the input: the whole file's verdict, and the writer that will publish it.
     pub async fn finish(mut self) -> ApiResult<Checked> {
         if self.blank {
-            self.to_check = None;
             return Err(ApiError::invalid(
                 "the file is empty",
                 Some("file"),
