@@ -34,6 +34,13 @@ pub struct Config {
     /// Allow plain-http S3 endpoints (local servers).
     #[arg(long, env = "SPARSEGRAD_S3_ALLOW_HTTP")]
     pub s3_allow_http: bool,
+    /// Retries of one S3 request (connection errors, 5xx, throttling), with exponential
+    /// backoff from 100 ms to 15 s: an outage shorter than the retry window costs time only.
+    #[arg(long, env = "SPARSEGRAD_S3_MAX_RETRIES", default_value_t = 10)]
+    pub s3_max_retries: usize,
+    /// Seconds after which one S3 request stops being retried, whatever retries remain.
+    #[arg(long, env = "SPARSEGRAD_S3_RETRY_TIMEOUT_SECS", default_value_t = 180)]
+    pub s3_retry_timeout_secs: u64,
     /// Folder of base models (one sub-folder per model with config.json).
     #[arg(long, env = "SPARSEGRAD_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
@@ -79,8 +86,9 @@ pub struct Config {
     /// Seconds a request body may go without a byte arriving before the request is dropped.
     #[arg(long, env = "SPARSEGRAD_BODY_IDLE_TIMEOUT_SECS", default_value_t = 30)]
     pub body_idle_timeout_secs: u64,
-    /// Serve `/metrics` without auth on this separate (operator-only) address; without it,
-    /// `/metrics` is on the API address and needs the admin key.
+    /// Serve `/metrics`, `/healthz` and `/readyz` without auth on this separate (operator-only)
+    /// address, in `serve` and `worker` alike; without it, `/metrics` is on the API address
+    /// and needs the admin key.
     #[arg(long, env = "SPARSEGRAD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// In-process workers (`serve`); 0 runs the API only.
@@ -90,6 +98,10 @@ pub struct Config {
     pub lease_secs: u64,
     #[arg(long, env = "SPARSEGRAD_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: i32,
+    /// Backoff before a failed attempt's retry: this many seconds, doubling per attempt (up
+    /// to ten minutes), with jitter.
+    #[arg(long, env = "SPARSEGRAD_RETRY_BASE_SECS", default_value_t = 10.0)]
+    pub retry_base_secs: f64,
     /// Where workers train: `auto` (the first GPU when the binary was built with CUDA and one
     /// is present, else the CPU), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "SPARSEGRAD_DEVICE", default_value = "auto")]
@@ -153,14 +165,18 @@ impl Config {
             access_key_id: self.s3_access_key_id.clone(),
             secret_access_key: self.s3_secret_access_key.clone(),
             allow_http: self.s3_allow_http,
-            max_retries: None,
-            retry_timeout: None,
+            max_retries: Some(self.s3_max_retries),
+            retry_timeout: Some(Duration::from_secs(self.s3_retry_timeout_secs.max(1))),
         }
     }
 
     pub fn queue(&self) -> QueueConfig {
         QueueConfig {
             lease: Duration::from_secs(self.lease_secs.max(2)),
+            retry: crate::queue::RetryPolicy {
+                base: Duration::from_secs_f64(self.retry_base_secs.clamp(0.0, 600.0)),
+                ..Default::default()
+            },
             ..QueueConfig::default()
         }
     }

@@ -4,9 +4,10 @@
 //! requests, estimates and base models are), [`db`] (reads per aggregate), [`queue`] (every
 //! change to a job's lifecycle), [`storage`] (objects and local model copies), [`worker`]
 //! (claims jobs and drives the engine on its own thread), [`inference`] (loaded models for
-//! predictions), [`server`] (runs API and workers until shutdown), one typed [`config`] and
-//! one API [`error`] type. Beside it, [`tools`]: the command line, engine commands on local
-//! files, fixtures, benchmarks and the GPU check. The training engine is the
+//! predictions), [`server`] (runs API and workers until shutdown), [`fsck`] (the object store
+//! checked against the database), one typed [`config`] and one API [`error`] type. Beside it,
+//! [`tools`]: the command line, engine commands on local files, fixtures, benchmarks and the
+//! GPU check. The training engine is the
 //! `sparsegrad-engine` crate.
 
 pub mod api;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod fsck;
 pub mod http;
 pub mod inference;
 pub mod queue;

@@ -56,18 +56,27 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-/// Claims and runs jobs until shutdown; polls once a second when the queue is empty. A job
-/// running at shutdown is not dropped mid-way: it hears the signal through `ctx.drain`,
-/// checkpoints at its next step and is handed back to the queue, and then the loop ends.
-pub async fn worker_loop(ctx: WorkerCtx, mut stop: watch::Receiver<bool>) {
+/// Claims and runs jobs until shutdown. With the queue empty it waits for a job to be
+/// announced on `job_queued` (`queued`), and polls once a second besides (for jobs whose
+/// backoff ran out, and in case a notification was lost). A job running at shutdown is not
+/// dropped mid-way: it hears the signal through `ctx.drain`, checkpoints at its next step and
+/// is handed back to the queue, and then the loop ends.
+pub async fn worker_loop(
+    ctx: WorkerCtx,
+    mut stop: watch::Receiver<bool>,
+    queued: crate::db::listen::JobSignals,
+) {
+    let mut news = queued.watch(crate::queue::QUEUED_KEY);
     loop {
         if *stop.borrow() {
             return;
         }
+        news.mark_seen();
         match try_run_one(&ctx).await {
             Ok(Outcome::Empty) => {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = news.changed() => {}
                     _ = until_true(&mut stop) => return,
                 }
             }
@@ -82,7 +91,7 @@ pub async fn worker_loop(ctx: WorkerCtx, mut stop: watch::Receiver<bool>) {
 
 /// How long shutdown waits for running jobs to checkpoint and hand themselves back (under
 /// the systemd unit's `TimeoutStopSec`); a job still running then is left to its lease.
-const WORKER_DRAIN: Duration = Duration::from_secs(25);
+pub const WORKER_DRAIN: Duration = Duration::from_secs(25);
 
 /// Reaps expired leases every `every` until shutdown, whatever the workers are doing: with
 /// every worker busy on a long job, a dead worker's job is still returned to the queue. Every
@@ -202,6 +211,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
     ));
     let mut workers = Vec::new();
     let cancels = crate::db::listen::JobSignals::new(db.clone(), crate::queue::CANCEL_CHANNEL);
+    let queued = crate::db::listen::JobSignals::new(db.clone(), crate::queue::QUEUED_CHANNEL);
     for i in 0..cfg.workers {
         let ctx = WorkerCtx {
             db: db.clone(),
@@ -216,32 +226,34 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
             model_cache: cfg.data_dir.join("cache").join("models"),
             device: device.clone(),
         };
-        workers.push(tokio::spawn(worker_loop(ctx, stop.clone())));
+        workers.push(tokio::spawn(worker_loop(ctx, stop.clone(), queued.clone())));
+    }
+    let limits = crate::http::HttpLimits {
+        max_connections: crate::http::fit_connections(cfg.max_connections),
+        header_timeout: Duration::from_secs(cfg.header_timeout_secs.max(1)),
+        body_idle_timeout: Duration::from_secs(cfg.body_idle_timeout_secs.max(1)),
+        drain: Duration::from_secs(10),
+    };
+    let state = AppState::new(db, storage, cfg.clone());
+    // The operator address: `/metrics`, `/healthz` and `/readyz` without auth, in both modes
+    // (a worker-only process's liveness and readiness probes go here).
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tracing::info!("metrics and probes on http://{}", l.local_addr()?);
+        let ops = crate::api::metrics::operator_router(state.clone());
+        let small = crate::http::HttpLimits {
+            max_connections: 64,
+            ..limits
+        };
+        tokio::spawn(crate::http::serve(l, ops, small, stop.clone()));
     }
     if api {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         tracing::info!("listening on http://{}", listener.local_addr()?);
-        let limits = crate::http::HttpLimits {
-            max_connections: crate::http::fit_connections(cfg.max_connections),
-            header_timeout: Duration::from_secs(cfg.header_timeout_secs.max(1)),
-            body_idle_timeout: Duration::from_secs(cfg.body_idle_timeout_secs.max(1)),
-            drain: Duration::from_secs(10),
-        };
-        let state = AppState::new(db, storage, cfg.clone());
-        if let Some(addr) = cfg.metrics_listen {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics address {addr}"))?;
-            tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
-            let ops = crate::api::metrics::operator_router(state.clone());
-            let small = crate::http::HttpLimits {
-                max_connections: 64,
-                ..limits
-            };
-            tokio::spawn(crate::http::serve(l, ops, small, stop.clone()));
-        }
         crate::http::serve(listener, router(state), limits, stop.clone()).await?;
     } else {
         until_true(&mut stop.clone()).await;

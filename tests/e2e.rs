@@ -70,6 +70,10 @@ async fn upload_train_follow_download_merge_predict_over_http(db: PgPool) {
             device: candle_core::Device::Cpu,
         },
         stop,
+        sparsegrad_service::db::listen::JobSignals::new(
+            db.clone(),
+            sparsegrad_service::queue::QUEUED_CHANNEL,
+        ),
     ));
 
     let http = reqwest::Client::new();

@@ -481,3 +481,41 @@ async fn unknown_job_kinds_and_statuses_are_refused(pool: PgPool) {
         assert!(r.is_err(), "{kind}/{status} was stored");
     }
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_job_runnable_now_is_announced_to_idle_workers(pool: PgPool) {
+    tenant(&pool, "t1").await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(queue::QUEUED_CHANNEL).await.unwrap();
+    async fn next(l: &mut sqlx::postgres::PgListener, wait: u64) -> Option<String> {
+        let n = tokio::time::timeout(Duration::from_millis(wait), l.recv()).await;
+        n.ok().map(|n| n.unwrap().payload().to_string())
+    }
+    queue::enqueue(&pool, &job("a", "t1")).await.unwrap();
+    assert_eq!(
+        next(&mut listener, 10_000).await.as_deref(),
+        Some(queue::QUEUED_KEY)
+    );
+    // A failed attempt that waits out a backoff is not runnable now: no announcement (the
+    // workers' poll finds it later).
+    let (_, lease) = queue::claim(&pool, "w", &cfg()).await.unwrap().unwrap();
+    let err = serde_json::json!({"code": "x", "message": "x", "param": null});
+    let s = queue::fail(&pool, &lease, Failure::Infrastructure, &err, &cfg())
+        .await
+        .unwrap();
+    assert_eq!(s.as_str(), "queued");
+    assert_eq!(next(&mut listener, 500).await, None);
+    // Handed back at shutdown: runnable at once, announced.
+    sqlx::query("update jobs set run_after = now() where id = 'a'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, lease) = queue::claim(&pool, "w", &cfg()).await.unwrap().unwrap();
+    queue::release(&pool, &lease).await.unwrap();
+    assert_eq!(
+        next(&mut listener, 10_000).await.as_deref(),
+        Some(queue::QUEUED_KEY)
+    );
+}

@@ -8,10 +8,15 @@ use super::AppState;
 use crate::error::{ApiError, ApiResult};
 
 pub fn router() -> Router<AppState> {
+    probes().route("/openapi.yaml", get(openapi))
+}
+
+/// Liveness and readiness, also on the operator address (a worker-only process has no other
+/// listener for its probes).
+pub fn probes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/openapi.yaml", get(openapi))
 }
 
 /// Ready when the database and storage both answer.

@@ -101,6 +101,7 @@ pub fn router() -> Router<AppState> {
 pub fn operator_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .merge(super::health::probes())
         .with_state(state)
 }
 

@@ -1,10 +1,12 @@
 //! Queries per aggregate: [`tenants`] (and their API keys), [`datasets`] (uploaded files),
 //! [`job_records`] (what the API reads about jobs: rows, events, metrics, checkpoints,
-//! artifacts) and [`registered_models`]. Every write to a job's lifecycle is the queue's
+//! artifacts), [`registered_models`] and [`inventory`] (every row that names a stored
+//! object). Every write to a job's lifecycle is the queue's
 //! (`crate::queue`). Functions take `impl PgExecutor` so callers choose the transaction.
 //! Plain `query_as` with runtime-checked SQL (see Cargo.toml); every statement runs in tests.
 
 pub mod datasets;
+pub mod inventory;
 pub mod job_records;
 pub mod listen;
 pub mod registered_models;

@@ -48,6 +48,12 @@ pub use retry::{Clock, RetryPolicy};
 /// Postgres channel on which cancellations are announced (payload: job id).
 pub const CANCEL_CHANNEL: &str = "job_cancel";
 
+/// Postgres channel on which a job that became runnable now is announced (by a trigger, see
+/// the migrations), with the payload [`QUEUED_KEY`]: idle workers claim at once, not at their
+/// next poll.
+pub const QUEUED_CHANNEL: &str = "job_queued";
+pub const QUEUED_KEY: &str = "any";
+
 /// The order jobs are claimed in.
 pub const CLAIM_ORDER: &str = "priority desc, run_after, created_at, id";
 

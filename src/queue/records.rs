@@ -5,7 +5,7 @@ use sqlx::PgExecutor;
 
 use super::lifecycle::complete_with;
 use super::{fenced, Lease, Result, FENCE};
-use crate::domain::{ArtifactKind, EventLevel, EventType, MetricKind};
+use crate::domain::{ArtifactKind, EventLevel, EventType, JobStatus, MetricKind};
 
 /// Appends an event to the job's log.
 pub async fn event(
@@ -99,8 +99,10 @@ pub struct Completion {
     pub trained_tokens: Option<i64>,
 }
 
-/// Records the artifacts and marks the job succeeded, in one transaction: a job is never
-/// `succeeded` without its files listed, nor are files listed for a job that did not succeed.
+/// Records the artifacts, marks the job succeeded and logs its `succeeded` event (with the
+/// result), in one transaction: a job is never `succeeded` without its files listed, nor are
+/// files listed for a job that did not succeed, and a worker killed before the commit leaves
+/// no success event behind (a job shows exactly one, however many attempts it took).
 pub async fn complete_with_artifacts(
     db: &sqlx::PgPool,
     lease: &Lease,
@@ -129,6 +131,15 @@ pub async fn complete_with_artifacts(
         .await?;
         fenced(r.rows_affected(), lease)?;
     }
+    event(
+        &mut *tx,
+        lease,
+        EventLevel::Info,
+        EventType::Status,
+        JobStatus::Succeeded.as_str(),
+        Some(&done.result),
+    )
+    .await?;
     complete_with(
         &mut *tx,
         lease,

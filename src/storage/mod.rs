@@ -61,6 +61,14 @@ pub struct S3Settings {
     pub retry_timeout: Option<Duration>,
 }
 
+/// One stored object as a listing shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
@@ -322,6 +330,38 @@ impl Storage {
             .await?;
         keys.sort();
         Ok(keys)
+    }
+
+    /// Objects under a prefix with their sizes and last-modified times, sorted by key.
+    pub async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let p = Self::path(prefix)?;
+        let mut out: Vec<ObjectInfo> = self
+            .store
+            .list(Some(&p))
+            .map_ok(|m| ObjectInfo {
+                key: m.location.to_string(),
+                size: m.size,
+                modified: m.last_modified,
+            })
+            .try_collect()
+            .await?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// The size and sha256 of an object, read as a stream (never whole in memory).
+    pub async fn digest(&self, key: &str) -> Result<(u64, String)> {
+        use futures::StreamExt;
+        use sha2::{Digest, Sha256};
+        let (_, mut chunks) = self.get_stream(key).await?;
+        let mut h = Sha256::new();
+        let mut n = 0u64;
+        while let Some(c) = chunks.next().await {
+            let c = c?;
+            n += c.len() as u64;
+            h.update(&c);
+        }
+        Ok((n, hex::encode(h.finalize())))
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {

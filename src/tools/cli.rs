@@ -51,6 +51,28 @@ pub enum Command {
     Worker(ServiceArgs),
     /// Apply database migrations and exit.
     Migrate(ServiceArgs),
+    /// Check the object store against the database: objects no row names (orphans), rows
+    /// whose object is gone, artifacts whose size or sha256 differs. Exits 1 when it finds a
+    /// problem it did not fix.
+    Fsck(FsckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FsckArgs {
+    #[command(flatten)]
+    pub config: crate::config::Config,
+    /// Delete orphans (objects no row names, older than the grace period).
+    #[arg(long)]
+    pub fix: bool,
+    /// Unrecorded objects younger than this are left alone (their row may be on its way).
+    #[arg(long, default_value_t = 86_400)]
+    pub grace_secs: u64,
+    /// Check sizes only; skip reading every artifact for its sha256.
+    #[arg(long)]
+    pub sizes_only: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -398,6 +420,25 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::server::connect(&a.config).await?;
             println!("migrations applied");
             Ok(())
+        }),
+        Command::Fsck(a) => runtime()?.block_on(async {
+            let (db, storage) = crate::server::connect(&a.config).await?;
+            let opts = crate::fsck::FsckOptions {
+                grace: std::time::Duration::from_secs(a.grace_secs),
+                fix: a.fix,
+                digests: !a.sizes_only,
+            };
+            let report = crate::fsck::fsck(&db, &storage, &opts).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.clean() {
+                Ok(())
+            } else {
+                anyhow::bail!("fsck found problems it did not fix")
+            }
         }),
     }
 }

@@ -9,10 +9,11 @@ use sparsegrad_engine::pipeline::run_job;
 use sparsegrad_engine::train::{Event, TrainIo};
 use tokio::sync::mpsc;
 
+use super::hold::Held;
 use super::transfer::{latest_checkpoint, store_artifacts, COMPLETE_MARKER};
 use super::{became, event, progress, Done, Stop, WorkerCtx};
 use crate::domain::{ArtifactKind, EventLevel, EventType, FineTune, FineTuneResult, JobStatus};
-use crate::queue::{self, Completion, Lease, QueueError};
+use crate::queue::{self, Completion, QueueError};
 use crate::storage::local_copy::materialize;
 
 /// Downloads an input file; one that is gone was deleted by its owner (no retry brings it
@@ -29,7 +30,7 @@ async fn input(ctx: &WorkerCtx, key: &str, to: &Path, param: &str) -> Result<(),
 
 pub(super) async fn run(
     ctx: &WorkerCtx,
-    lease: &Lease,
+    lease: &Held,
     spec: FineTune,
     dir: &Path,
 ) -> Result<Done, Stop> {
@@ -167,14 +168,26 @@ pub(super) async fn run(
                 if abort.is_some() {
                     continue;
                 }
+                let sent_at = tokio::time::Instant::now();
                 match queue::heartbeat(&ctx.db, lease, &ctx.queue, last_progress.as_ref()).await {
-                    Ok(b) if b.cancel_requested => cancel.store(true, Ordering::SeqCst),
-                    Ok(_) => {}
+                    Ok(b) => {
+                        lease.renewed(sent_at);
+                        if b.cancel_requested {
+                            cancel.store(true, Ordering::SeqCst);
+                        }
+                    }
                     Err(QueueError::LeaseLost(_)) => {
                         cancel.store(true, Ordering::SeqCst);
                         abort = Some(Stop::Lost);
                     }
-                    // A database hiccup: keep training; the lease has slack for it.
+                    // Unreachable past the lease: a reaper may have handed the job on, so
+                    // this attempt stops and writes nothing more.
+                    Err(e) if lease.expired() => {
+                        tracing::warn!("heartbeat failed past the lease, giving the job up: {e}");
+                        cancel.store(true, Ordering::SeqCst);
+                        abort = Some(Stop::Lost);
+                    }
+                    // A database outage shorter than the lease: keep training.
                     Err(e) => tracing::warn!("heartbeat failed: {e}"),
                 }
             }

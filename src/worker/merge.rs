@@ -3,15 +3,16 @@
 
 use std::path::Path;
 
+use super::hold::Held;
 use super::transfer::store_artifacts;
 use super::{became, Done, Stop, WorkerCtx};
 use crate::domain::{ArtifactKind, JobStatus, MergeResult, MergeSpec};
-use crate::queue::{Completion, Lease};
+use crate::queue::Completion;
 use crate::storage::local_copy::materialize;
 
 pub(super) async fn run(
     ctx: &WorkerCtx,
-    lease: &Lease,
+    lease: &Held,
     spec: MergeSpec,
     dir: &Path,
 ) -> Result<Done, Stop> {

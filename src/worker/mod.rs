@@ -9,6 +9,7 @@
 //! [`progress`] records what training reports, [`transfer`] moves files to and from storage.
 
 mod fine_tune;
+mod hold;
 mod merge;
 mod progress;
 mod transfer;
@@ -20,9 +21,10 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::domain::{EventLevel, EventType, JobKind, JobStatus, UserFacing};
-use crate::queue::{self, Completion, Failure, Lease, NewArtifact, QueueConfig, QueueError};
+use crate::queue::{self, Completion, Failure, NewArtifact, QueueConfig, QueueError};
 use crate::storage::local_copy::MaterializeError;
 use crate::storage::{Storage, StorageError};
+use hold::Held;
 
 #[derive(Clone)]
 pub struct WorkerCtx {
@@ -143,22 +145,25 @@ impl From<sqlx::Error> for Stop {
     }
 }
 
-/// Appends an event (fenced like every other write after the claim).
+/// Appends an event (fenced like every other write after the claim; held back while the
+/// database is away, see [`Held::persist`]).
 async fn event(
     db: &PgPool,
-    lease: &Lease,
+    lease: &Held,
     level: EventLevel,
     kind: EventType,
     message: &str,
     data: Option<serde_json::Value>,
 ) -> Result<(), Stop> {
-    Ok(queue::event(db, lease, level, kind, message, data.as_ref()).await?)
+    let data = data.as_ref();
+    let write = || queue::event(db, lease.lease(), level, kind, message, data);
+    Ok(lease.persist("event", write).await?)
 }
 
 /// A status event: the job's new status, or why an attempt failed.
 async fn status(
     ctx: &WorkerCtx,
-    lease: &Lease,
+    lease: &Held,
     level: EventLevel,
     message: &str,
     data: Option<serde_json::Value>,
@@ -169,7 +174,7 @@ async fn status(
 /// The event of a status change.
 async fn became(
     ctx: &WorkerCtx,
-    lease: &Lease,
+    lease: &Held,
     s: JobStatus,
     data: Option<serde_json::Value>,
 ) -> Result<(), Stop> {
@@ -182,9 +187,12 @@ type Done = (Completion, Vec<NewArtifact>);
 /// Claims and runs one job.
 pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
     queue::reap(&ctx.db, &ctx.queue).await?;
+    let sent_at = tokio::time::Instant::now();
     let Some((job, lease)) = queue::claim(&ctx.db, &ctx.worker_id, &ctx.queue).await? else {
         return Ok(Outcome::Empty);
     };
+    let lease = Held::new(lease, ctx.queue.lease, sent_at);
+    let db = &ctx.db;
     let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempt);
     let dir = ctx
         .work_dir
@@ -202,12 +210,25 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let settled = match result {
         Ok((done, artifacts)) => {
-            // Like every ending's event: a lost lease shows in the fenced completion below.
-            let data = Some(done.result.clone());
-            let _ = became(ctx, &lease, JobStatus::Succeeded, data).await;
-            queue::complete_with_artifacts(&ctx.db, &lease, &done, &artifacts)
-                .await
-                .map(|()| JobStatus::Succeeded)
+            let recorded = lease
+                .persist("completion", || {
+                    queue::complete_with_artifacts(db, &lease, &done, &artifacts)
+                })
+                .await;
+            if recorded.is_ok() {
+                let collected =
+                    transfer::collect_losing_attempts(db, &ctx.storage, &lease.job_id).await;
+                match collected {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(job = %lease.job_id, "removed {n} objects of losing attempts")
+                    }
+                    Err(_) => {
+                        tracing::warn!(job = %lease.job_id, "losing attempts' objects not collected; fsck --fix will")
+                    }
+                }
+            }
+            recorded.map(|()| JobStatus::Succeeded)
         }
         Err(Stop::Lost) => return Ok(Outcome::LostLease { job_id: job.id }),
         Err(Stop::Drained(step)) => {
@@ -215,7 +236,10 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
                 "handed back at shutdown after step {step}; the next worker resumes from there"
             );
             let _ = status(ctx, &lease, EventLevel::Info, &msg, None).await;
-            return match queue::release(&ctx.db, &lease).await {
+            return match lease
+                .persist("release", || queue::release(db, &lease))
+                .await
+            {
                 Ok(()) => Ok(Outcome::Released { job_id: job.id }),
                 Err(QueueError::LeaseLost(_)) => Ok(Outcome::LostLease { job_id: job.id }),
                 Err(e) => Err(e.into()),
@@ -223,7 +247,8 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
         }
         Err(Stop::Cancelled) => {
             let _ = became(ctx, &lease, JobStatus::Cancelled, None).await;
-            queue::confirm_cancel(&ctx.db, &lease)
+            lease
+                .persist("cancellation", || queue::confirm_cancel(db, &lease))
                 .await
                 .map(|()| JobStatus::Cancelled)
         }
@@ -231,12 +256,16 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
             let err =
                 serde_json::json!({"code": "invalid_job", "message": message, "param": param});
             let _ = status(ctx, &lease, EventLevel::Error, &message, None).await;
-            queue::fail(&ctx.db, &lease, Failure::User, &err, &ctx.queue).await
+            let q = &ctx.queue;
+            let write = || queue::fail(db, &lease, Failure::User, &err, q);
+            lease.persist("failure", write).await
         }
         Err(Stop::Infra(message)) => {
             let err = serde_json::json!({"code": "infrastructure_error", "message": message, "param": null});
             let _ = status(ctx, &lease, EventLevel::Warn, &message, None).await;
-            queue::fail(&ctx.db, &lease, Failure::Infrastructure, &err, &ctx.queue).await
+            let q = &ctx.queue;
+            let write = || queue::fail(db, &lease, Failure::Infrastructure, &err, q);
+            lease.persist("failure", write).await
         }
     };
     match settled {

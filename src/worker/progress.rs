@@ -3,15 +3,16 @@
 
 use sparsegrad_engine::train::Event;
 
+use super::hold::Held;
 use super::transfer::{upload_dir, COMPLETE_MARKER};
 use super::{event, Stop, WorkerCtx};
 use crate::domain::{EventLevel, EventType, MetricKind};
-use crate::queue::{self, Lease};
+use crate::queue;
 
 /// Records one engine event; `last_progress` keeps the latest step for heartbeats.
 pub(super) async fn record(
     ctx: &WorkerCtx,
-    lease: &Lease,
+    lease: &Held,
     e: &Event,
     last_progress: &mut Option<serde_json::Value>,
 ) -> Result<(), Stop> {
@@ -22,14 +23,16 @@ pub(super) async fn record(
         Event::Step(p) => {
             *last_progress = Some(serde_json::to_value(p).unwrap_or_default());
             if let Some(d) = last_progress.as_ref() {
-                queue::metric(&ctx.db, lease, MetricKind::Train, p.step, d).await?;
+                let write = || queue::metric(&ctx.db, lease.lease(), MetricKind::Train, p.step, d);
+                lease.persist("metric", write).await?;
             }
             info(EventType::Metrics, e.to_string(), last_progress.clone()).await
         }
         Event::Eval { step, metrics } => {
             let data = serde_json::json!({"step": step, "eval": metrics});
             let point = serde_json::to_value(metrics).unwrap_or_default();
-            queue::metric(&ctx.db, lease, MetricKind::Eval, *step, &point).await?;
+            let write = || queue::metric(&ctx.db, lease.lease(), MetricKind::Eval, *step, &point);
+            lease.persist("metric", write).await?;
             info(EventType::Metrics, e.to_string(), Some(data)).await
         }
         Event::Started { .. } => {
@@ -50,7 +53,8 @@ pub(super) async fn record(
             .await;
             match stored {
                 Ok(bytes) => {
-                    queue::checkpoint(&ctx.db, lease, *step, &prefix, bytes).await?;
+                    let write = || queue::checkpoint(&ctx.db, lease.lease(), *step, &prefix, bytes);
+                    lease.persist("checkpoint", write).await?;
                     // Not the event's own line: that names the worker's local folder.
                     info(
                         EventType::Message,

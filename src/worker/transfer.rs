@@ -77,3 +77,27 @@ pub(super) async fn store_artifacts(
     }
     Ok(out)
 }
+
+/// Deletes what a succeeded job's other attempts left that no row names (a killed or zombie
+/// attempt's artifact, a checkpoint it uploaded but never recorded). Best effort: what this
+/// misses (a zombie still writing, a storage error) is `sparsegrad fsck --fix`'s to collect.
+pub(super) async fn collect_losing_attempts(
+    db: &sqlx::PgPool,
+    st: &Storage,
+    job_id: &str,
+) -> Result<usize, Stop> {
+    let (artifacts, checkpoints) = crate::db::inventory::job_objects(db, job_id).await?;
+    let mut removed = 0;
+    for k in st.list(&format!("jobs/{job_id}")).await? {
+        let named = artifacts.contains(&k)
+            || checkpoints.iter().any(|p| {
+                k.strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            });
+        if !named {
+            st.delete(&k).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

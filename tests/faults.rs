@@ -1,0 +1,674 @@
+//! Faults with real processes: `sparsegrad worker` (and `serve`) as child processes, a
+//! Postgres of the test's own that it stops and restarts, the S3 test server behind a proxy
+//! the test takes down, and a scale-out run with workers killed at random. Every wait is
+//! bounded.
+//!
+//! Each test that stops something owns it: the restarted Postgres is a cluster on its own
+//! port (never the shared server other tests use), and the S3 outage is a proxy of the
+//! test's own in front of the shared S3 test server (whose contents a restart would lose).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sparsegrad_engine::methods::{MethodSpec, SparseGradConfig};
+use sparsegrad_engine::models::Arch;
+use sparsegrad_engine::optim::Schedule;
+use sparsegrad_engine::testing::write_tiny_model_dir;
+use sparsegrad_engine::train::TrainConfig;
+use sparsegrad_service::domain::{FileRef, FineTune, ModelSource};
+use sparsegrad_service::fsck::{fsck, FsckOptions};
+use sparsegrad_service::queue::{self, NewJob};
+use sparsegrad_service::storage::{S3Settings, Storage};
+use sqlx::PgPool;
+
+use common::tiny_rows;
+
+const GUARD: Duration = Duration::from_secs(240);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Postgres cluster of this test's own (scripts/postgres.sh on a free port and folder).
+struct OwnPostgres {
+    dir: PathBuf,
+    port: u16,
+    url: String,
+}
+
+impl OwnPostgres {
+    fn script(&self, arg: &str) -> std::process::Output {
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres.sh"))
+            .arg(arg)
+            .env("SPARSEGRAD_PG_LOCAL", "1")
+            .env("SPARSEGRAD_PG_DIR", &self.dir)
+            .env("SPARSEGRAD_PG_PORT", self.port.to_string())
+            .output()
+            .unwrap()
+    }
+
+    fn start_new() -> OwnPostgres {
+        let port = free_port();
+        // Under /tmp itself: the server runs as `postgres` and must reach the folder.
+        let dir = PathBuf::from(format!("/tmp/sparsegrad-test-pg-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut pg = OwnPostgres {
+            dir,
+            port,
+            url: String::new(),
+        };
+        let out = pg.script("start");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        pg.url = line
+            .trim()
+            .strip_prefix("export DATABASE_URL=")
+            .unwrap_or_else(|| panic!("{line}"))
+            .to_string();
+        pg
+    }
+
+    fn stop(&self) {
+        let out = self.script("stop");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(&self) {
+        let out = self.script("start");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self.script("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy to `target` on a fixed port that the test takes down (the port refuses
+/// connections, open ones are cut) and brings back.
+struct Proxy {
+    port: u16,
+    target: SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn new(target: SocketAddr) -> Proxy {
+        let mut p = Proxy {
+            port: free_port(),
+            target,
+            task: None,
+        };
+        p.up().await;
+        p
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn up(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("proxy rebinding: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("proxy cannot rebind its port: {e}"),
+            }
+        };
+        let target = self.target;
+        self.task = Some(tokio::spawn(async move {
+            // Dropped with the task: every open connection is cut when the proxy goes down.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut c, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sparsegrad() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sparsegrad"));
+    c.env_remove("SPARSEGRAD_STORAGE_URL")
+        .env("RUST_LOG", "warn,sparsegrad_service=info");
+    c
+}
+
+/// Where a child's log goes (printed when a test fails).
+fn log_file(dir: &Path, name: &str) -> Stdio {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::File::create(dir.join(format!("{name}.log")))
+        .unwrap()
+        .into()
+}
+
+fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: usize) -> FineTune {
+    FineTune {
+        base: ModelSource::Dir {
+            path: model.to_path_buf(),
+        },
+        model: "tiny-bert".into(),
+        training_file: FileRef {
+            id: "file_1".into(),
+            object_key: key.into(),
+        },
+        validation_file: None,
+        method: MethodSpec::Sparsegrad(SparseGradConfig {
+            density: 0.1,
+            basis_steps: 2,
+            ..Default::default()
+        }),
+        train: TrainConfig {
+            max_steps: Some(steps),
+            batch_size: 4,
+            lr: 1e-2,
+            schedule: Schedule::Constant,
+            seed: 5,
+            checkpoint_every: Some(checkpoint_every),
+            ..TrainConfig::default()
+        },
+        max_seq_len: 16,
+        task: None,
+    }
+}
+
+async fn enqueue(db: &PgPool, id: &str, spec: &FineTune) {
+    sqlx::query("insert into tenants (id, name) values ('t1', 't1') on conflict do nothing")
+        .execute(db)
+        .await
+        .unwrap();
+    queue::enqueue(
+        db,
+        &NewJob::fine_tune(id, "t1", serde_json::to_value(spec).unwrap()),
+    )
+    .await
+    .unwrap();
+}
+
+async fn steps_seen(db: &PgPool, id: &str) -> i64 {
+    sqlx::query_as::<_, (i64,)>("select count(*) from job_metrics where job_id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .map(|r| r.0)
+        .unwrap_or(0)
+}
+
+/// Waits until the job has recorded a training step.
+async fn until_training(db: &PgPool, id: &str, logs: &Path) {
+    let deadline = Instant::now() + GUARD;
+    while steps_seen(db, id).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never trained; {}",
+            logs_of(logs)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for a terminal status (queries failing while a database restarts are retried).
+async fn until_finished(db: &PgPool, id: &str, logs: &Path) -> (String, i32) {
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let row: Result<(String, i32), _> =
+            sqlx::query_as("select status, attempt from jobs where id = $1")
+                .bind(id)
+                .fetch_one(db)
+                .await;
+        if let Ok((s, a)) = &row {
+            if matches!(s.as_str(), "succeeded" | "failed" | "cancelled") {
+                return (s.clone(), *a);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} not finished: {row:?}; {}",
+            logs_of(logs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn logs_of(dir: &Path) -> String {
+    let mut s = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        s += &format!("\n--- {} ---\n", e.path().display());
+        s += &tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    }
+    s
+}
+
+/// Every recorded train step once, from 1 to the last, all from attempt 1.
+async fn assert_metrics_whole(db: &PgPool, id: &str, steps: i32) {
+    let rows: Vec<(i32, i32)> = sqlx::query_as(
+        "select step, attempt from job_metrics where job_id = $1 and kind = 'train' order by step",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await
+    .unwrap();
+    let got: Vec<i32> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(got, (1..=steps).collect::<Vec<_>>(), "gaps or duplicates");
+    assert!(rows.iter().all(|r| r.1 == 1), "{rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_job_costs_time_not_the_attempt() {
+    let pg = OwnPostgres::start_new();
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&pg.url)
+        .await
+        .unwrap();
+    sqlx::migrate!("./migrations").run(&db).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    let model = tmp.path().join("model");
+    write_tiny_model_dir(&model, Arch::Bert, 1).unwrap();
+    let objects = format!("file://{}", tmp.path().join("objects").display());
+    let st = Storage::from_url(&objects, &S3Settings::default()).unwrap();
+    st.put("in/train.jsonl", tiny_rows(40, 1).into())
+        .await
+        .unwrap();
+    let steps = 400;
+    enqueue(&db, "job_pg", &spec(&model, "in/train.jsonl", steps, 50)).await;
+    let _worker = Proc(
+        sparsegrad()
+            .args(["worker", "--lease-secs", "30", "--storage-url", &objects])
+            .arg("--data-dir")
+            .arg(tmp.path().join("w"))
+            .env("DATABASE_URL", &pg.url)
+            .stdout(Stdio::null())
+            .stderr(log_file(&logs, "worker"))
+            .spawn()
+            .unwrap(),
+    );
+    until_training(&db, "job_pg", &logs).await;
+    pg.stop();
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    pg.start();
+    eprintln!("postgres was down {:.1} s", down.elapsed().as_secs_f64());
+    let (status, attempt) = until_finished(&db, "job_pg", &logs).await;
+    assert_eq!(
+        (status.as_str(), attempt),
+        ("succeeded", 1),
+        "{}",
+        logs_of(&logs)
+    );
+    assert_metrics_whole(&db, "job_pg", steps as i32).await;
+    let report = fsck(
+        &db,
+        &st,
+        &FsckOptions {
+            grace: Duration::ZERO,
+            fix: false,
+            digests: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.clean(), "{}", report.to_text());
+}
+
+/// The URL of this test's database (sqlx::test made it on the shared server).
+async fn db_url(db: &PgPool) -> String {
+    let (name,): (String,) = sqlx::query_as("select current_database()")
+        .fetch_one(db)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap();
+    format!("{}/{name}", base.rsplit_once('/').unwrap().0)
+}
+
+fn s3(endpoint: &str) -> S3Settings {
+    S3Settings {
+        endpoint: Some(endpoint.into()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        allow_http: true,
+        max_retries: Some(3),
+        retry_timeout: Some(Duration::from_secs(10)),
+    }
+}
+
+/// The flags that put a child process on `bucket` at `endpoint`.
+fn s3_args(bucket: &str, endpoint: &str) -> Vec<String> {
+    [
+        "--storage-url",
+        &format!("s3://{bucket}"),
+        "--s3-endpoint",
+        endpoint,
+        "--s3-region",
+        "us-east-1",
+        "--s3-access-key-id",
+        "test",
+        "--s3-secret-access-key",
+        "test",
+        "--s3-allow-http",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Every artifact row's object has the row's size and sha256.
+async fn assert_artifacts_match(db: &PgPool, st: &Storage) -> usize {
+    let rows: Vec<(String, i64, String)> =
+        sqlx::query_as("select object_key, bytes, sha256 from job_artifacts")
+            .fetch_all(db)
+            .await
+            .unwrap();
+    for (key, bytes, sha) in &rows {
+        let (n, got) = st.digest(key).await.unwrap();
+        assert_eq!((n as i64, &got), (*bytes, sha), "{key}");
+    }
+    rows.len()
+}
+
+async fn assert_fsck_clean(db: &PgPool, st: &Storage) {
+    let opts = FsckOptions {
+        grace: Duration::ZERO,
+        fix: false,
+        digests: true,
+    };
+    let report = fsck(db, st, &opts).await.unwrap();
+    assert!(report.clean(), "{}", report.to_text());
+    assert!(report.objects > 0 && report.rows > 0, "{report:?}");
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn an_s3_outage_mid_job_costs_time_and_records_no_partial_object(db: PgPool) {
+    let Some(endpoint) = common::s3_bucket("faults-outage") else {
+        return;
+    };
+    let target: SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
+    let mut proxy = Proxy::new(target).await;
+    let direct = Storage::from_url("s3://faults-outage", &s3(&endpoint)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    let model = tmp.path().join("model");
+    write_tiny_model_dir(&model, Arch::Bert, 1).unwrap();
+    direct
+        .put("in/train.jsonl", tiny_rows(40, 2).into())
+        .await
+        .unwrap();
+    let steps = 400;
+    enqueue(&db, "job_s3", &spec(&model, "in/train.jsonl", steps, 20)).await;
+    let _worker = Proc(
+        sparsegrad()
+            .args(["worker", "--lease-secs", "30", "--retry-base-secs", "1"])
+            .args(s3_args("faults-outage", &proxy.endpoint()))
+            .args(["--s3-max-retries", "30", "--s3-retry-timeout-secs", "120"])
+            .arg("--data-dir")
+            .arg(tmp.path().join("w"))
+            .env("DATABASE_URL", db_url(&db).await)
+            .stdout(Stdio::null())
+            .stderr(log_file(&logs, "worker"))
+            .spawn()
+            .unwrap(),
+    );
+    until_training(&db, "job_s3", &logs).await;
+    proxy.down();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    proxy.up().await;
+    let (status, attempt) = until_finished(&db, "job_s3", &logs).await;
+    eprintln!("S3 down 10 s mid-job: {status} after {attempt} attempt(s)");
+    assert_eq!(status, "succeeded", "{}", logs_of(&logs));
+    assert_metrics_whole(&db, "job_s3", steps as i32).await;
+    assert_eq!(assert_artifacts_match(&db, &direct).await, 2);
+    assert_fsck_clean(&db, &direct).await;
+}
+
+/// The admin key of the scale-out run's API process.
+const ADMIN: &str = "faults-admin-key";
+
+async fn post(http: &reqwest::Client, url: String, key: &str, body: Value) -> Value {
+    let r = http
+        .post(url)
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {v}");
+    v
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn scale_out_four_workers_killed_ten_times_run_every_job_exactly_once(db: PgPool) {
+    use rand::{Rng, SeedableRng};
+    let Some(endpoint) = common::s3_bucket("faults-scale") else {
+        return;
+    };
+    let st = Storage::from_url("s3://faults-scale", &s3(&endpoint)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    let models = tmp.path().join("models");
+    write_tiny_model_dir(&models.join("tiny-bert"), Arch::Bert, 1).unwrap();
+    let url = db_url(&db).await;
+    let shared: Vec<String> = s3_args("faults-scale", &endpoint)
+        .into_iter()
+        .chain(["--lease-secs", "5", "--retry-base-secs", "0.5"].map(String::from))
+        .collect();
+    let port = free_port();
+    let _api = Proc(
+        sparsegrad()
+            .args(["serve", "--workers", "0", "--admin-key", ADMIN])
+            .args(["--max-attempts", "20", "--max-active-jobs", "100"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(&shared)
+            .arg("--models-dir")
+            .arg(&models)
+            .arg("--data-dir")
+            .arg(tmp.path().join("api"))
+            .env("DATABASE_URL", &url)
+            .stdout(Stdio::null())
+            .stderr(log_file(&logs, "api"))
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + GUARD;
+    while !http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "API never ready; {}",
+            logs_of(&logs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = post(
+        &http,
+        format!("{base}/v1/admin/tenants"),
+        ADMIN,
+        json!({"name": "acme"}),
+    )
+    .await;
+    let k = post(
+        &http,
+        format!("{base}/v1/admin/api_keys"),
+        ADMIN,
+        json!({"tenant_id": t["id"]}),
+    )
+    .await;
+    let key = k["key"].as_str().unwrap().to_string();
+    let f: Value = http
+        .post(format!(
+            "{base}/v1/files?purpose=fine-tune&filename=t.jsonl"
+        ))
+        .bearer_auth(&key)
+        .body(tiny_rows(40, 3))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let jobs = 40;
+    for _ in 0..jobs {
+        post(
+            &http,
+            format!("{base}/v1/fine_tuning/jobs"),
+            &key,
+            json!({"model": "tiny-bert", "training_file": f["id"],
+                   "method": {"type": "sparsegrad",
+                              "hyperparameters": {"max_steps": 30, "batch_size": 4,
+                                                  "checkpoint_every": 10}}}),
+        )
+        .await;
+    }
+    let spawn_worker = |i: usize, generation: usize| {
+        Proc(
+            sparsegrad()
+                .args(["worker", "--workers", "1"])
+                .args(&shared)
+                .arg("--data-dir")
+                .arg(tmp.path().join(format!("w{i}")))
+                .env("DATABASE_URL", &url)
+                .env("HOSTNAME", format!("w{i}g{generation}"))
+                .stdout(Stdio::null())
+                .stderr(log_file(&logs, &format!("worker-{i}-{generation}")))
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut workers: Vec<Proc> = (0..4).map(|i| spawn_worker(i, 0)).collect();
+    let started = Instant::now();
+    let finished = |db: PgPool| async move {
+        sqlx::query_as::<_, (i64,)>(
+            "select count(*) from jobs where status in ('succeeded', 'failed', 'cancelled')",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap()
+        .0
+    };
+    // Ten kill -9s at random moments while jobs remain, each worker restarted at once.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(15);
+    let mut kills = 0;
+    while kills < 10 && finished(db.clone()).await < jobs {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..900))).await;
+        let i = rng.random_range(0..workers.len());
+        let victim = &mut workers[i].0;
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        kills += 1;
+        workers[i] = spawn_worker(i, kills);
+    }
+    let deadline = Instant::now() + GUARD;
+    while finished(db.clone()).await < jobs {
+        assert!(
+            Instant::now() < deadline,
+            "jobs unfinished; {}",
+            logs_of(&logs)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = started.elapsed();
+    drop(workers);
+    let (succeeded, attempts, max_attempt): (i64, i64, i32) = sqlx::query_as(
+        "select count(*) filter (where status = 'succeeded'), sum(attempt), max(attempt) from jobs",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    eprintln!(
+        "{jobs} jobs on 4 workers with {kills} kill -9s: {:.1} s, {attempts} attempts (at most {max_attempt} for one job)",
+        took.as_secs_f64()
+    );
+    assert_eq!(succeeded, jobs, "{}", logs_of(&logs));
+    assert_eq!(kills, 10, "the jobs finished before every kill happened");
+    // Exactly one success per job: a zombie's fenced writes never land.
+    let once: Vec<(String, i64)> = sqlx::query_as(
+        "select j.id, count(e.id) from jobs j left join job_events e
+            on e.job_id = j.id and e.type = 'status' and e.message = 'succeeded'
+          group by j.id having count(e.id) <> 1",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(once.is_empty(), "{once:?}");
+    assert_eq!(assert_artifacts_match(&db, &st).await, 2 * jobs as usize);
+    assert_fsck_clean(&db, &st).await;
+    // And the operator command agrees (exit status 0).
+    let out = sparsegrad()
+        .args(["fsck", "--grace-secs", "0"])
+        .args(&shared)
+        .arg("--data-dir")
+        .arg(tmp.path().join("fsck"))
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("no problems found"), "{text}");
+}
