@@ -43,6 +43,10 @@ pub enum BenchWhat {
     /// Event streams: N idle SSE streams held open on a real listener; Postgres transactions
     /// per second while they wait.
     Streams(super::bench_service::BenchStreamsArgs),
+    /// Worker processes: jobs per minute with 1, 2 and 4 `sparsegrad worker` processes on
+    /// small jobs (a scratch database, a local file store), claim latency into idle workers
+    /// and cancel latency of a running job.
+    Workers(super::bench_service::BenchWorkersArgs),
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +95,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Validate(v) => bench_validate(v),
         BenchWhat::Upload(u) => super::bench_service::upload(u),
         BenchWhat::Streams(a) => super::bench_service::streams(a),
+        BenchWhat::Workers(a) => super::bench_service::workers(a),
     }
 }
 

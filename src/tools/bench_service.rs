@@ -269,3 +269,201 @@ pub fn streams(a: BenchStreamsArgs) -> Result<()> {
         },
     ))
 }
+
+#[derive(Args, Debug)]
+pub struct BenchWorkersArgs {
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Worker process counts to run the same jobs with.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub processes: Vec<usize>,
+    #[arg(long, default_value_t = 24)]
+    pub jobs: usize,
+    /// Training steps per job (a tiny BERT, SparseGrad).
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Claim and cancel latencies measured per process count.
+    #[arg(long, default_value_t = 8)]
+    pub probes: usize,
+}
+
+/// `sparsegrad worker` processes of this binary on a scratch database, killed when dropped.
+struct Workers(Vec<std::process::Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn p50_max(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let p50 = v.get(v.len() / 2).copied().unwrap_or(f64::NAN);
+    (p50, v.last().copied().unwrap_or(f64::NAN))
+}
+
+/// Polls until `sql` (one bigint) reaches `n`.
+async fn until_count(db: &sqlx::PgPool, sql: &str, n: i64, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (c,): (i64,) = sqlx::query_as(sql).fetch_one(db).await?;
+        if c >= n {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "timed out waiting for `{sql}` >= {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Jobs per minute with 1, 2 and 4 worker processes on small jobs, claim latency (enqueue to
+/// `running` with idle workers) and cancel latency (request to `cancelled` on a running job).
+pub fn workers(a: BenchWorkersArgs) -> Result<()> {
+    use crate::domain::{FileRef, FineTune, ModelSource};
+    use sparsegrad_engine::methods::{MethodSpec, SparseGradConfig};
+    let tmp = tempfile::tempdir()?;
+    let model = tmp.path().join("model");
+    sparsegrad_engine::testing::write_tiny_model_dir(
+        &model,
+        sparsegrad_engine::models::Arch::Bert,
+        1,
+    )?;
+    let objects = format!("file://{}", tmp.path().join("objects").display());
+    let storage = Storage::from_url(&objects, &S3Settings::default())?;
+    let words = sparsegrad_engine::testing::TINY_WORDS;
+    let rows: String = (0..64)
+        .map(|i| {
+            let text = format!(
+                "{} {}",
+                words[i % words.len()],
+                words[(i * 7) % words.len()]
+            );
+            let label = if i % 2 == 0 { "pos" } else { "neg" };
+            format!("{}\n", serde_json::json!({"text": text, "label": label}))
+        })
+        .collect();
+    let spec = |steps: usize| FineTune {
+        base: ModelSource::Dir {
+            path: model.clone(),
+        },
+        model: "tiny-bert".into(),
+        training_file: FileRef {
+            id: "file_bench".into(),
+            object_key: "in/train.jsonl".into(),
+        },
+        validation_file: None,
+        method: MethodSpec::Sparsegrad(SparseGradConfig {
+            density: 0.1,
+            basis_steps: 2,
+            ..Default::default()
+        }),
+        train: sparsegrad_engine::train::TrainConfig {
+            max_steps: Some(steps),
+            batch_size: 4,
+            ..Default::default()
+        },
+        max_seq_len: 16,
+        task: None,
+    };
+    let exe = std::env::current_exe()?;
+    let admin_url = a.database_url.clone();
+    tokio::runtime::Runtime::new()?.block_on(super::bench::with_scratch_db(&admin_url, |db| async move {
+        storage.put("in/train.jsonl", rows.into()).await?;
+        sqlx::query("insert into tenants (id, name) values ('bench', 'bench')")
+            .execute(&db)
+            .await?;
+        let (name,): (String,) = sqlx::query_as("select current_database()")
+            .fetch_one(&db)
+            .await?;
+        let url = format!(
+            "{}/{name}",
+            a.database_url.rsplit_once('/').context("DATABASE_URL")?.0
+        );
+        let small = serde_json::to_value(spec(a.steps))?;
+        let long = serde_json::to_value(spec(1_000_000))?;
+        let enqueue = |id: String, spec: serde_json::Value| {
+            let db = db.clone();
+            async move {
+                crate::queue::enqueue(&db, &crate::queue::NewJob::fine_tune(&id, "bench", spec))
+                    .await
+            }
+        };
+        println!("| worker processes | jobs | wall s | jobs/min | speed-up | claim p50 / max ms | cancel p50 / max ms |");
+        println!("|---|---|---|---|---|---|---|");
+        let mut base_rate = None;
+        for (round, &n) in a.processes.iter().enumerate() {
+            sqlx::query("delete from jobs").execute(&db).await?;
+            let mut procs = Workers(Vec::new());
+            for i in 0..n {
+                procs.0.push(
+                    std::process::Command::new(&exe)
+                        .args(["worker", "--workers", "1", "--storage-url", &objects])
+                        .arg("--data-dir")
+                        .arg(tmp.path().join(format!("w{i}")))
+                        .env("DATABASE_URL", &url)
+                        .env("HOSTNAME", format!("bench{i}"))
+                        .env("RUST_LOG", "warn")
+                        .stdout(std::process::Stdio::null())
+                        .spawn()?,
+                );
+            }
+            // Idle workers, then every job at once.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let t0 = Instant::now();
+            for j in 0..a.jobs {
+                enqueue(format!("job_r{round}_{j:04}"), small.clone()).await?;
+            }
+            until_count(
+                &db,
+                "select count(*) from jobs where status = 'succeeded'",
+                a.jobs as i64,
+                Duration::from_secs(1800),
+            )
+            .await?;
+            let wall = t0.elapsed().as_secs_f64();
+            let rate = a.jobs as f64 / wall * 60.0;
+            let speedup = rate / *base_rate.get_or_insert(rate);
+            // Claim latency: one job at a time into an idle pool (database clock at both ends).
+            let mut claims = Vec::new();
+            for p in 0..a.probes {
+                let id = format!("job_r{round}_claim{p}");
+                enqueue(id.clone(), small.clone()).await?;
+                let q = format!("select count(*) from jobs where id = '{id}' and status = 'succeeded'");
+                until_count(&db, &q, 1, Duration::from_secs(600)).await?;
+                let (ms,): (f64,) = sqlx::query_as(
+                    "select extract(epoch from started_at - created_at)::float8 * 1000 from jobs where id = $1",
+                )
+                .bind(&id)
+                .fetch_one(&db)
+                .await?;
+                claims.push(ms);
+            }
+            // Cancel latency: request to `cancelled` on a job that is training.
+            let mut cancels = Vec::new();
+            for p in 0..a.probes {
+                let id = format!("job_r{round}_cancel{p}");
+                enqueue(id.clone(), long.clone()).await?;
+                let q = format!("select count(*) from job_metrics where job_id = '{id}'");
+                until_count(&db, &q, 1, Duration::from_secs(600)).await?;
+                let t = Instant::now();
+                crate::queue::cancel(&db, "bench", &id).await?;
+                let q = format!("select count(*) from jobs where id = '{id}' and status = 'cancelled'");
+                until_count(&db, &q, 1, Duration::from_secs(60)).await?;
+                cancels.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            drop(procs);
+            let (c50, cmax) = p50_max(claims);
+            let (x50, xmax) = p50_max(cancels);
+            println!(
+                "| {n} | {} | {wall:.1} | {rate:.1} | {speedup:.2}x | {c50:.0} / {cmax:.0} | {x50:.0} / {xmax:.0} |",
+                a.jobs
+            );
+        }
+        anyhow::Ok(())
+    }))
+}
