@@ -377,6 +377,15 @@ async fn db_url(db: &PgPool) -> String {
     format!("{}/{name}", base.rsplit_once('/').unwrap().0)
 }
 
+fn unique_bucket(name: &str) -> String {
+    format!(
+        "{name}-{}",
+        sparsegrad_service::db::new_id("b")
+            .to_lowercase()
+            .replace('_', "-")
+    )
+}
+
 fn s3(endpoint: &str) -> S3Settings {
     S3Settings {
         endpoint: Some(endpoint.into()),
@@ -435,12 +444,14 @@ async fn assert_fsck_clean(db: &PgPool, st: &Storage) {
 
 #[sqlx::test(migrations = "./migrations")]
 async fn an_s3_outage_mid_job_costs_time_and_records_no_partial_object(db: PgPool) {
-    let Some(endpoint) = common::s3_bucket("faults-outage") else {
+    // A bucket of this run's own: the test server keeps earlier runs' objects.
+    let bucket = unique_bucket("faults-outage");
+    let Some(endpoint) = common::s3_bucket(&bucket) else {
         return;
     };
     let target: SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
     let mut proxy = Proxy::new(target).await;
-    let direct = Storage::from_url("s3://faults-outage", &s3(&endpoint)).unwrap();
+    let direct = Storage::from_url(&format!("s3://{bucket}"), &s3(&endpoint)).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path().join("logs");
     let model = tmp.path().join("model");
@@ -454,7 +465,7 @@ async fn an_s3_outage_mid_job_costs_time_and_records_no_partial_object(db: PgPoo
     let _worker = Proc(
         sparsegrad()
             .args(["worker", "--lease-secs", "30", "--retry-base-secs", "1"])
-            .args(s3_args("faults-outage", &proxy.endpoint()))
+            .args(s3_args(&bucket, &proxy.endpoint()))
             .args(["--s3-max-retries", "30", "--s3-retry-timeout-secs", "120"])
             .arg("--data-dir")
             .arg(tmp.path().join("w"))
@@ -496,16 +507,17 @@ async fn post(http: &reqwest::Client, url: String, key: &str, body: Value) -> Va
 #[sqlx::test(migrations = "./migrations")]
 async fn scale_out_four_workers_killed_ten_times_run_every_job_exactly_once(db: PgPool) {
     use rand::{Rng, SeedableRng};
-    let Some(endpoint) = common::s3_bucket("faults-scale") else {
+    let bucket = unique_bucket("faults-scale");
+    let Some(endpoint) = common::s3_bucket(&bucket) else {
         return;
     };
-    let st = Storage::from_url("s3://faults-scale", &s3(&endpoint)).unwrap();
+    let st = Storage::from_url(&format!("s3://{bucket}"), &s3(&endpoint)).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path().join("logs");
     let models = tmp.path().join("models");
     write_tiny_model_dir(&models.join("tiny-bert"), Arch::Bert, 1).unwrap();
     let url = db_url(&db).await;
-    let shared: Vec<String> = s3_args("faults-scale", &endpoint)
+    let shared: Vec<String> = s3_args(&bucket, &endpoint)
         .into_iter()
         .chain(["--lease-secs", "5", "--retry-base-secs", "0.5"].map(String::from))
         .collect();

@@ -13,7 +13,7 @@ use super::hold::Held;
 use super::transfer::{latest_checkpoint, store_artifacts, COMPLETE_MARKER};
 use super::{became, event, progress, Done, Stop, WorkerCtx};
 use crate::domain::{ArtifactKind, EventLevel, EventType, FineTune, FineTuneResult, JobStatus};
-use crate::queue::{self, Completion, QueueError};
+use crate::queue::Completion;
 use crate::storage::local_copy::materialize;
 
 /// Downloads an input file; one that is gone was deleted by its owner (no retry brings it
@@ -121,12 +121,9 @@ pub(super) async fn run(
         })
         .map_err(|e| Stop::Infra(format!("cannot start the training thread: {e}")))?;
 
-    let mut beat = tokio::time::interval(ctx.heartbeat);
-    let mut cancel_news = ctx.cancels.watch(&lease.job_id);
+    let mut standing = lease.standing();
     let mut shutdown = ctx.drain.clone();
     let mut draining = false;
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_progress: Option<serde_json::Value> = None;
     // The first reason to stop; training is told to cancel and drained to its end.
     let running = serde_json::json!({
         "device": device_label,
@@ -151,44 +148,21 @@ pub(super) async fn run(
             e = rx.recv() => {
                 let Some((e, ack)) = e else { break };
                 if abort.is_none() {
-                    if let Err(s) = progress::record(ctx, lease, &e, &mut last_progress).await {
+                    if let Err(s) = progress::record(ctx, lease, &e).await {
                         cancel.store(true, Ordering::SeqCst);
                         abort = Some(s);
                     }
                 }
                 drop(ack);
             }
-            // A heartbeat on time, or at once when a cancellation is announced for this job.
-            _ = async {
-                tokio::select! {
-                    _ = beat.tick() => {}
-                    _ = cancel_news.changed() => {}
+            // What the heartbeats learned: cancellation requested, or the job lost.
+            Ok(()) = standing.changed() => {
+                let now = *standing.borrow_and_update();
+                if now.lost && abort.is_none() {
+                    abort = Some(Stop::Lost);
                 }
-            } => {
-                if abort.is_some() {
-                    continue;
-                }
-                let sent_at = tokio::time::Instant::now();
-                match queue::heartbeat(&ctx.db, lease, &ctx.queue, last_progress.as_ref()).await {
-                    Ok(b) => {
-                        lease.renewed(sent_at);
-                        if b.cancel_requested {
-                            cancel.store(true, Ordering::SeqCst);
-                        }
-                    }
-                    Err(QueueError::LeaseLost(_)) => {
-                        cancel.store(true, Ordering::SeqCst);
-                        abort = Some(Stop::Lost);
-                    }
-                    // Unreachable past the lease: a reaper may have handed the job on, so
-                    // this attempt stops and writes nothing more.
-                    Err(e) if lease.expired() => {
-                        tracing::warn!("heartbeat failed past the lease, giving the job up: {e}");
-                        cancel.store(true, Ordering::SeqCst);
-                        abort = Some(Stop::Lost);
-                    }
-                    // A database outage shorter than the lease: keep training.
-                    Err(e) => tracing::warn!("heartbeat failed: {e}"),
+                if now.lost || now.cancel_requested {
+                    cancel.store(true, Ordering::SeqCst);
                 }
             }
         }

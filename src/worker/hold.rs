@@ -7,20 +7,36 @@
 //! fails because Postgres is unreachable is worth retrying: the write is buffered (the caller
 //! waits, training goes on) and lands once Postgres is back, so a restart costs time, not the
 //! attempt. Past that time the worker gives the job up: another worker may own it.
+//!
+//! [`Held::keep`] renews the lease for the whole attempt — downloading a base model, training,
+//! uploading, merging alike — and publishes what it learns ([`Standing`]: cancellation
+//! requested, job lost) for whichever phase is running to act on.
 
 use std::future::Future;
 use std::ops::Deref;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::queue::{Lease, QueueError};
+use crate::queue::{self, Lease, QueueError};
+
+/// What the heartbeats have learned about the job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Standing {
+    pub cancel_requested: bool,
+    /// The job is no longer surely this worker's: stop and write nothing more.
+    pub lost: bool,
+}
 
 pub(crate) struct Held {
     lease: Lease,
     len: Duration,
     until: Mutex<Instant>,
+    standing: watch::Sender<Standing>,
+    /// The latest training progress, recorded with each heartbeat.
+    progress: Mutex<Option<serde_json::Value>>,
 }
 
 impl Deref for Held {
@@ -41,7 +57,71 @@ impl Held {
             lease,
             len,
             until: Mutex::new(sent_at + len),
+            standing: watch::channel(Standing::default()).0,
+            progress: Mutex::new(None),
         }
+    }
+
+    /// Follows what the heartbeats learn (the current value counts as unseen news).
+    pub(crate) fn standing(&self) -> watch::Receiver<Standing> {
+        let mut rx = self.standing.subscribe();
+        rx.mark_changed();
+        rx
+    }
+
+    pub(crate) fn set_progress(&self, p: serde_json::Value) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    }
+
+    /// Renews the lease every `every`, and at once when `cancels` announces news of this job,
+    /// until the job is lost (then it returns). A heartbeat that cannot reach the database is
+    /// retried at the next tick; only once the lease may have run out is the job given up.
+    pub(crate) async fn keep(
+        &self,
+        db: &sqlx::PgPool,
+        cfg: &queue::QueueConfig,
+        every: Duration,
+        cancels: &crate::db::listen::JobSignals,
+    ) {
+        let mut beat = tokio::time::interval(every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut news = cancels.watch(&self.job_id);
+        loop {
+            tokio::select! {
+                _ = beat.tick() => {}
+                _ = news.changed() => {}
+            }
+            let progress = self
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let sent_at = Instant::now();
+            match queue::heartbeat(db, &self.lease, cfg, progress.as_ref()).await {
+                Ok(b) => {
+                    self.renewed(sent_at);
+                    if b.cancel_requested {
+                        self.standing.send_if_modified(|s| {
+                            let was = s.cancel_requested;
+                            s.cancel_requested = true;
+                            !was
+                        });
+                    }
+                }
+                Err(QueueError::LeaseLost(_)) => return self.give_up(),
+                // Unreachable past the lease: a reaper may have handed the job on.
+                Err(e) if self.expired() => {
+                    tracing::warn!(job = %self.job_id, "heartbeat failed past the lease, giving the job up: {e}");
+                    return self.give_up();
+                }
+                // An outage shorter than the lease: keep working.
+                Err(e) => tracing::warn!(job = %self.job_id, "heartbeat failed: {e}"),
+            }
+        }
+    }
+
+    fn give_up(&self) {
+        self.standing.send_modify(|s| s.lost = true);
     }
 
     pub(crate) fn lease(&self) -> &Lease {
@@ -167,6 +247,62 @@ mod tests {
         // A renewal moves the deadline.
         h.renewed(Instant::now());
         assert!(!h.expired());
+    }
+
+    #[sqlx::test(migrations = "./migrations")]
+    async fn the_keeper_holds_the_job_through_a_phase_longer_than_the_lease(db: sqlx::PgPool) {
+        sqlx::query("insert into tenants (id, name) values ('t1', 't1')")
+            .execute(&db)
+            .await
+            .unwrap();
+        let job = queue::NewJob::fine_tune("job_k", "t1", serde_json::json!({}));
+        queue::enqueue(&db, &job).await.unwrap();
+        let cfg = queue::QueueConfig {
+            lease: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        let (_, lease) = queue::claim(&db, "w", &cfg).await.unwrap().unwrap();
+        let held = Held::new(lease, cfg.lease, sent);
+        let cancels = crate::db::listen::JobSignals::new(db.clone(), queue::CANCEL_CHANNEL);
+        let mut standing = held.standing();
+        // A phase of 3 leases (a base model download, a merge) with the keeper beside it.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            _ = held.keep(&db, &cfg, Duration::from_millis(100), &cancels) => panic!("lost"),
+        }
+        assert_eq!(queue::reap(&db, &cfg).await.unwrap(), 0, "the lease held");
+        assert!(!held.expired());
+        // A cancel reaches the keeper (LISTEN) and is published.
+        let keeper = held.keep(&db, &cfg, Duration::from_secs(3600), &cancels);
+        tokio::pin!(keeper);
+        standing.borrow_and_update();
+        tokio::select! {
+            _ = &mut keeper => panic!("lost"),
+            _ = async {
+                // The keeper's first tick runs at once; cancel once it is listening.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                queue::cancel(&db, "t1", "job_k").await.unwrap();
+                standing.changed().await.unwrap();
+            } => {}
+        }
+        assert!(standing.borrow().cancel_requested && !standing.borrow().lost);
+        // Without the keeper the lease runs out; once reaped, the keeper gives the job up.
+        sqlx::query(
+            "update jobs set cancel_requested = false, status = 'running' where id = 'job_k'",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(queue::reap(&db, &cfg).await.unwrap(), 1);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            held.keep(&db, &cfg, Duration::from_millis(100), &cancels),
+        )
+        .await
+        .expect("the keeper returns once the job is lost");
+        assert!(held.standing().borrow().lost);
     }
 
     #[tokio::test]

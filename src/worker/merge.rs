@@ -32,6 +32,14 @@ pub(super) async fn run(
     .await
     .map_err(|e| Stop::Infra(format!("merge thread: {e}")))?;
     merged.map_err(|e| Stop::engine(e, "fine_tuning_job_id"))?;
+    // A merge cannot stop half-way; what the heartbeats learned meanwhile counts now.
+    let standing = *lease.standing().borrow();
+    if standing.lost {
+        return Err(Stop::Lost);
+    }
+    if standing.cancel_requested {
+        return Err(Stop::Cancelled);
+    }
     let mut names = Vec::new();
     let mut rd = tokio::fs::read_dir(&out).await?;
     while let Some(e) = rd.next_entry().await? {

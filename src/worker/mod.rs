@@ -1,12 +1,14 @@
 //! The worker: claims a job, fetches its inputs from storage, runs the engine on a dedicated
-//! thread (never on the async runtime), turns engine progress into events and heartbeats,
-//! honours cancellation as soon as it is announced (`LISTEN job_cancel`; at the latest at the
-//! next heartbeat), uploads checkpoints and the artifact, and on a
-//! retry resumes from the last uploaded checkpoint.
+//! thread (never on the async runtime), turns engine progress into events, honours
+//! cancellation as soon as it is announced (`LISTEN job_cancel`; at the latest at the next
+//! heartbeat), uploads checkpoints and the artifact, and on a retry resumes from the last
+//! uploaded checkpoint.
 //!
 //! [`try_run_one`] is one step of the loop — claim, run to the end, report — so tests drive it
-//! directly and never sleep. [`fine_tune`] and [`merge`] run the two kinds of job,
-//! [`progress`] records what training reports, [`transfer`] moves files to and from storage.
+//! directly and never sleep. [`hold`] keeps the lease (one heartbeat task per attempt, through
+//! every phase) and holds fenced writes through a database outage; [`fine_tune`] and [`merge`]
+//! run the two kinds of job, [`progress`] records what training reports, [`transfer`] moves
+//! files to and from storage.
 
 mod fine_tune;
 mod hold;
@@ -206,7 +208,19 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
         }
     };
     // Instrumented, not entered: a span guard held across awaits tags other tasks' logs.
-    let result = attempt.instrument(span).await;
+    let mut attempt = std::pin::pin!(attempt.instrument(span));
+    // The lease is renewed through every phase (downloads, training, uploads, merging). Should
+    // the job be lost, the keeper returns and the attempt, told through `Held::standing`,
+    // stops at its next chance and writes nothing more.
+    let keeper = lease.keep(&ctx.db, &ctx.queue, ctx.heartbeat, &ctx.cancels);
+    let result = tokio::select! {
+        r = &mut attempt => r,
+        () = keeper => attempt.await,
+    };
+    let result = match result {
+        Ok(_) | Err(Stop::Infra(_)) if lease.standing().borrow().lost => Err(Stop::Lost),
+        r => r,
+    };
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let settled = match result {
         Ok((done, artifacts)) => {

@@ -9,24 +9,18 @@ use super::{event, Stop, WorkerCtx};
 use crate::domain::{EventLevel, EventType, MetricKind};
 use crate::queue;
 
-/// Records one engine event; `last_progress` keeps the latest step for heartbeats.
-pub(super) async fn record(
-    ctx: &WorkerCtx,
-    lease: &Held,
-    e: &Event,
-    last_progress: &mut Option<serde_json::Value>,
-) -> Result<(), Stop> {
+/// Records one engine event; a step's progress also goes out with the next heartbeat.
+pub(super) async fn record(ctx: &WorkerCtx, lease: &Held, e: &Event) -> Result<(), Stop> {
     let info = |kind: EventType, msg: String, data: Option<serde_json::Value>| async move {
         event(&ctx.db, lease, EventLevel::Info, kind, &msg, data).await
     };
     match e {
         Event::Step(p) => {
-            *last_progress = Some(serde_json::to_value(p).unwrap_or_default());
-            if let Some(d) = last_progress.as_ref() {
-                let write = || queue::metric(&ctx.db, lease.lease(), MetricKind::Train, p.step, d);
-                lease.persist("metric", write).await?;
-            }
-            info(EventType::Metrics, e.to_string(), last_progress.clone()).await
+            let d = serde_json::to_value(p).unwrap_or_default();
+            lease.set_progress(d.clone());
+            let write = || queue::metric(&ctx.db, lease.lease(), MetricKind::Train, p.step, &d);
+            lease.persist("metric", write).await?;
+            info(EventType::Metrics, e.to_string(), Some(d)).await
         }
         Event::Eval { step, metrics } => {
             let data = serde_json::json!({"step": step, "eval": metrics});
