@@ -684,3 +684,132 @@ async fn scale_out_four_workers_killed_ten_times_run_every_job_exactly_once(db: 
     );
     assert!(text.contains("no problems found"), "{text}");
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn with_every_worker_busy_a_killed_workers_job_is_reaped_and_resumed(db: PgPool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    let model = tmp.path().join("model");
+    write_tiny_model_dir(&model, Arch::Bert, 1).unwrap();
+    let objects = format!("file://{}", tmp.path().join("objects").display());
+    let st = Storage::from_url(&objects, &S3Settings::default()).unwrap();
+    st.put("in/train.jsonl", tiny_rows(40, 4).into())
+        .await
+        .unwrap();
+    // Long jobs, one per worker: every worker is busy.
+    for id in ["job_a", "job_b"] {
+        enqueue(&db, id, &spec(&model, "in/train.jsonl", 1_000_000, 20)).await;
+    }
+    let lease = 10u64;
+    let url = db_url(&db).await;
+    let spawn = |name: &str| {
+        Proc(
+            sparsegrad()
+                .args(["worker", "--lease-secs", &lease.to_string()])
+                .args(["--storage-url", &objects, "--retry-base-secs", "0"])
+                .arg("--data-dir")
+                .arg(tmp.path().join(name))
+                .env("DATABASE_URL", &url)
+                .env("HOSTNAME", name)
+                .stdout(Stdio::null())
+                .stderr(log_file(&logs, name))
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut w1 = spawn("w1");
+    let _w2 = spawn("w2");
+    let holder = |db: PgPool, id: &'static str| async move {
+        sqlx::query_as::<_, (String, Option<String>, i32)>(
+            "select status, worker_id, attempt from jobs where id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db)
+        .await
+        .unwrap()
+    };
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let (a, b) = (
+            holder(db.clone(), "job_a").await,
+            holder(db.clone(), "job_b").await,
+        );
+        let checkpointed: (i64,) =
+            sqlx::query_as("select count(distinct job_id) from job_checkpoints")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        if a.0 == "running" && b.0 == "running" && checkpointed.0 == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{a:?} {b:?}; {}", logs_of(&logs));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let victim = if holder(db.clone(), "job_a")
+        .await
+        .1
+        .unwrap()
+        .starts_with("w1")
+    {
+        "job_a"
+    } else {
+        "job_b"
+    };
+    w1.0.kill().unwrap();
+    w1.0.wait().unwrap();
+    let killed = Instant::now();
+    // The other worker is busy; its process's reaper still returns the job.
+    while holder(db.clone(), victim).await.0 == "running" {
+        assert!(
+            Instant::now() < deadline,
+            "never reaped; {}",
+            logs_of(&logs)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reaped = killed.elapsed().as_secs_f64();
+    let bound = lease as f64 * 1.25;
+    eprintln!("worker killed with every worker busy: its job reaped after {reaped:.1} s (lease {lease} s + reap interval {:.1} s)", lease as f64 / 4.0);
+    assert!(reaped <= bound + 3.0, "reaped after {reaped:.1} s");
+    // A worker comes back and resumes the job from its checkpoint.
+    let _w1 = spawn("w1-again");
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let resumed: (i64,) = sqlx::query_as(
+            "select count(*) from job_events where job_id = $1 and message like 'resuming from step %'",
+        )
+        .bind(victim)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        if resumed.0 == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never resumed; {}",
+            logs_of(&logs)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(holder(db.clone(), victim).await.2, 2);
+    // Cancel reaches each running job through LISTEN, well inside a heartbeat interval.
+    let mut took = Vec::new();
+    for id in ["job_a", "job_b"] {
+        while holder(db.clone(), id).await.0 != "running" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t = Instant::now();
+        queue::cancel(&db, "t1", id).await.unwrap();
+        while holder(db.clone(), id).await.0 != "cancelled" {
+            assert!(t.elapsed() < GUARD, "cancel never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        took.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    eprintln!(
+        "cancel of a running job in a worker process: {took:.0?} ms (heartbeat every {} ms)",
+        lease * 200
+    );
+    assert!(took.iter().all(|ms| *ms < 1000.0), "{took:?}");
+}
