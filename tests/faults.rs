@@ -15,12 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sparsegrad_engine::methods::{MethodSpec, SparseGradConfig};
 use sparsegrad_engine::models::Arch;
-use sparsegrad_engine::optim::Schedule;
 use sparsegrad_engine::testing::write_tiny_model_dir;
-use sparsegrad_engine::train::TrainConfig;
-use sparsegrad_service::domain::{FileRef, FineTune, ModelSource};
+use sparsegrad_service::domain::FineTune;
 use sparsegrad_service::fsck::{fsck, FsckOptions};
 use sparsegrad_service::queue::{self, NewJob};
 use sparsegrad_service::storage::{S3Settings, Storage};
@@ -195,32 +192,35 @@ fn log_file(dir: &Path, name: &str) -> Stdio {
 }
 
 fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: usize) -> FineTune {
-    FineTune {
-        base: ModelSource::Dir {
-            path: model.to_path_buf(),
-        },
-        model: "tiny-bert".into(),
-        training_file: FileRef {
-            id: "file_1".into(),
-            object_key: key.into(),
-        },
-        validation_file: None,
-        method: MethodSpec::Sparsegrad(SparseGradConfig {
-            density: 0.1,
-            basis_steps: 2,
-            ..Default::default()
-        }),
-        train: TrainConfig {
-            max_steps: Some(steps),
-            batch_size: 4,
-            lr: 1e-2,
-            schedule: Schedule::Constant,
-            seed: 5,
-            checkpoint_every: Some(checkpoint_every),
-            ..TrainConfig::default()
-        },
-        max_seq_len: 16,
-        task: None,
+    common::tiny_fine_tune(model, key, steps, Some(checkpoint_every))
+}
+
+/// What a single-worker fault test starts from: a tiny model, a local file store holding
+/// the training rows at `in/train.jsonl`, and a folder for the children's logs.
+struct Scene {
+    tmp: tempfile::TempDir,
+    logs: PathBuf,
+    model: PathBuf,
+    objects: String,
+    st: Storage,
+}
+
+async fn scene(seed: u64) -> Scene {
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    let model = tmp.path().join("model");
+    write_tiny_model_dir(&model, Arch::Bert, 1).unwrap();
+    let objects = format!("file://{}", tmp.path().join("objects").display());
+    let st = Storage::from_url(&objects, &S3Settings::default()).unwrap();
+    st.put("in/train.jsonl", tiny_rows(40, seed).into())
+        .await
+        .unwrap();
+    Scene {
+        tmp,
+        logs,
+        model,
+        objects,
+        st,
     }
 }
 
@@ -317,15 +317,13 @@ async fn a_postgres_restart_mid_job_costs_time_not_the_attempt() {
         .await
         .unwrap();
     sqlx::migrate!("./migrations").run(&db).await.unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let logs = tmp.path().join("logs");
-    let model = tmp.path().join("model");
-    write_tiny_model_dir(&model, Arch::Bert, 1).unwrap();
-    let objects = format!("file://{}", tmp.path().join("objects").display());
-    let st = Storage::from_url(&objects, &S3Settings::default()).unwrap();
-    st.put("in/train.jsonl", tiny_rows(40, 1).into())
-        .await
-        .unwrap();
+    let Scene {
+        tmp,
+        logs,
+        model,
+        objects,
+        st,
+    } = scene(1).await;
     let steps = 400;
     enqueue(&db, "job_pg", &spec(&model, "in/train.jsonl", steps, 50)).await;
     let _worker = Proc(
@@ -387,15 +385,7 @@ fn unique_bucket(name: &str) -> String {
 }
 
 fn s3(endpoint: &str) -> S3Settings {
-    S3Settings {
-        endpoint: Some(endpoint.into()),
-        region: Some("us-east-1".into()),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some("test".into()),
-        allow_http: true,
-        max_retries: Some(3),
-        retry_timeout: Some(Duration::from_secs(10)),
-    }
+    common::s3_test_settings(endpoint, 3, Duration::from_secs(10))
 }
 
 /// The flags that put a child process on `bucket` at `endpoint`.
@@ -687,15 +677,13 @@ async fn scale_out_four_workers_killed_ten_times_run_every_job_exactly_once(db: 
 
 #[sqlx::test(migrations = "./migrations")]
 async fn with_every_worker_busy_a_killed_workers_job_is_reaped_and_resumed(db: PgPool) {
-    let tmp = tempfile::tempdir().unwrap();
-    let logs = tmp.path().join("logs");
-    let model = tmp.path().join("model");
-    write_tiny_model_dir(&model, Arch::Bert, 1).unwrap();
-    let objects = format!("file://{}", tmp.path().join("objects").display());
-    let st = Storage::from_url(&objects, &S3Settings::default()).unwrap();
-    st.put("in/train.jsonl", tiny_rows(40, 4).into())
-        .await
-        .unwrap();
+    let Scene {
+        tmp,
+        logs,
+        model,
+        objects,
+        ..
+    } = scene(4).await;
     // Long jobs, one per worker: every worker is busy.
     for id in ["job_a", "job_b"] {
         enqueue(&db, id, &spec(&model, "in/train.jsonl", 1_000_000, 20)).await;
@@ -812,4 +800,83 @@ async fn with_every_worker_busy_a_killed_workers_job_is_reaped_and_resumed(db: P
         lease * 200
     );
     assert!(took.iter().all(|ms| *ms < 1000.0), "{took:?}");
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn sigterm_to_a_worker_mid_job_hands_it_to_another_that_resumes_it(db: PgPool) {
+    let Scene {
+        tmp,
+        logs,
+        model,
+        objects,
+        ..
+    } = scene(6).await;
+    // No periodic checkpoints: what the next worker resumes from is the drain's.
+    let steps = 1500;
+    enqueue(
+        &db,
+        "job_t",
+        &common::tiny_fine_tune(&model, "in/train.jsonl", steps, None),
+    )
+    .await;
+    let url = db_url(&db).await;
+    let spawn = |name: &str| {
+        Proc(
+            sparsegrad()
+                .args(["worker", "--lease-secs", "30", "--storage-url", &objects])
+                .arg("--data-dir")
+                .arg(tmp.path().join(name))
+                .env("DATABASE_URL", &url)
+                .env("HOSTNAME", name)
+                .stdout(Stdio::null())
+                .stderr(log_file(&logs, name))
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut w1 = spawn("w1");
+    until_training(&db, "job_t", &logs).await;
+    let _w2 = spawn("w2");
+    let term = Command::new("kill")
+        .args(["-TERM", &w1.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let s = w1.0.wait();
+        (s, w1)
+    });
+    let (status, _w1) = tokio::time::timeout(GUARD, exited).await.unwrap().unwrap();
+    assert!(
+        status.unwrap().success(),
+        "w1 exits cleanly after the drain"
+    );
+    let (status, attempt) = until_finished(&db, "job_t", &logs).await;
+    assert_eq!(status, "succeeded", "{}", logs_of(&logs));
+    let (max_attempts, resumed_from, handed_back): (i32, Option<String>, i64) = sqlx::query_as(
+        "select max_attempts,
+                (select message from job_events where job_id = j.id and message like 'resuming from step %'),
+                (select count(*) from job_events where job_id = j.id and message like 'handed back at shutdown%')
+           from jobs j where id = 'job_t'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    eprintln!("SIGTERM mid-job: attempt {attempt} of {max_attempts}, {resumed_from:?}");
+    assert_eq!(handed_back, 1);
+    // The drained attempt was given back: two attempts ran, one counts against the budget.
+    assert_eq!((attempt, max_attempts), (2, 4));
+    let from: usize = resumed_from
+        .expect("the second attempt resumed")
+        .trim_start_matches("resuming from step ")
+        .parse()
+        .unwrap();
+    assert!(from > 0 && from < steps, "{from}");
+    let worker: (String,) = sqlx::query_as(
+        "select data->>'worker' from job_events where job_id = 'job_t' and message = 'running' order by id desc limit 1",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(worker.0.starts_with("w2"), "{worker:?}");
 }

@@ -84,7 +84,13 @@ async fn server(db: PgPool, extra: &[&str]) -> Server {
 }
 
 async fn healthz(s: &Server) -> reqwest::StatusCode {
-    tokio::time::timeout(GUARD, s.http.get(s.url("/healthz")).send())
+    // A connection of its own: a kept-alive one may be closed by the server's idle limit
+    // (the header timeout, 2 s here) just as the request goes out on it.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    tokio::time::timeout(GUARD, fresh.get(s.url("/healthz")).send())
         .await
         .expect("healthz answered within the guard")
         .unwrap()

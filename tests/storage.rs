@@ -11,15 +11,7 @@ use futures::TryStreamExt;
 use sparsegrad_service::storage::{S3Settings, Storage, StorageError};
 
 fn s3_settings(endpoint: &str) -> S3Settings {
-    S3Settings {
-        endpoint: Some(endpoint.into()),
-        region: Some("us-east-1".into()),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some("test".into()),
-        allow_http: true,
-        max_retries: Some(1),
-        retry_timeout: Some(Duration::from_secs(2)),
-    }
+    common::s3_test_settings(endpoint, 1, Duration::from_secs(2))
 }
 
 async fn exercise(st: &Storage) {

@@ -5,21 +5,18 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use sparsegrad_engine::artifact::Artifact;
-use sparsegrad_engine::methods::{MethodSpec, SparseGradConfig};
 use sparsegrad_engine::models::Arch;
-use sparsegrad_engine::optim::Schedule;
 use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir};
-use sparsegrad_engine::train::TrainConfig;
-use sparsegrad_service::domain::{FileRef, FineTune, JobStatus, ModelSource};
+use sparsegrad_service::domain::{FineTune, JobStatus};
 use sparsegrad_service::queue::{self, Cancelled, NewJob, QueueConfig, RetryPolicy};
 use sparsegrad_service::storage::{S3Settings, Storage};
 use sparsegrad_service::worker::{try_run_one, Outcome, WorkerCtx};
 use sqlx::PgPool;
 
+use common::tiny_fine_tune as spec;
 use common::tiny_rows as rows;
 
 struct Env {
@@ -68,36 +65,6 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
         _tmp: tmp,
         ctx,
         model,
-    }
-}
-
-fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: Option<usize>) -> FineTune {
-    FineTune {
-        base: ModelSource::Dir {
-            path: model.to_path_buf(),
-        },
-        model: "tiny-bert".into(),
-        training_file: FileRef {
-            id: "file_1".into(),
-            object_key: key.into(),
-        },
-        validation_file: None,
-        method: MethodSpec::Sparsegrad(SparseGradConfig {
-            density: 0.1,
-            basis_steps: 2,
-            ..Default::default()
-        }),
-        train: TrainConfig {
-            max_steps: Some(steps),
-            batch_size: 4,
-            lr: 1e-2,
-            schedule: Schedule::Constant,
-            seed: 5,
-            checkpoint_every,
-            ..TrainConfig::default()
-        },
-        max_seq_len: 16,
-        task: None,
     }
 }
 

@@ -73,6 +73,9 @@ pub async fn insert_within_quota(
         .saturating_add(f.bytes)
         > quota
     {
+        // Ended here, not on drop: a dropped transaction holds the lock until its connection
+        // is next used.
+        tx.rollback().await?;
         return Ok(None);
     }
     let row = insert(&mut *tx, f).await?;
@@ -110,6 +113,7 @@ pub async fn delete(db: &sqlx::PgPool, tenant: &str, id: &str) -> sqlx::Result<D
             .fetch_optional(&mut *tx)
             .await?;
     if found.is_none() {
+        tx.rollback().await?;
         return Ok(Deleted::NotFound);
     }
     let user: Option<(String,)> = sqlx::query_as(
@@ -124,6 +128,7 @@ pub async fn delete(db: &sqlx::PgPool, tenant: &str, id: &str) -> sqlx::Result<D
     .fetch_optional(&mut *tx)
     .await?;
     if let Some((job,)) = user {
+        tx.rollback().await?;
         return Ok(Deleted::InUse(job));
     }
     let row: FileRow = sqlx::query_as(&format!(

@@ -107,6 +107,9 @@ async fn insert_once(db: &sqlx::PgPool, job: &NewJob, dedupe: Dedupe) -> Result<
         .fetch_one(&mut *tx)
         .await?;
         if active >= limit {
+            // Ended here, not on drop: a dropped transaction holds the lock until its
+            // connection is next used.
+            tx.rollback().await?;
             return Err(QueueError::Quota { active, limit });
         }
     }

@@ -207,7 +207,10 @@ pub async fn reap(db: &sqlx::PgPool, cfg: &QueueConfig) -> Result<u64> {
         sqlx::query_as("select pg_try_advisory_xact_lock(hashtextextended('sparsegrad:reap', 0))")
             .fetch_one(&mut *tx)
             .await?;
+    // Every way out ends the transaction here: one merely dropped is rolled back only when
+    // its connection is next used, and until then it would keep holding the lock.
     if !mine {
+        tx.rollback().await?;
         return Ok(0);
     }
     // `no key update`: a worker's event and metric inserts hold key-share locks on its job
@@ -223,6 +226,7 @@ pub async fn reap(db: &sqlx::PgPool, cfg: &QueueConfig) -> Result<u64> {
     .fetch_all(&mut *tx)
     .await?;
     if expired.is_empty() {
+        tx.rollback().await?;
         return Ok(0);
     }
     let (ids, delays): (Vec<String>, Vec<f64>) = expired
@@ -280,6 +284,7 @@ pub async fn cancel(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<
             .fetch_optional(&mut *tx)
             .await?;
     let Some((status,)) = row else {
+        tx.rollback().await?;
         return Ok(Cancelled::NotFound);
     };
     // A queued job stops here; a running one is flagged and its worker confirms.
@@ -287,6 +292,7 @@ pub async fn cancel(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<
         JobStatus::Queued => (JobStatus::Cancelled, Cancelled::Now),
         JobStatus::Running => (JobStatus::Cancelling, Cancelled::Requested),
         JobStatus::Cancelling | JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled => {
+            tx.rollback().await?;
             return Ok(Cancelled::AlreadyFinal);
         }
     };

@@ -116,3 +116,58 @@ pub fn predict_folder(
         .unwrap();
     p.iter().map(|p| serde_json::to_value(p).unwrap()).collect()
 }
+
+/// A small SparseGrad fine-tune of the tiny BERT folder `model` on the object `key`.
+pub fn tiny_fine_tune(
+    model: &std::path::Path,
+    key: &str,
+    steps: usize,
+    checkpoint_every: Option<usize>,
+) -> sparsegrad_service::domain::FineTune {
+    use sparsegrad_engine::methods::{MethodSpec, SparseGradConfig};
+    use sparsegrad_service::domain::{FileRef, FineTune, ModelSource};
+    FineTune {
+        base: ModelSource::Dir {
+            path: model.to_path_buf(),
+        },
+        model: "tiny-bert".into(),
+        training_file: FileRef {
+            id: "file_1".into(),
+            object_key: key.into(),
+        },
+        validation_file: None,
+        method: MethodSpec::Sparsegrad(SparseGradConfig {
+            density: 0.1,
+            basis_steps: 2,
+            ..Default::default()
+        }),
+        train: sparsegrad_engine::train::TrainConfig {
+            max_steps: Some(steps),
+            batch_size: 4,
+            lr: 1e-2,
+            schedule: sparsegrad_engine::optim::Schedule::Constant,
+            seed: 5,
+            checkpoint_every,
+            ..Default::default()
+        },
+        max_seq_len: 16,
+        task: None,
+    }
+}
+
+/// Settings for the S3 test server at `endpoint` (its credentials; short retries).
+pub fn s3_test_settings(
+    endpoint: &str,
+    retries: usize,
+    retry_timeout: std::time::Duration,
+) -> sparsegrad_service::storage::S3Settings {
+    sparsegrad_service::storage::S3Settings {
+        endpoint: Some(endpoint.into()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        allow_http: true,
+        max_retries: Some(retries),
+        retry_timeout: Some(retry_timeout),
+    }
+}
