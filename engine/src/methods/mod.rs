@@ -101,14 +101,16 @@ pub enum DeltaEntry {
     /// `W += scale · B · A` on the named linear.
     Lora { linear: String, scale: f64 },
     /// A sparse update of `param` in a rotated basis: `W += P S Qᵀ`, `S` given by
-    /// `{param}.sparse_indices` (int32, `(2, k)`: row, col) and `{param}.sparse_values`
+    /// `{param}.sparse_indices` (int32 in memory, `(2, k)`: row, col; the file may narrow
+    /// them to int16) and `{param}.sparse_values`
     /// (`(k,)`); `P`, `Q` are the basis tensors of `basis` (absent for MeProp: `W += S`).
     Sparse {
         param: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         basis: Option<crate::models::MlpKind>,
     },
-    /// One side of a SparseGrad basis: `P` (out×out) or `Q` (in×in) of a matrix type.
+    /// One side of a SparseGrad basis: `P` (out×out) or `Q` (in×in) of a matrix type (in
+    /// memory; the file keeps only the columns the supports use, see `artifact`).
     Basis {
         mlp_kind: crate::models::MlpKind,
         side: BasisSide,
