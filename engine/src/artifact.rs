@@ -749,6 +749,33 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_file_with_full_bases_still_loads() {
+        let a = artifact();
+        let dir = tempfile::tempdir().unwrap();
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("format_version".to_string(), "1".to_string());
+        let mut d = a.descriptor.clone();
+        d.format_version = 1;
+        meta.insert("descriptor".to_string(), serde_json::to_string(&d).unwrap());
+        let path = dir.path().join(TENSORS_FILE);
+        crate::io::write_safetensors(&a.tensors, Some(meta), &path).unwrap();
+        let b = Artifact::load(dir.path()).unwrap();
+        for (k, t) in &a.tensors {
+            let diff = (t.to_dtype(DType::F32).unwrap()
+                - b.tensors[k].to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+            assert_eq!(diff, 0.0, "{k}");
+        }
+    }
+
+    #[test]
     fn a_column_map_that_does_not_fit_is_refused() {
         let a = artifact();
         let dir = tempfile::tempdir().unwrap();
