@@ -357,10 +357,11 @@ fn expand_bases(
             )));
         }
         let cols: Vec<i64> = tensors[&map_name].to_dtype(DType::I64)?.to_vec1()?;
-        let compact = tensors
+        let stored = tensors
             .get(&name)
-            .ok_or_else(|| Error::Artifact(format!("`{map_name}` without `{name}`")))?
-            .to_dtype(DType::F32)?;
+            .ok_or_else(|| Error::Artifact(format!("`{map_name}` without `{name}`")))?;
+        let dtype = stored.dtype();
+        let compact = stored.to_dtype(DType::F32)?;
         let (n, used) = compact.dims2()?;
         if used != cols.len() || cols.iter().any(|&c| c < 0 || c as usize >= n) {
             return Err(Error::Artifact(format!(
@@ -374,7 +375,9 @@ fn expand_bases(
                 full[r * n + c as usize] = row[j];
             }
         }
-        tensors.insert(name, Tensor::from_vec(full, (n, n), &Device::Cpu)?);
+        // In the dtype it was trained and stored in (bf16 bases stay bf16).
+        let full = Tensor::from_vec(full, (n, n), &Device::Cpu)?.to_dtype(dtype)?;
+        tensors.insert(name, full);
         tensors.remove(&map_name);
     }
     for (name, t) in tensors.iter_mut() {
@@ -746,6 +749,31 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn a_bf16_basis_stays_bf16_through_the_round_trip() {
+        let mut a = artifact();
+        for (name, e) in &a.descriptor.entries {
+            if matches!(e, DeltaEntry::Basis { .. }) {
+                let t = a.tensors[name].to_dtype(DType::BF16).unwrap();
+                a.tensors.insert(name.clone(), t);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        a.save(dir.path()).unwrap();
+        let b = Artifact::load(dir.path()).unwrap();
+        let p = basis_tensor_name(MlpKind::Intermediate, BasisSide::P);
+        assert_eq!(b.tensors[&p].dtype(), DType::BF16);
+        let stored: usize = b
+            .summary()
+            .tensors
+            .iter()
+            .filter(|t| t.role == "basis")
+            .map(|t| t.bytes)
+            .sum();
+        // P: 4×2, Q: 3×1 in bf16, and the two int32 column maps.
+        assert_eq!(stored, (8 + 3) * 2 + (2 + 1) * 4);
     }
 
     #[test]
