@@ -207,7 +207,12 @@ fn minilm_learns_rt_polarity_with_sparsegrad_and_the_artifact_round_trips() {
     let j: serde_json::Value =
         serde_json::from_str(&sparsegrad(&["inspect", "--json", o])).unwrap();
     assert_eq!(j["sparse"].as_array().unwrap().len(), 12);
-    assert_eq!(j["roles"]["basis"]["tensors"], 4);
+    // Four bases and their column maps: stored compact, in the columns the supports use
+    // (full f32 bases would be 2·(1536² + 384²)·4 bytes).
+    assert_eq!(j["roles"]["basis"]["tensors"], 8);
+    let full = 2 * (1536 * 1536 + 384 * 384) * 4;
+    let stored = j["roles"]["basis"]["bytes"].as_u64().unwrap();
+    assert!(stored < full, "{stored} bytes of bases, full {full}");
 
     // The merged folder evaluates exactly as the in-memory model did.
     let merged = out.path().join("merged");
