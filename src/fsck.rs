@@ -42,12 +42,22 @@ pub struct Orphan {
     pub removed: bool,
 }
 
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProblemKind {
+    /// The object (or a required part of a prefix) is gone.
+    Missing,
+    /// The object's size or sha256 differs from the row's.
+    Corrupt,
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RowProblem {
     /// `files`, `job_artifacts`, `job_checkpoints` or `models`.
     pub table: &'static str,
     pub id: String,
     pub key: String,
+    pub kind: ProblemKind,
     pub problem: String,
 }
 
@@ -82,23 +92,17 @@ impl FsckReport {
             );
         }
         for r in &self.rows_with_problems {
-            s += &format!("{}  {} {}  {}\n", r.problem_kind(), r.table, r.id, r.key);
+            let kind = match r.kind {
+                ProblemKind::Missing => "missing",
+                ProblemKind::Corrupt => "corrupt",
+            };
+            s += &format!("{kind}  {} {}  {}\n", r.table, r.id, r.key);
             s += &format!("        {}\n", r.problem);
         }
         if self.orphans.is_empty() && self.rows_with_problems.is_empty() {
             s += "no problems found\n";
         }
         s
-    }
-}
-
-impl RowProblem {
-    fn problem_kind(&self) -> &'static str {
-        if self.problem.starts_with("missing") {
-            "missing"
-        } else {
-            "corrupt"
-        }
     }
 }
 
@@ -163,10 +167,11 @@ pub async fn fsck(db: &PgPool, st: &Storage, opts: &FsckOptions) -> anyhow::Resu
         ..Default::default()
     };
     let mut named: HashSet<&str> = HashSet::new();
-    let problem = |table, id: &str, key: &str, problem: String| RowProblem {
+    let problem = |table, id: &str, key: &str, kind, problem: String| RowProblem {
         table,
         id: id.to_string(),
         key: key.to_string(),
+        kind,
         problem,
     };
 
@@ -177,12 +182,14 @@ pub async fn fsck(db: &PgPool, st: &Storage, opts: &FsckOptions) -> anyhow::Resu
                 "files",
                 &f.id,
                 &f.object_key,
-                "missing: no object at this key".into(),
+                ProblemKind::Missing,
+                "no object at this key".into(),
             )),
             Some(o) if o.size != f.bytes as u64 => report.rows_with_problems.push(problem(
                 "files",
                 &f.id,
                 &f.object_key,
+                ProblemKind::Corrupt,
                 format!("stored size {} differs from the row's {}", o.size, f.bytes),
             )),
             Some(_) => {}
@@ -195,7 +202,8 @@ pub async fn fsck(db: &PgPool, st: &Storage, opts: &FsckOptions) -> anyhow::Resu
                 "job_artifacts",
                 &a.id,
                 &a.object_key,
-                "missing: no object at this key".into(),
+                ProblemKind::Missing,
+                "no object at this key".into(),
             ));
             continue;
         };
@@ -204,6 +212,7 @@ pub async fn fsck(db: &PgPool, st: &Storage, opts: &FsckOptions) -> anyhow::Resu
                 "job_artifacts",
                 &a.id,
                 &a.object_key,
+                ProblemKind::Corrupt,
                 format!("stored size {} differs from the row's {}", o.size, a.bytes),
             ));
         } else if opts.digests {
@@ -213,6 +222,7 @@ pub async fn fsck(db: &PgPool, st: &Storage, opts: &FsckOptions) -> anyhow::Resu
                     "job_artifacts",
                     &a.id,
                     &a.object_key,
+                    ProblemKind::Corrupt,
                     format!("stored sha256 {sha} differs from the row's {}", a.sha256),
                 ));
             }
@@ -243,7 +253,8 @@ pub async fn fsck(db: &PgPool, st: &Storage, opts: &FsckOptions) -> anyhow::Resu
                 table,
                 &row.id,
                 &row.object_prefix,
-                format!("missing: no `{needed}` under this prefix"),
+                ProblemKind::Missing,
+                format!("no `{needed}` under this prefix"),
             ));
         }
     }

@@ -191,6 +191,24 @@ fn log_file(dir: &Path, name: &str) -> Stdio {
         .into()
 }
 
+/// A `sparsegrad worker` named `name` on the database at `url`, with its own data folder
+/// under `root` and its log in `logs/<name>.log`; `args` are the rest of its flags.
+fn worker(url: &str, root: &Path, logs: &Path, name: &str, args: &[&str]) -> Proc {
+    Proc(
+        sparsegrad()
+            .arg("worker")
+            .args(args)
+            .arg("--data-dir")
+            .arg(root.join(name))
+            .env("DATABASE_URL", url)
+            .env("HOSTNAME", name)
+            .stdout(Stdio::null())
+            .stderr(log_file(logs, name))
+            .spawn()
+            .unwrap(),
+    )
+}
+
 fn spec(model: &Path, key: &str, steps: usize, checkpoint_every: usize) -> FineTune {
     common::tiny_fine_tune(model, key, steps, Some(checkpoint_every))
 }
@@ -326,17 +344,8 @@ async fn a_postgres_restart_mid_job_costs_time_not_the_attempt() {
     } = scene(1).await;
     let steps = 400;
     enqueue(&db, "job_pg", &spec(&model, "in/train.jsonl", steps, 50)).await;
-    let _worker = Proc(
-        sparsegrad()
-            .args(["worker", "--lease-secs", "30", "--storage-url", &objects])
-            .arg("--data-dir")
-            .arg(tmp.path().join("w"))
-            .env("DATABASE_URL", &pg.url)
-            .stdout(Stdio::null())
-            .stderr(log_file(&logs, "worker"))
-            .spawn()
-            .unwrap(),
-    );
+    let args = ["--lease-secs", "30", "--storage-url", &objects];
+    let _worker = worker(&pg.url, tmp.path(), &logs, "worker", &args);
     until_training(&db, "job_pg", &logs).await;
     pg.stop();
     let down = Instant::now();
@@ -452,19 +461,14 @@ async fn an_s3_outage_mid_job_costs_time_and_records_no_partial_object(db: PgPoo
         .unwrap();
     let steps = 400;
     enqueue(&db, "job_s3", &spec(&model, "in/train.jsonl", steps, 20)).await;
-    let _worker = Proc(
-        sparsegrad()
-            .args(["worker", "--lease-secs", "30", "--retry-base-secs", "1"])
-            .args(s3_args(&bucket, &proxy.endpoint()))
-            .args(["--s3-max-retries", "30", "--s3-retry-timeout-secs", "120"])
-            .arg("--data-dir")
-            .arg(tmp.path().join("w"))
-            .env("DATABASE_URL", db_url(&db).await)
-            .stdout(Stdio::null())
-            .stderr(log_file(&logs, "worker"))
-            .spawn()
-            .unwrap(),
-    );
+    let mut args: Vec<String> = ["--lease-secs", "30", "--retry-base-secs", "1"]
+        .map(String::from)
+        .to_vec();
+    args.extend(s3_args(&bucket, &proxy.endpoint()));
+    args.extend(["--s3-max-retries", "30", "--s3-retry-timeout-secs", "120"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let url = db_url(&db).await;
+    let _worker = worker(&url, tmp.path(), &logs, "worker", &args);
     until_training(&db, "job_s3", &logs).await;
     proxy.down();
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -584,20 +588,13 @@ async fn scale_out_four_workers_killed_ten_times_run_every_job_exactly_once(db: 
         )
         .await;
     }
+    let worker_args: Vec<&str> = ["--workers", "1"]
+        .into_iter()
+        .chain(shared.iter().map(String::as_str))
+        .collect();
     let spawn_worker = |i: usize, generation: usize| {
-        Proc(
-            sparsegrad()
-                .args(["worker", "--workers", "1"])
-                .args(&shared)
-                .arg("--data-dir")
-                .arg(tmp.path().join(format!("w{i}")))
-                .env("DATABASE_URL", &url)
-                .env("HOSTNAME", format!("w{i}g{generation}"))
-                .stdout(Stdio::null())
-                .stderr(log_file(&logs, &format!("worker-{i}-{generation}")))
-                .spawn()
-                .unwrap(),
-        )
+        let name = format!("w{i}g{generation}");
+        worker(&url, tmp.path(), &logs, &name, &worker_args)
     };
     let mut workers: Vec<Proc> = (0..4).map(|i| spawn_worker(i, 0)).collect();
     let started = Instant::now();
@@ -690,21 +687,16 @@ async fn with_every_worker_busy_a_killed_workers_job_is_reaped_and_resumed(db: P
     }
     let lease = 10u64;
     let url = db_url(&db).await;
-    let spawn = |name: &str| {
-        Proc(
-            sparsegrad()
-                .args(["worker", "--lease-secs", &lease.to_string()])
-                .args(["--storage-url", &objects, "--retry-base-secs", "0"])
-                .arg("--data-dir")
-                .arg(tmp.path().join(name))
-                .env("DATABASE_URL", &url)
-                .env("HOSTNAME", name)
-                .stdout(Stdio::null())
-                .stderr(log_file(&logs, name))
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let lease_arg = lease.to_string();
+    let args = [
+        "--lease-secs",
+        &lease_arg,
+        "--storage-url",
+        &objects,
+        "--retry-base-secs",
+        "0",
+    ];
+    let spawn = |name: &str| worker(&url, tmp.path(), &logs, name, &args);
     let mut w1 = spawn("w1");
     let _w2 = spawn("w2");
     let holder = |db: PgPool, id: &'static str| async move {
@@ -820,20 +812,8 @@ async fn sigterm_to_a_worker_mid_job_hands_it_to_another_that_resumes_it(db: PgP
     )
     .await;
     let url = db_url(&db).await;
-    let spawn = |name: &str| {
-        Proc(
-            sparsegrad()
-                .args(["worker", "--lease-secs", "30", "--storage-url", &objects])
-                .arg("--data-dir")
-                .arg(tmp.path().join(name))
-                .env("DATABASE_URL", &url)
-                .env("HOSTNAME", name)
-                .stdout(Stdio::null())
-                .stderr(log_file(&logs, name))
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let args = ["--lease-secs", "30", "--storage-url", &objects];
+    let spawn = |name: &str| worker(&url, tmp.path(), &logs, name, &args);
     let mut w1 = spawn("w1");
     until_training(&db, "job_t", &logs).await;
     let _w2 = spawn("w2");

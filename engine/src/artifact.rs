@@ -116,52 +116,55 @@ impl Artifact {
     fn file_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = self.tensors.clone();
         let entries = &self.descriptor.entries;
+        // Each index tensor is read once: the columns it uses of its basis (rows: P, cols: Q),
+        // and whether it fits int16.
+        let mut used: BTreeMap<(MlpKind, usize), std::collections::BTreeSet<u32>> = BTreeMap::new();
         for (name, entry) in entries {
-            match entry {
-                DeltaEntry::Basis { mlp_kind, side } => {
-                    let Some(full) = self.tensors.get(name) else {
-                        continue;
-                    };
-                    let row = match side {
-                        BasisSide::P => 0,
-                        BasisSide::Q => 1,
-                    };
-                    let mut used = std::collections::BTreeSet::new();
-                    for (n, e) in entries {
-                        let DeltaEntry::Sparse { basis, .. } = e else {
-                            continue;
-                        };
-                        if *basis != Some(*mlp_kind) || !n.ends_with(".sparse_indices") {
-                            continue;
-                        }
-                        let Some(rc) = self.tensors.get(n) else {
-                            continue;
-                        };
-                        let rc: Vec<Vec<i64>> = rc.to_dtype(DType::I64)?.to_vec2()?;
-                        used.extend(rc.get(row).into_iter().flatten().map(|&i| i as u32));
-                    }
-                    let width = full.dims2()?.1;
-                    if used.len() < width && used.last().is_none_or(|&c| (c as usize) < width) {
-                        let cols: Vec<u32> = used.into_iter().collect();
-                        let ix = Tensor::from_slice(&cols, cols.len(), full.device())?;
-                        out.insert(name.clone(), full.contiguous()?.index_select(&ix, 1)?);
-                        let map: Vec<i32> = cols.iter().map(|&c| c as i32).collect();
-                        out.insert(
-                            format!("{name}{COLUMNS}"),
-                            Tensor::from_vec(map, cols.len(), &Device::Cpu)?,
-                        );
-                    }
+            let DeltaEntry::Sparse { basis, .. } = entry else {
+                continue;
+            };
+            let Some(t) = self.tensors.get(name).filter(|t| t.elem_count() > 0) else {
+                continue;
+            };
+            if !name.ends_with(".sparse_indices") {
+                continue;
+            }
+            let rc: Vec<Vec<i64>> = t.to_dtype(DType::I64)?.to_vec2()?;
+            if let Some(kind) = basis {
+                for (side, ids) in rc.iter().enumerate() {
+                    let set = used.entry((*kind, side)).or_default();
+                    set.extend(ids.iter().map(|&i| i as u32));
                 }
-                DeltaEntry::Sparse { .. } if name.ends_with(".sparse_indices") => {
-                    let Some(t) = self.tensors.get(name).filter(|t| t.elem_count() > 0) else {
-                        continue;
-                    };
-                    let max = t.to_dtype(DType::I64)?.flatten_all()?.max(0)?;
-                    if max.to_scalar::<i64>()? <= i64::from(i16::MAX) {
-                        out.insert(name.clone(), t.to_dtype(DType::I16)?);
-                    }
-                }
-                _ => {}
+            }
+            if rc.iter().flatten().all(|&i| i <= i64::from(i16::MAX)) {
+                out.insert(name.clone(), t.to_dtype(DType::I16)?);
+            }
+        }
+        for (name, entry) in entries {
+            let DeltaEntry::Basis { mlp_kind, side } = entry else {
+                continue;
+            };
+            let Some(full) = self.tensors.get(name) else {
+                continue;
+            };
+            let side = match side {
+                BasisSide::P => 0,
+                BasisSide::Q => 1,
+            };
+            let cols: Vec<u32> = used
+                .remove(&(*mlp_kind, side))
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let width = full.dims2()?.1;
+            if cols.len() < width && cols.last().is_none_or(|&c| (c as usize) < width) {
+                let ix = Tensor::from_slice(&cols, cols.len(), full.device())?;
+                out.insert(name.clone(), full.contiguous()?.index_select(&ix, 1)?);
+                let map: Vec<i32> = cols.iter().map(|&c| c as i32).collect();
+                out.insert(
+                    format!("{name}{COLUMNS}"),
+                    Tensor::from_vec(map, cols.len(), &Device::Cpu)?,
+                );
             }
         }
         Ok(out)
@@ -740,15 +743,7 @@ mod tests {
                 .expand(4, 3, &i, &v)
                 .unwrap()
         };
-        let d = (expand(&a) - expand(&b))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(crate::testing::max_abs_diff(&expand(&a), &expand(&b)), 0.0);
     }
 
     #[test]
@@ -790,16 +785,7 @@ mod tests {
         crate::io::write_safetensors(&a.tensors, Some(meta), &path).unwrap();
         let b = Artifact::load(dir.path()).unwrap();
         for (k, t) in &a.tensors {
-            let diff = (t.to_dtype(DType::F32).unwrap()
-                - b.tensors[k].to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-            assert_eq!(diff, 0.0, "{k}");
+            assert_eq!(crate::testing::max_abs_diff(t, &b.tensors[k]), 0.0, "{k}");
         }
     }
 
