@@ -189,6 +189,7 @@ function jobView(view, id) {
     loss: el("div", { class: "chart card", id: "chart-loss" }),
     lr: el("div", { class: "chart card", id: "chart-lr" }),
     eval: el("div", { class: "chart card", id: "chart-eval" }),
+    energy: el("div", { class: "chart card", id: "chart-energy", hidden: true }),
   };
   const ckpts = el("ul", { id: "checkpoints" });
   const arts = el("ul", { id: "artifacts" });
@@ -197,7 +198,7 @@ function jobView(view, id) {
   view.append(
     head,
     el("div", { class: "grid2" }, el("section", { class: "card" }, el("h2", {}, "Job"), info, actions), el("section", { class: "card" }, el("h2", {}, "Hyperparameters"), hyper)),
-    el("div", { class: "grid2" }, charts.loss, charts.lr, charts.eval),
+    el("div", { class: "grid2" }, charts.loss, charts.lr, charts.eval, charts.energy),
     el("section", { class: "card" }, el("h2", {}, "Events"), log),
     el("div", { class: "grid2" },
       el("section", { class: "card" }, el("h2", {}, "Downloads"), arts),
@@ -226,6 +227,10 @@ function jobView(view, id) {
     lineChart(charts.lr, "Learning rate", [{ name: "lr", points: tr.map((p) => [p.step, p.lr]) }]);
     const metric = ["accuracy", "pearson", "perplexity"].find((m) => ev.some((p) => p[m] !== undefined)) || "accuracy";
     lineChart(charts.eval, `Eval ${metric}`, [{ name: metric, points: ev.map((p) => [p.step, p[metric]]) }]);
+    // Sparse methods: the share of each step's gradient energy the update kept.
+    const energy = tr.filter((p) => typeof p.grad_energy === "number");
+    charts.energy.hidden = energy.length === 0;
+    if (energy.length) lineChart(charts.energy, "Gradient energy kept", [{ name: "kept", points: energy.map((p) => [p.step, p.grad_energy]) }]);
   }
 
   function kv(dl, pairs) {
@@ -371,7 +376,7 @@ function jobView(view, id) {
 
 // What the advanced section offers besides each method's own hyperparameters (names, types,
 // defaults and bounds all come from GET /v1/methods, the engine's registry).
-const LOOP_FIELDS = ["lr", "max_steps", "max_seq_len", "warmup_steps", "weight_decay", "schedule", "eval_every", "checkpoint_every"];
+const LOOP_FIELDS = ["lr", "max_steps", "max_seq_len", "warmup_ratio", "warmup_steps", "weight_decay", "schedule", "train_dropout", "eval_every", "checkpoint_every"];
 
 function hpField(h) {
   const id = `hp-${h.name}`;
@@ -420,7 +425,7 @@ async function newJobView(view) {
     el("label", { for: "method" }, "Method"),
     method,
     el("div", { class: "grid2" },
-      el("div", {}, el("label", { for: "n_epochs" }, "Epochs"), el("input", { id: "n_epochs", name: "n_epochs", type: "number", min: 1, value: hyper(method.value, "epochs").default })),
+      el("div", {}, el("label", { for: "n_epochs" }, "Epochs"), el("input", { id: "n_epochs", name: "n_epochs", inputmode: "numeric", title: hyper(method.value, "epochs").description, value: hyper(method.value, "epochs").default })),
       el("div", {}, el("label", { for: "batch_size" }, "Batch size"), el("input", { id: "batch_size", name: "batch_size", type: "number", min: 1, value: hyper(method.value, "batch_size").default }))),
     el("details", {}, el("summary", {}, "Advanced hyperparameters"), adv),
     el("label", { for: "suffix" }, "Suffix (optional)"),
@@ -442,7 +447,9 @@ async function newJobView(view) {
   }
 
   function body(dry) {
-    const hp = { n_epochs: Number($("#n_epochs").value), batch_size: Number($("#batch_size").value) };
+    // "auto" (the default) or a number of passes.
+    const ep = $("#n_epochs").value.trim();
+    const hp = { n_epochs: ep === "" || ep === "auto" ? "auto" : Number(ep), batch_size: Number($("#batch_size").value) };
     for (const i of adv.querySelectorAll("[data-hp]")) {
       const v = i.value.trim();
       if (v === "") continue;

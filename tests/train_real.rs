@@ -55,6 +55,9 @@ fn minilm_learns_rt_polarity_with_full_and_lora() {
             fx.rt_polarity_dev.to_str().unwrap(),
             "--limit-train",
             "480",
+            // One pass (auto would take 3) keeps the test short.
+            "--epochs",
+            "1",
             "--limit-valid",
             "300",
             "--method",
@@ -158,6 +161,9 @@ fn minilm_learns_rt_polarity_with_sparsegrad_and_the_artifact_round_trips() {
         fx.rt_polarity_dev.to_str().unwrap(),
         "--limit-train",
         "480",
+        // One pass (auto would take 3) keeps the test short.
+        "--epochs",
+        "1",
         "--limit-valid",
         "300",
         "--method",
@@ -259,6 +265,7 @@ fn smollm2_first_layers_sft_lowers_validation_loss() {
         alpha: 16.0,
         dropout: 0.0,
         targets: LoraTargets::All,
+        ..Default::default()
     });
     let sparse = MethodSpec::Sparsegrad(SparseGradConfig {
         basis_steps: 4,

@@ -40,6 +40,8 @@ enum Moments {
 struct Slot {
     var: Var,
     decay: bool,
+    /// This parameter's learning rate as a multiple of the step's (a parameter group's lr).
+    lr_scale: f64,
     moments: Moments,
     master: Option<Tensor>,
 }
@@ -139,6 +141,7 @@ impl AdamW {
                 name.clone(),
                 Slot {
                     decay: decays(&name, t),
+                    lr_scale: 1.0,
                     moments,
                     master,
                     var,
@@ -146,6 +149,15 @@ impl AdamW {
             );
         }
         Ok(AdamW { cfg, slots, t: 0 })
+    }
+
+    /// Gives each parameter the learning rate `scale(name)` × the step's, as PyTorch's
+    /// parameter groups do (decay scales with it, as there).
+    pub fn with_lr_scales(mut self, scale: impl Fn(&str) -> f64) -> Self {
+        for (n, s) in self.slots.iter_mut() {
+            s.lr_scale = scale(n);
+        }
+        self
     }
 
     /// Numbers of optimizer state held (moments and master copies), for memory reports.
@@ -180,6 +192,7 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (name, s) in self.slots.iter_mut() {
+            let lr = lr * s.lr_scale;
             let decay = if s.decay {
                 1.0 - lr * c.weight_decay
             } else {

@@ -284,6 +284,7 @@ fn lora_on_frozen_models_end_to_end() {
             alpha: 4.0,
             dropout: 0.0,
             targets: LoraTargets::All,
+            ..Default::default()
         };
         Lora::new(cfg, AdamConfig::default())
             .prepare(&mut m, 5)

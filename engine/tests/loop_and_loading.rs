@@ -243,6 +243,9 @@ fn gradient_accumulation_equals_the_larger_batch() {
                 grad_accum: accum,
                 lr: 1e-2,
                 max_grad_norm: None,
+                dropout: false,
+                weight_decay: 0.0,
+                warmup_ratio: 0.0,
                 ..TrainConfig::default()
             },
             max_seq_len: 16,

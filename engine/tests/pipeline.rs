@@ -62,7 +62,7 @@ fn spec(model: &Path, data: &Path, method: MethodSpec, max_steps: usize) -> RunS
             grad_accum: 2,
             lr: 1e-2,
             schedule: Schedule::Cosine,
-            warmup_steps: 2,
+            warmup_steps: Some(2),
             weight_decay: 0.01,
             seed: 7,
             dropout: true,
@@ -99,6 +99,7 @@ fn lora() -> MethodSpec {
         alpha: 4.0,
         dropout: 0.1,
         targets: LoraTargets::All,
+        ..Default::default()
     })
 }
 

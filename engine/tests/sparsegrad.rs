@@ -66,6 +66,10 @@ fn cfg(steps: usize, batch: usize, accum: usize) -> TrainConfig {
         schedule: Schedule::Constant,
         max_grad_norm: None,
         seed: 3,
+        // Exact comparisons: no dropout, decay or warm-up unless a test asks.
+        dropout: false,
+        weight_decay: 0.0,
+        warmup_ratio: 0.0,
         ..TrainConfig::default()
     }
 }
@@ -652,4 +656,57 @@ fn invalid_settings_name_the_field() {
         (parsed.support, parsed.scope),
         (Support::Dynamic, Scope::Paper)
     );
+}
+
+/// The share of gradient energy the sparse update keeps: measured every step where top-k is
+/// taken (MeProp, a dynamic support) and every 10th step on a fixed support; a share, and all
+/// of it when k is the whole matrix.
+#[test]
+fn gradient_energy_kept_is_reported_where_measured() {
+    let data = dataset(Arch::Bert, 24, 4);
+    let energies = |method: MethodSpec, steps: usize, accum: usize| -> Vec<Option<f64>> {
+        let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 2).unwrap();
+        let mut m = method.build(AdamConfig::default()).unwrap();
+        m.prepare(&mut model, 3).unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut seen = Vec::new();
+        let mut on_event = |e: &sparsegrad_engine::train::Event| {
+            if let sparsegrad_engine::train::Event::Step(p) = e {
+                seen.push(p.grad_energy);
+            }
+        };
+        train(
+            &mut model,
+            m.as_mut(),
+            &cfg(steps, 4, accum),
+            &data,
+            None,
+            TrainIo::new(&mut on_event, &cancel),
+        )
+        .unwrap();
+        seen
+    };
+    let fixed = energies(MethodSpec::Sparsegrad(sg(0.1, Support::Fixed)), 12, 2);
+    for (i, e) in fixed.iter().enumerate() {
+        assert_eq!(e.is_some(), i % 10 == 0, "step {}: {e:?}", i + 1);
+        if let Some(e) = e {
+            assert!(*e > 0.1 && *e < 1.0, "a 10% support keeps a share: {e}");
+        }
+    }
+    for method in [
+        MethodSpec::Sparsegrad(sg(0.1, Support::Dynamic)),
+        MethodSpec::Meprop(sparsegrad_engine::methods::MePropConfig {
+            density: 0.1,
+            ..Default::default()
+        }),
+    ] {
+        for e in energies(method, 4, 1) {
+            let e = e.expect("measured every step");
+            assert!(e > 0.1 && e < 1.0, "{e}");
+        }
+    }
+    // k = every entry: the whole energy (up to the bases' orthonormality in f32).
+    for e in energies(MethodSpec::Sparsegrad(sg(1.0, Support::Fixed)), 1, 1) {
+        assert!((e.unwrap() - 1.0).abs() < 1e-4, "{e:?}");
+    }
 }

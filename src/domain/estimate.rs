@@ -49,7 +49,7 @@ pub fn estimate(
         .saturating_mul(examples_per_step)
         .min(match r.train.max_steps {
             Some(_) => u64::MAX,
-            None => rows.saturating_mul(r.train.epochs as u64),
+            None => rows.saturating_mul(r.train.epochs_for(rows_us) as u64),
         });
     let tokens = examples.saturating_mul(per_row);
     let footprint = r.method.footprint(shape);

@@ -132,6 +132,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use sparsegrad_engine::methods::MethodSpec;
+    use sparsegrad_engine::train::Epochs;
 
     fn req(v: Value) -> MethodRequest {
         serde_json::from_value(v).unwrap()
@@ -157,7 +158,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(r.train.epochs, 2);
+        assert_eq!(r.train.epochs, Epochs::Fixed(2));
         assert_eq!(r.train.lr, 0.01);
         assert_eq!(r.train.batch_size, 8);
         match r.method {

@@ -230,17 +230,19 @@ pub struct BenchCompareArgs {
     /// Validation file (default: the rt_polarity fixture's dev split).
     #[arg(long)]
     pub valid: Option<PathBuf>,
-    /// Comma-separated: full, lora, meprop, sparsegrad-fixed, sparsegrad-dynamic,
-    /// sparsegrad-refreshed.
+    /// Comma-separated: head (the head alone, or the paper scope without the MLP), full,
+    /// lora (at SparseGrad's trainable count), lora-rN (rank N), meprop, sparsegrad-fixed,
+    /// sparsegrad-dynamic, sparsegrad-refreshed.
     #[arg(
         long,
-        default_value = "full,lora,meprop,sparsegrad-fixed,sparsegrad-dynamic,sparsegrad-refreshed"
+        default_value = "head,full,lora-r8,lora,meprop,sparsegrad-fixed,sparsegrad-dynamic,sparsegrad-refreshed"
     )]
     pub methods: String,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub seeds: u64,
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
+    /// Passes over the training rows (default: the service's `auto`).
+    #[arg(long)]
+    pub epochs: Option<String>,
     #[arg(long)]
     pub max_steps: Option<usize>,
     #[arg(long)]
@@ -263,6 +265,10 @@ pub struct BenchCompareArgs {
     pub lr_lora: Option<f64>,
     #[arg(long)]
     pub lr_sparse: Option<f64>,
+    /// A Python with torch, transformers and peft: also runs PyTorch's full fine-tuning and
+    /// LoRA (scripts/compare_torch.py) on the same rows and seeds, beside ours.
+    #[arg(long)]
+    pub torch: Option<PathBuf>,
     /// Where runs, the Markdown table and the loss-curve SVG go.
     #[arg(long, default_value = "bench-compare")]
     pub out: PathBuf,
@@ -327,13 +333,14 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
                 .arg(&train)
                 .arg("--valid")
                 .arg(&valid)
-                .args(["--epochs", &a.epochs.to_string()])
                 .args(["--batch-size", &a.batch_size.to_string()])
                 .args(["--max-seq-len", &a.max_seq_len.to_string()])
                 .args(["--seed", &seed.to_string()])
-                .args(["--schedule", "constant"])
                 .arg("--out")
                 .arg(&dir);
+            if let Some(e) = &a.epochs {
+                cmd.args(["--epochs", e]);
+            }
             if let Some(s) = a.max_steps {
                 cmd.args(["--max-steps", &s.to_string()]);
             }
@@ -348,10 +355,28 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
                 "full" => {
                     cmd.args(["--method", "full", "--lr", &lr_full.to_string()]);
                 }
-                "lora" => {
+                "head" => {
+                    // What the MLP updates add: the head (or the paper scope) alone.
+                    cmd.args([
+                        "--method",
+                        "lora",
+                        "--lr",
+                        &lr_full.max(lr_lora).to_string(),
+                    ])
+                    .args(["--scope", &a.scope, "--lora-targets", "none"]);
+                }
+                l if l == "lora" || l.starts_with("lora-r") => {
+                    // `lora`: SparseGrad's trainable count; `lora-rN`: rank N.
+                    let r = match l.strip_prefix("lora-r") {
+                        Some(n) => n
+                            .parse()
+                            .map_err(|_| anyhow::anyhow!("bad rank in `{l}`"))?,
+                        None => lora_r,
+                    };
                     cmd.args(["--method", "lora", "--lr", &lr_lora.to_string()])
-                        .args(["--lora-r", &lora_r.to_string()])
-                        .args(["--lora-alpha", &(2 * lora_r).to_string()]);
+                        .args(["--scope", &a.scope])
+                        .args(["--lora-r", &r.to_string()])
+                        .args(["--lora-alpha", &(2 * r).to_string()]);
                 }
                 "meprop" => {
                     cmd.args(["--method", "meprop", "--lr", &lr_sparse.to_string()])
@@ -389,14 +414,77 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
         }
         results.push((m.clone(), runs));
     }
+    if let Some(py) = &a.torch {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/compare_torch.py");
+        // LoRA at rank 8, PEFT's usual setting, beside our `lora-r8`.
+        for (m, lr) in [("full", lr_full), ("lora", lr_lora)] {
+            let mut runs = Vec::new();
+            for seed in 0..a.seeds {
+                let mut cmd = std::process::Command::new(py);
+                cmd.arg(&script)
+                    .arg("--model")
+                    .arg(&model)
+                    .arg("--train")
+                    .arg(&train)
+                    .arg("--valid")
+                    .arg(&valid)
+                    .args(["--method", m, "--seed", &seed.to_string()])
+                    .args(["--lr", &lr.to_string()])
+                    .args(["--batch-size", &a.batch_size.to_string()])
+                    .args(["--max-seq-len", &a.max_seq_len.to_string()])
+                    .args(["--lora-r", "8", "--lora-alpha", "16"]);
+                if let Some(e) = &a.epochs {
+                    cmd.args(["--epochs", e]);
+                }
+                for (flag, v) in [
+                    ("--max-steps", a.max_steps),
+                    ("--limit-train", a.limit_train),
+                    ("--limit-valid", a.limit_valid),
+                ] {
+                    if let Some(v) = v {
+                        cmd.args([flag, &v.to_string()]);
+                    }
+                }
+                eprintln!("bench compare: pytorch {m} seed {seed}");
+                let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+                anyhow::ensure!(out.status.success(), "pytorch {m} seed {seed} failed");
+                let j: serde_json::Value = serde_json::from_slice(
+                    out.stdout
+                        .split(|&b| b == b'\n')
+                        .rfind(|l| l.starts_with(b"{"))
+                        .unwrap_or_default(),
+                )?;
+                std::fs::write(
+                    a.out.join(format!("pytorch-{m}-seed{seed}.json")),
+                    serde_json::to_vec(&j)?,
+                )?;
+                runs.push(RunResult {
+                    metric: j["accuracy"].as_f64().unwrap_or(f64::NAN),
+                    step_secs: j["step_secs"].as_f64().unwrap_or(f64::NAN),
+                    peak_rss: j["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN),
+                    trainable: j["trainable_params"].as_f64().unwrap_or(f64::NAN),
+                    opt_state: j["trainable_params"].as_f64().unwrap_or(f64::NAN) * 2.0,
+                    artifact_bytes: f64::NAN,
+                    touched: None,
+                    losses: serde_json::from_value(j["losses"].clone())?,
+                });
+            }
+            let label = match m {
+                "lora" => "pytorch lora-r8 (head + MLP adapters)".to_string(),
+                _ => format!("pytorch {m}"),
+            };
+            results.push((label, runs));
+        }
+    }
     let mut md = String::new();
     md.push_str(&format!(
-        "model `{}`, train `{}`{}, dev `{}`, {} epoch(s), batch {}, seq ≤ {}, seeds 0..{}, scope {}, density {}, LoRA r {lora_r}, lr full {} / lora {} / sparse {}, {} threads\n\n",
+        "model `{}`, train `{}`{}, dev `{}`, epochs {}, batch {}, seq ≤ {}, seeds 0..{}, scope {}, density {}, LoRA r {lora_r}, lr full {} / lora {} / sparse {}, {} threads\n\n",
         model.display(),
         train.display(),
         a.limit_train.map(|l| format!(" (first {l} rows)")).unwrap_or_default(),
         valid.display(),
-        a.epochs,
+        a.epochs.as_deref().unwrap_or("auto"),
         a.batch_size,
         a.max_seq_len,
         a.seeds,
@@ -407,7 +495,7 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
         lr_sparse,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     ));
-    md.push_str("| method | dev metric (mean ± sd) | step ms | peak RSS MiB | trainable params | optimizer state | artifact | touched |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| method | dev metric (mean ± sd) | per seed | step ms | peak RSS MiB | trainable params | optimizer state | artifact | touched |\n|---|---|---|---|---|---|---|---|---|\n");
     for (m, runs) in &results {
         let f = |g: &dyn Fn(&RunResult) -> f64| mean_sd(&runs.iter().map(g).collect::<Vec<_>>());
         let (acc, sd) = f(&|r| r.metric);
@@ -422,8 +510,18 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
             .map(|t| format!("{:.1}%", 100.0 * t))
             .collect::<Vec<_>>()
             .join(" / ");
+        let per_seed = runs
+            .iter()
+            .map(|r| format!("{:.4}", r.metric))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        let artifact = if ab.is_finite() {
+            format!("{ab:.2} MiB")
+        } else {
+            "—".into()
+        };
         md.push_str(&format!(
-            "| {m} | {acc:.4} ± {sd:.4} | {step:.0} | {rss:.0} | {tr:.0} | {os:.0} | {ab:.2} MiB | {touched} |\n"
+            "| {m} | {acc:.4} ± {sd:.4} | {per_seed} | {step:.0} | {rss:.0} | {tr:.0} | {os:.0} | {artifact} | {touched} |\n"
         ));
     }
     println!("{md}");
@@ -443,7 +541,7 @@ fn loss_svg(results: &[(String, Vec<RunResult>)]) -> String {
     const H: f64 = 450.0;
     const PAD: f64 = 50.0;
     let colors = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     ];
     let curves: Vec<(String, Vec<(f64, f64)>)> = results
         .iter()

@@ -159,13 +159,20 @@ impl TrainArgs {
                 m.insert(k.to_string(), v);
             }
         };
-        put("epochs", self.epochs.map(Value::from));
+        put(
+            "epochs",
+            self.epochs.as_deref().map(|e| match e.parse::<u64>() {
+                Ok(n) => Value::from(n),
+                Err(_) => Value::from(e),
+            }),
+        );
         put("max_steps", self.max_steps.map(Value::from));
         put("batch_size", self.batch_size.map(Value::from));
         put("grad_accum", self.grad_accum.map(Value::from));
         put("lr", self.lr.map(Value::from));
         put("schedule", self.schedule.clone().map(Value::from));
         put("warmup_steps", self.warmup_steps.map(Value::from));
+        put("warmup_ratio", self.warmup_ratio.map(Value::from));
         put("weight_decay", self.weight_decay.map(Value::from));
         put(
             "max_grad_norm",
@@ -173,7 +180,10 @@ impl TrainArgs {
                 .map(|n| if n > 0.0 { Value::from(n) } else { Value::Null }),
         );
         put("max_seq_len", self.max_seq_len.map(Value::from));
-        put("train_dropout", self.dropout.then_some(Value::Bool(true)));
+        put(
+            "train_dropout",
+            self.no_dropout.then_some(Value::Bool(false)),
+        );
         put("eval_every", self.eval_every.map(Value::from));
         put("checkpoint_every", self.checkpoint_every.map(Value::from));
         put("keep_checkpoints", self.keep_checkpoints.map(Value::from));
@@ -234,8 +244,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub method: MethodArgs,
     // Training-loop flags: unset ones take the registry's defaults (`GET /v1/methods`).
+    /// Passes over the training set, or `auto` (the default: chosen from the set's size).
     #[arg(long)]
-    pub epochs: Option<usize>,
+    pub epochs: Option<String>,
     #[arg(long)]
     pub max_steps: Option<usize>,
     #[arg(long)]
@@ -248,8 +259,12 @@ pub struct TrainArgs {
     /// constant | linear | cosine
     #[arg(long)]
     pub schedule: Option<String>,
+    /// Overrides --warmup-ratio.
     #[arg(long)]
     pub warmup_steps: Option<usize>,
+    /// Share of the steps spent warming up (default 0.06).
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// Global-norm clipping; 0 disables.
@@ -265,9 +280,9 @@ pub struct TrainArgs {
     /// cpu | cuda | cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Enable the model's dropout while training.
+    /// Turn the model's dropout off while training (it is on by default, as in transformers).
     #[arg(long)]
-    pub dropout: bool,
+    pub no_dropout: bool,
     #[arg(long)]
     pub eval_every: Option<usize>,
     #[arg(long)]

@@ -117,6 +117,9 @@ try {
   const dflt = (m, n) => listed.find((x) => x.id === m).hyperparameters.find((h) => h.name === n).default;
   assert.equal(await page.locator("#hp-density").inputValue(), String(dflt("sparsegrad", "density")));
   assert.equal(await page.locator("#hp-lr").inputValue(), String(dflt("sparsegrad", "lr")));
+  assert.equal(await page.locator("#n_epochs").inputValue(), "auto");
+  assert.equal(await page.locator("#hp-warmup_ratio").inputValue(), String(dflt("sparsegrad", "warmup_ratio")));
+  assert.equal(await page.locator("#hp-train_dropout").inputValue(), "true");
   await page.selectOption("#method", "lora");
   assert.equal(await page.locator("#hp-r").inputValue(), String(dflt("lora", "r")));
   assert.equal(await page.locator("#hp-lr").inputValue(), String(dflt("lora", "lr")));
@@ -161,6 +164,8 @@ try {
   const logText = await page.locator("#events").textContent();
   for (const s of ["queued", "running", "succeeded"]) assert.match(logText, new RegExp(s));
   assert.ok(Number(await page.locator('#chart-eval path').getAttribute("data-points")) >= 1, "eval points drawn");
+  // SparseGrad measures the energy its fixed support keeps on steps 1, 11 and 21 of 30.
+  assert.ok(Number(await page.locator('#chart-energy path').getAttribute("data-points")) >= 3, "gradient-energy points drawn");
   assert.doesNotMatch(await page.locator("main").textContent(), /\bundefined\b|\bnull\b|NaN/, "no raw null/undefined shown");
   await page.screenshot({ path: join(SHOTS, "job-finished.png"), fullPage: true });
 

@@ -5,7 +5,7 @@ use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 
 use super::registry::{Bound, Footprint, Hyper, MethodConfig, MethodInfo};
-use super::{DeltaEntry, DenseTrainer, Method};
+use super::{DeltaEntry, DenseTrainer, Method, Scope};
 use crate::models::{Model, ParamShape};
 use crate::nn::{Adapter, Param};
 use crate::optim::AdamConfig;
@@ -18,6 +18,8 @@ pub enum LoraTargets {
     Mlp,
     Attention,
     All,
+    /// No adapters: only what the scope trains densely (the head-only baseline).
+    None,
 }
 
 fn default_r() -> usize {
@@ -38,6 +40,12 @@ pub struct LoraConfig {
     pub dropout: f64,
     #[serde(default)]
     pub targets: LoraTargets,
+    /// What trains besides the adapters: the task head (mlp), or every parameter outside
+    /// the MLP matrices (paper) — SparseGrad's paper scope, so the two compare like for like.
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default)]
+    pub dense_lr_scale: Option<f64>,
 }
 
 impl Default for LoraConfig {
@@ -47,6 +55,8 @@ impl Default for LoraConfig {
             alpha: default_alpha(),
             dropout: 0.0,
             targets: LoraTargets::Mlp,
+            scope: Scope::Mlp,
+            dense_lr_scale: None,
         }
     }
 }
@@ -69,9 +79,23 @@ impl MethodConfig for LoraConfig {
                 .max(Bound::Excl(1.0)),
             Hyper::choice(
                 "targets",
-                &["mlp", "attention", "all"],
-                "which linears get adapters",
+                &["mlp", "attention", "all", "none"],
+                "which linears get adapters (none: only the head, or the paper scope, trains)",
             ),
+            Hyper::choice(
+                "scope",
+                &["mlp", "paper"],
+                "what trains besides the adapters: the task head only (mlp), or every parameter \
+                 outside the MLP matrices densely (paper, as SparseGrad's paper scope)",
+            ),
+            Hyper::number(
+                "dense_lr_scale",
+                "learning-rate multiplier for the densely trained parameters (default 1 in mlp \
+                 scope, 0.1 in paper scope)",
+            )
+            .min(Bound::Excl(0.0))
+            .max(Bound::Incl(1e3))
+            .nullable(),
         ],
     };
     fn build(&self, adam: AdamConfig) -> Box<dyn Method> {
@@ -149,11 +173,37 @@ impl Method for Lora {
                 },
             );
         }
-        for h in model.head_params() {
+        let adapters: std::collections::HashSet<String> = linears
+            .iter()
+            .flat_map(|p| [format!("{p}.lora_A.weight"), format!("{p}.lora_B.weight")])
+            .collect();
+        let dense: Vec<String> = match self.cfg.scope {
+            Scope::Mlp => model.head_params(),
+            Scope::Paper => {
+                let mlp: std::collections::HashSet<String> = model
+                    .mlp_linears()
+                    .into_iter()
+                    .map(|(p, _, _)| format!("{p}.weight"))
+                    .collect();
+                model
+                    .weights
+                    .params
+                    .keys()
+                    .filter(|n| !mlp.contains(*n) && !adapters.contains(*n))
+                    .cloned()
+                    .collect()
+            }
+        };
+        for h in dense {
             model.weights.set_trainable(&h, true)?;
         }
         self.linears = linears;
-        self.dense.init(model)
+        let scale = self.cfg.dense_lr_scale.unwrap_or(match self.cfg.scope {
+            Scope::Mlp => 1.0,
+            Scope::Paper => 0.1,
+        });
+        self.dense
+            .init_scaled(model, |n| if adapters.contains(n) { 1.0 } else { scale })
     }
     fn accumulate(&mut self, model: &Model, grads: GradStore) -> Result<()> {
         self.dense.accumulate(model, &grads)
@@ -195,9 +245,12 @@ impl Method for Lora {
                 );
             }
         }
-        for h in model.head_params() {
-            tensors.insert(h.clone(), model.weights.get(&h)?.detach());
-            entries.insert(h.clone(), DeltaEntry::Dense { param: h });
+        // Whatever else trained densely: the head, and in paper scope every non-MLP parameter.
+        for (h, v) in model.weights.trainable() {
+            if !tensors.contains_key(&h) {
+                tensors.insert(h.clone(), v.as_tensor().detach());
+                entries.insert(h.clone(), DeltaEntry::Dense { param: h });
+            }
         }
         Ok((tensors, entries))
     }

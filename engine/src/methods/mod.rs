@@ -172,6 +172,11 @@ pub trait Method: Send {
     }
     /// Numbers of optimizer state held (moments, master copies).
     fn optimizer_state_len(&self) -> usize;
+    /// The share of the last step's gradient energy the update kept (sparse methods), when
+    /// that step measured it.
+    fn grad_energy(&self) -> Option<f64> {
+        None
+    }
     /// Method-specific figures for the run summary (e.g. how much a dynamic support touched).
     fn stats(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -213,6 +218,13 @@ impl DenseTrainer {
 
     pub fn init(&mut self, model: &Model) -> Result<()> {
         self.opt = Some(AdamW::new(model.weights.trainable(), self.adam.clone())?);
+        Ok(())
+    }
+
+    /// [`Self::init`] with a learning-rate multiplier per parameter.
+    pub fn init_scaled(&mut self, model: &Model, scale: impl Fn(&str) -> f64) -> Result<()> {
+        self.opt =
+            Some(AdamW::new(model.weights.trainable(), self.adam.clone())?.with_lr_scales(scale));
         Ok(())
     }
 

@@ -18,7 +18,7 @@ pub use crate::hyper::{check_bounds, parse_at, Bound, Hyper, HyperListing, Kind}
 use super::{Method, MethodSpec, METHODS};
 use crate::models::ParamShape;
 use crate::optim::AdamConfig;
-use crate::train::config::{TrainConfig, TRAINING};
+use crate::train::config::{Epochs, TrainConfig, TRAINING};
 use crate::{Error, Result};
 
 /// The method a request without `method.type` runs.
@@ -97,6 +97,18 @@ pub struct Resolved {
     pub max_seq_len: usize,
     /// Every hyperparameter with its effective value (defaults included), echoed to users.
     pub hyperparameters: Value,
+}
+
+impl Resolved {
+    /// Fixes `auto` epochs for a training set of `rows`, so the job states (and runs) the
+    /// number of passes it chose.
+    pub fn settle_epochs(&mut self, rows: usize) {
+        if self.train.epochs == Epochs::Auto {
+            let e = self.train.epochs_for(rows);
+            self.train.epochs = Epochs::Fixed(e);
+            self.hyperparameters["epochs"] = e.into();
+        }
+    }
 }
 
 /// Resolves a request's method name (the default method when `None`) and hyperparameters —

@@ -17,6 +17,11 @@ pub struct Progress {
     pub tokens: usize,
     pub tokens_per_sec: f64,
     pub elapsed_secs: f64,
+    /// The share of the step's MLP gradient energy the sparse update kept,
+    /// `‖top-k(G̃)‖² / ‖G‖²` over every sparse matrix (SparseGrad and MeProp; measured every
+    /// step where the whole gradient is formed anyway, every 10th on a fixed support).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_energy: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -10,7 +10,7 @@ pub mod predict;
 pub mod trainer;
 
 pub use checkpoint::{read_checkpoint, save_checkpoint, CheckpointMeta};
-pub use config::TrainConfig;
+pub use config::{Epochs, TrainConfig};
 pub use eval::evaluate;
 pub use events::{peak_rss_bytes, EvalMetrics, Event, Progress, TrainIo, TrainSummary};
 pub use predict::{predict, PredictInput, Prediction};

@@ -35,6 +35,8 @@ pub fn train(
     let n = train_set.examples.len();
     let total = cfg.total_steps(n);
     let per_epoch = cfg.micro_batches_per_epoch(n);
+    let epochs = cfg.epochs_for(n);
+    let warmup = cfg.warmup_for(total);
     let dtype = model.dtype();
 
     let mut start_step = 0;
@@ -113,7 +115,7 @@ pub fn train(
         let mut micro_count = 0;
         // The step's micro-batches; the last step of an epoch-bounded run may have fewer.
         let micro_batches: Vec<usize> = (step * cfg.grad_accum..(step + 1) * cfg.grad_accum)
-            .filter(|mb| cfg.max_steps.is_some() || mb / per_epoch < cfg.epochs)
+            .filter(|mb| cfg.max_steps.is_some() || mb / per_epoch < epochs)
             .collect();
         method.begin_step(step, micro_batches.len())?;
         for mb in micro_batches {
@@ -146,7 +148,7 @@ pub fn train(
         }
         // Orders for finished epochs are no longer needed.
         orders.retain(|&e, _| e + 1 >= (step * cfg.grad_accum) / per_epoch);
-        let lr = lr_at(cfg.lr, cfg.schedule, cfg.warmup_steps, total, step);
+        let lr = lr_at(cfg.lr, cfg.schedule, warmup, total, step);
         let grad_norm = method.step(model, lr, cfg.max_grad_norm)?;
         step_time += step_started.elapsed().as_secs_f64();
         last_loss = step_loss / micro_count.max(1) as f64;
@@ -162,6 +164,7 @@ pub fn train(
             tokens,
             tokens_per_sec: (tokens - tokens_at_start) as f64 / elapsed.max(1e-9),
             elapsed_secs: elapsed,
+            grad_energy: method.grad_energy(),
         }));
         let done = step + 1 == total;
         if let (Some(every), Some(v)) = (cfg.eval_every, valid) {

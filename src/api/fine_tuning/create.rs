@@ -95,7 +95,7 @@ pub(super) async fn create(
                 ApiError::invalid(e.into_inner().to_string(), param.as_deref(), "invalid_json")
             })?;
     check_request(&req)?;
-    let resolved = resolve(req.method.as_ref(), req.seed)?;
+    let mut resolved = resolve(req.method.as_ref(), req.seed)?;
     let model = find_model(&st, &tenant, &req.model).await?.ok_or_else(|| {
         ApiError::invalid(
             format!("no base model `{}` (see GET /v1/models)", req.model),
@@ -154,6 +154,7 @@ pub(super) async fn create(
     }
     let shape = architecture.shape();
     let history = records::secs_per_token(&st.db, &req.model).await?;
+    resolved.settle_epochs(train.rows as usize);
     let estimate = estimate(
         &shape,
         &resolved,

@@ -42,6 +42,8 @@ pub struct SparseMlp {
     /// Sparse optimizer steps taken.
     t: u64,
     refreshing: bool,
+    /// The last step's kept share of gradient energy, when measured.
+    energy: Option<f64>,
     device: Device,
     preset: Option<BTreeMap<MlpKind, Basis>>,
 }
@@ -67,6 +69,7 @@ impl SparseMlp {
             core: Arc::new(Mutex::new(Core::new(name == "sparsegrad"))),
             t: 0,
             refreshing: false,
+            energy: None,
             device: Device::Cpu,
             preset: None,
         }
@@ -276,6 +279,9 @@ impl Method for SparseMlp {
         let mut core = self.core()?;
         core.micro_batches = micro_batches.max(1);
         core.phase = Phase::Train { select };
+        core.measure = select || step.is_multiple_of(ENERGY_EVERY);
+        core.dense_sq = 0.0;
+        core.measured = 0;
         for m in core.matrices.iter_mut() {
             m.reset_step();
         }
@@ -293,15 +299,15 @@ impl Method for SparseMlp {
         let mut core = core
             .lock()
             .map_err(|_| Error::Other("sparse state poisoned".into()))?;
+        let mut kept = 0.0;
         for m in &core.matrices {
             if let Some((_, g)) = &m.grad {
-                sq += g
-                    .to_dtype(DType::F64)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f64>()?;
+                kept += state::sq_norm(g)?;
             }
         }
+        sq += kept;
+        self.energy = (core.measured == core.matrices.len() && core.dense_sq > 0.0)
+            .then(|| (kept / core.dense_sq).min(1.0));
         let norm = sq.sqrt();
         let scale = clip_scale(norm, max_grad_norm);
         self.dense
@@ -374,6 +380,10 @@ impl Method for SparseMlp {
             .map(|c| c.matrices.iter().map(|m| m.k).sum())
             .unwrap_or(0);
         model.weights.num_params(true) + sparse
+    }
+
+    fn grad_energy(&self) -> Option<f64> {
+        self.energy
     }
 
     fn optimizer_state_len(&self) -> usize {
@@ -455,6 +465,10 @@ impl Method for SparseMlp {
         Ok((tensors, entries))
     }
 }
+
+/// A fixed support forms the whole gradient, to measure the energy it keeps, every this many
+/// steps (and on the first).
+const ENERGY_EVERY: usize = 10;
 
 /// The artifact tensor holding one side of a matrix type's basis.
 pub fn basis_tensor_name(kind: MlpKind, side: BasisSide) -> String {

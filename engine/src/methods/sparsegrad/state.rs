@@ -264,6 +264,12 @@ pub struct Core {
     pub matrices: Vec<MatrixState>,
     pub bases: BTreeMap<MlpKind, HostBasis>,
     pub gram: GramAccumulator,
+    /// Whether this step forms each matrix's whole gradient to measure its energy (always
+    /// where top-k needs it; sometimes on a fixed support, which otherwise never forms it).
+    pub measure: bool,
+    /// `‖G‖²` summed over the matrices measured this step, and how many were.
+    pub dense_sq: f64,
+    pub measured: usize,
 }
 
 impl Core {
@@ -275,6 +281,9 @@ impl Core {
             matrices: Vec::new(),
             bases: BTreeMap::new(),
             gram: GramAccumulator::default(),
+            measure: false,
+            dense_sq: 0.0,
+            measured: 0,
         }
     }
 
@@ -310,8 +319,25 @@ impl Core {
                     }
                 };
                 let vals = kernels::gather_acc(&on_block, &block.pos, prev.as_ref())?;
+                let measure = self.measure;
+                let micro_batches = self.micro_batches;
                 let m = &mut self.matrices[id];
                 m.grad = Some((m.support.clone().unwrap_or_default(), vals));
+                if measure {
+                    // ‖G̃‖ = ‖G‖ (orthonormal bases): the plain sum over micro-batches will do.
+                    let dense = g.t()?.matmul(&x)?;
+                    m.seen += 1;
+                    let acc = match m.acc.take() {
+                        Some(a) => (a + dense)?,
+                        None => dense,
+                    };
+                    if m.seen >= micro_batches {
+                        self.dense_sq += sq_norm(&acc)?;
+                        self.measured += 1;
+                    } else {
+                        m.acc = Some(acc);
+                    }
+                }
                 return Ok(());
             }
         }
@@ -345,6 +371,8 @@ impl Core {
                 };
                 if m.seen >= self.micro_batches {
                     m.grad = Some(kernels::topk_abs(&acc, m.k)?);
+                    self.dense_sq += sq_norm(&acc)?;
+                    self.measured += 1;
                 } else {
                     m.acc = Some(acc);
                 }
@@ -352,6 +380,14 @@ impl Core {
         }
         Ok(())
     }
+}
+
+/// `‖t‖²` in f64.
+pub fn sq_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?)
 }
 
 /// The hook attached to one sparse matrix.
