@@ -221,6 +221,14 @@ async fn unbounded_work_is_refused_naming_the_field(db: PgPool) {
             "method.hyperparameters.n_epochs",
         ),
         (
+            json!({"n_epochs": "forever"}),
+            "method.hyperparameters.n_epochs",
+        ),
+        (
+            json!({"warmup_ratio": 1e300}),
+            "method.hyperparameters.warmup_ratio",
+        ),
+        (
             json!({"k": 1_000_000_000_000u64}),
             "method.hyperparameters.k",
         ),

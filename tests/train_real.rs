@@ -220,7 +220,7 @@ fn minilm_learns_rt_polarity_with_sparsegrad_and_the_artifact_round_trips() {
     let stored = j["roles"]["basis"]["bytes"].as_u64().unwrap();
     assert!(stored < full, "{stored} bytes of bases, full {full}");
 
-    // The merged folder evaluates exactly as the in-memory model did.
+    // The merged folder evaluates as the in-memory model did.
     let merged = out.path().join("merged");
     sparsegrad(&[
         "merge",
@@ -231,6 +231,7 @@ fn minilm_learns_rt_polarity_with_sparsegrad_and_the_artifact_round_trips() {
         "--out",
         merged.to_str().unwrap(),
     ]);
+    let mut evals = Vec::new();
     for (m_dir, art) in [(merged.to_str().unwrap(), None), (model, Some(o))] {
         let mut args = vec![
             "eval",
@@ -249,12 +250,19 @@ fn minilm_learns_rt_polarity_with_sparsegrad_and_the_artifact_round_trips() {
             args.extend(["--artifact", a]);
         }
         let e: serde_json::Value = serde_json::from_str(&sparsegrad(&args)).unwrap();
+        // The artifact's bases are bf16 (the default): within their rounding of the trained
+        // model (at most one of the 300 rows may change side), and the merged folder and
+        // base + artifact evaluate alike.
         assert!(
-            (e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9,
+            (e["accuracy"].as_f64().unwrap() - acc).abs() <= 1.0 / 300.0 + 1e-9,
             "{m_dir} (artifact {art:?}) evaluates differently: {e}"
         );
-        assert!((e["loss"].as_f64().unwrap() - m["eval"]["loss"].as_f64().unwrap()).abs() < 1e-5);
+        assert!((e["loss"].as_f64().unwrap() - m["eval"]["loss"].as_f64().unwrap()).abs() < 1e-3);
+        evals.push(e);
     }
+    let d = (evals[0]["loss"].as_f64().unwrap() - evals[1]["loss"].as_f64().unwrap()).abs();
+    assert!(d < 1e-5, "merged and applied differ: {evals:?}");
+    assert_eq!(evals[0]["accuracy"], evals[1]["accuracy"]);
 }
 
 #[test]

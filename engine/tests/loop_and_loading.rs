@@ -142,7 +142,9 @@ fn adamw_follows_the_pytorch_formula() {
         vec![("w".into(), var.clone()), ("b.bias".into(), bias.clone())],
         cfg,
     )
-    .unwrap();
+    .unwrap()
+    // A parameter group with half the learning rate.
+    .with_lr_scales(|n| if n == "b.bias" { 0.5 } else { 1.0 });
     // The third step has no gradient for the bias (a parameter that missed the batch).
     let grads = [
         [0.2f32, -0.4, 1.0, 0.0],
@@ -183,7 +185,7 @@ fn adamw_follows_the_pytorch_formula() {
             let gb = if bias_grad { g[i] as f64 } else { 0.0 };
             mb[i] = 0.9 * mb[i] + 0.1 * gb;
             vb[i] = 0.99 * vb[i] + 0.01 * gb.powi(2);
-            pb[i] -= lr * (mb[i] / (1.0 - 0.9f64.powi(t)))
+            pb[i] -= 0.5 * lr * (mb[i] / (1.0 - 0.9f64.powi(t)))
                 / ((vb[i] / (1.0 - 0.99f64.powi(t))).sqrt() + 1e-8);
         }
     }

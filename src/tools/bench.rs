@@ -269,6 +269,9 @@ pub struct BenchCompareArgs {
     /// LoRA (scripts/compare_torch.py) on the same rows and seeds, beside ours.
     #[arg(long)]
     pub torch: Option<PathBuf>,
+    /// Keep runs already finished in `--out` (a long comparison resumes where it stopped).
+    #[arg(long)]
+    pub reuse: bool,
     /// Where runs, the Markdown table and the loss-curve SVG go.
     #[arg(long, default_value = "bench-compare")]
     pub out: PathBuf,
@@ -390,9 +393,14 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
                 }
                 o => anyhow::bail!("unknown method `{o}`"),
             }
-            eprintln!("bench compare: {m} seed {seed}");
-            let status = cmd.stdout(std::process::Stdio::null()).status()?;
-            anyhow::ensure!(status.success(), "{m} seed {seed} failed");
+            // A run is finished once its metrics are written (they are written last).
+            if a.reuse && dir.join("metrics.json").exists() {
+                eprintln!("bench compare: {m} seed {seed} (kept from an earlier run)");
+            } else {
+                eprintln!("bench compare: {m} seed {seed}");
+                let status = cmd.stdout(std::process::Stdio::null()).status()?;
+                anyhow::ensure!(status.success(), "{m} seed {seed} failed");
+            }
             let j: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(dir.join("metrics.json"))?)?;
             let eval = &j["eval"];
@@ -446,19 +454,23 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
                         cmd.args([flag, &v.to_string()]);
                     }
                 }
-                eprintln!("bench compare: pytorch {m} seed {seed}");
-                let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
-                anyhow::ensure!(out.status.success(), "pytorch {m} seed {seed} failed");
-                let j: serde_json::Value = serde_json::from_slice(
-                    out.stdout
-                        .split(|&b| b == b'\n')
-                        .rfind(|l| l.starts_with(b"{"))
-                        .unwrap_or_default(),
-                )?;
-                std::fs::write(
-                    a.out.join(format!("pytorch-{m}-seed{seed}.json")),
-                    serde_json::to_vec(&j)?,
-                )?;
+                let kept = a.out.join(format!("pytorch-{m}-seed{seed}.json"));
+                let j: serde_json::Value = if a.reuse && kept.exists() {
+                    eprintln!("bench compare: pytorch {m} seed {seed} (kept from an earlier run)");
+                    serde_json::from_slice(&std::fs::read(&kept)?)?
+                } else {
+                    eprintln!("bench compare: pytorch {m} seed {seed}");
+                    let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+                    anyhow::ensure!(out.status.success(), "pytorch {m} seed {seed} failed");
+                    let j: serde_json::Value = serde_json::from_slice(
+                        out.stdout
+                            .split(|&b| b == b'\n')
+                            .rfind(|l| l.starts_with(b"{"))
+                            .unwrap_or_default(),
+                    )?;
+                    std::fs::write(&kept, serde_json::to_vec(&j)?)?;
+                    j
+                };
                 runs.push(RunResult {
                     metric: j["accuracy"].as_f64().unwrap_or(f64::NAN),
                     step_secs: j["step_secs"].as_f64().unwrap_or(f64::NAN),

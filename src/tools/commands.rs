@@ -101,10 +101,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
         "train_rows": out.train_stats.rows,
         "truncated_rows": out.train_stats.truncated,
     });
-    std::fs::write(
-        a.out.join("metrics.json"),
-        serde_json::to_vec_pretty(&metrics)?,
-    )?;
+    // Written last and whole (renamed into place): its presence marks a finished run.
+    let tmp = a.out.join("metrics.json.partial");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&metrics)?)?;
+    std::fs::rename(&tmp, a.out.join("metrics.json"))?;
     println!("{}", serde_json::to_string_pretty(&metrics["eval"])?);
     Ok(())
 }

@@ -296,6 +296,40 @@ mod tests {
     }
 
     #[test]
+    fn auto_epochs_follow_the_dataset_size_and_a_job_fixes_them() {
+        use crate::train::Epochs;
+        for (rows, e) in [
+            (1, 25),
+            (4, 25),
+            (20, 5),
+            (26, 3),
+            (34, 3),
+            (4000, 3),
+            (8333, 3),
+            (8334, 2),
+            (30_000, 1),
+        ] {
+            assert_eq!(Epochs::Auto.for_rows(rows), e, "{rows} rows");
+        }
+        assert_eq!(Epochs::Fixed(7).for_rows(4000), 7);
+        let mut r = resolve(None, &hp(json!({"n_epochs": "auto"})), None).unwrap();
+        assert_eq!(r.hyperparameters["epochs"], "auto");
+        assert_eq!(r.train.total_steps(4000), 750);
+        assert_eq!(r.train.warmup_for(750), 45);
+        r.settle_epochs(4000);
+        assert_eq!(r.train.epochs, Epochs::Fixed(3));
+        assert_eq!(r.hyperparameters["epochs"], 3);
+        let fixed = resolve(None, &hp(json!({"epochs": 2, "warmup_steps": 5})), None).unwrap();
+        assert_eq!(fixed.train.total_steps(4000), 500);
+        assert_eq!(fixed.train.warmup_for(500), 5);
+        // The Hugging Face recipe is what a request without hyperparameters gets.
+        let d = resolve(None, &Map::new(), None).unwrap().train;
+        assert!(d.dropout);
+        assert_eq!((d.warmup_ratio, d.weight_decay), (0.06, 0.01));
+        assert_eq!(d.schedule, crate::optim::Schedule::Linear);
+    }
+
+    #[test]
     fn bounds_are_enforced_with_the_request_name() {
         let bad = |v: Value| match resolve(None, &hp(v), None) {
             Err(Error::Param { param, reason }) => (param, reason),
@@ -314,6 +348,39 @@ mod tests {
         );
         // An alias is named as given.
         assert_eq!(bad(json!({"n_epochs": 1000})).0, "hyperparameters.n_epochs");
+        // `auto` is the one word epochs take; fractions, negatives and other words are refused.
+        for v in [
+            json!("banana"),
+            json!(1.5),
+            json!(-1),
+            json!(true),
+            json!(1e30),
+        ] {
+            assert_eq!(bad(json!({"epochs": v})).0, "hyperparameters.epochs", "{v}");
+        }
+        assert_eq!(
+            bad(json!({"n_epochs": "AUTO"})).0,
+            "hyperparameters.n_epochs"
+        );
+        for v in [json!(1.5), json!(-0.1), json!("6%")] {
+            assert_eq!(
+                bad(json!({"warmup_ratio": v})).0,
+                "hyperparameters.warmup_ratio"
+            );
+        }
+        let lora = |v: Value| match resolve(Some("lora"), &hp(v), None) {
+            Err(Error::Param { param, .. }) => param,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            lora(json!({"scope": "everything"})),
+            "hyperparameters.scope"
+        );
+        assert_eq!(
+            lora(json!({"dense_lr_scale": 0})),
+            "hyperparameters.dense_lr_scale"
+        );
+        assert_eq!(lora(json!({"targets": "heads"})), "hyperparameters.targets");
         // Every count has an upper bound too.
         assert_eq!(
             bad(json!({"max_steps": 1e18})).0,

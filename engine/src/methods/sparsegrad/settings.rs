@@ -39,10 +39,12 @@ pub enum Scope {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum BasisDtype {
-    #[default]
+    /// Full precision.
     F32,
-    /// Halves the bases' share of the artifact; the merged weights then differ from the
-    /// trained ones by bf16 rounding of `P` and `Q`.
+    /// The artifact's bases rounded to bf16: halves their share of the artifact; the merged
+    /// weights differ from the trained ones by bf16 rounding of `P` and `Q` (at most 9.2e-5
+    /// on MiniLM-L6, density 1%, 250 steps).
+    #[default]
     Bf16,
 }
 
@@ -201,7 +203,8 @@ impl MethodConfig for SparseGradConfig {
             Hyper::choice(
                 "basis_dtype",
                 &["f32", "bf16"],
-                "precision of the bases in the artifact",
+                "precision of the bases in the artifact: bf16 halves them (the merge then differs \
+                 from the trained weights by their rounding), f32 keeps them exact",
             ),
             DENSE_LR_SCALE,
         ],
