@@ -21,6 +21,14 @@ fn reference(name: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
+fn strings(v: &serde_json::Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect()
+}
+
 fn to_f32(v: &serde_json::Value) -> Vec<f32> {
     let mut out = Vec::new();
     fn walk(v: &serde_json::Value, out: &mut Vec<f32>) {
@@ -78,12 +86,7 @@ fn minilm_hidden_states_match_transformers() {
     let Some(fx) = common::fixtures() else { return };
     let r = reference("minilm.json");
     let tok = TextTokenizer::from_dir(&fx.minilm).unwrap();
-    let sentences: Vec<&str> = r["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let sentences = strings(&r["sentences"]);
     let batch = encoder_batch(&tok, &sentences, 0);
     let ids: Vec<Vec<u32>> = batch.input_ids.to_vec2().unwrap();
     let ref_ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
@@ -353,12 +356,7 @@ fn full_fine_tuning_steps_match_pytorch() {
     let Some(fx) = common::fixtures() else { return };
     let r = reference("minilm_train.json");
     let tok = TextTokenizer::from_dir(&fx.minilm).unwrap();
-    let sentences: Vec<&str> = r["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let sentences = strings(&r["sentences"]);
     let labels: Vec<u32> = serde_json::from_value(r["labels"].clone()).unwrap();
     let batch = labelled_batch(&tok, &sentences, &labels, 0);
     let ids: Vec<Vec<u32>> = batch.input_ids.to_vec2().unwrap();

@@ -322,6 +322,30 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
     let lora_r = ((a.density * h * i / (h + i)).round() as usize).max(1);
     std::fs::create_dir_all(&a.out)?;
     let exe = std::env::current_exe()?;
+    // What our runs and PyTorch's (scripts/compare_torch.py takes the same flags) share.
+    let shared_args = |cmd: &mut std::process::Command, seed: u64| {
+        cmd.arg("--model")
+            .arg(&model)
+            .arg("--train")
+            .arg(&train)
+            .arg("--valid")
+            .arg(&valid)
+            .args(["--batch-size", &a.batch_size.to_string()])
+            .args(["--max-seq-len", &a.max_seq_len.to_string()])
+            .args(["--seed", &seed.to_string()]);
+        if let Some(e) = &a.epochs {
+            cmd.args(["--epochs", e]);
+        }
+        for (flag, v) in [
+            ("--max-steps", a.max_steps),
+            ("--limit-train", a.limit_train),
+            ("--limit-valid", a.limit_valid),
+        ] {
+            if let Some(v) = v {
+                cmd.args([flag, &v.to_string()]);
+            }
+        }
+    };
     let methods: Vec<String> = a.methods.split(',').map(|s| s.trim().to_string()).collect();
     let mut results: Vec<(String, Vec<RunResult>)> = Vec::new();
     for m in &methods {
@@ -329,30 +353,9 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
         for seed in 0..a.seeds {
             let dir = a.out.join(format!("{m}-seed{seed}"));
             let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("train")
-                .arg("--model")
-                .arg(&model)
-                .arg("--train")
-                .arg(&train)
-                .arg("--valid")
-                .arg(&valid)
-                .args(["--batch-size", &a.batch_size.to_string()])
-                .args(["--max-seq-len", &a.max_seq_len.to_string()])
-                .args(["--seed", &seed.to_string()])
-                .arg("--out")
-                .arg(&dir);
-            if let Some(e) = &a.epochs {
-                cmd.args(["--epochs", e]);
-            }
-            if let Some(s) = a.max_steps {
-                cmd.args(["--max-steps", &s.to_string()]);
-            }
-            if let Some(l) = a.limit_train {
-                cmd.args(["--limit-train", &l.to_string()]);
-            }
-            if let Some(l) = a.limit_valid {
-                cmd.args(["--limit-valid", &l.to_string()]);
-            }
+            cmd.arg("train");
+            shared_args(&mut cmd, seed);
+            cmd.arg("--out").arg(&dir);
             let dens = a.density.to_string();
             match m.as_str() {
                 "full" => {
@@ -430,30 +433,14 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
             let mut runs = Vec::new();
             for seed in 0..a.seeds {
                 let mut cmd = std::process::Command::new(py);
-                cmd.arg(&script)
-                    .arg("--model")
-                    .arg(&model)
-                    .arg("--train")
-                    .arg(&train)
-                    .arg("--valid")
-                    .arg(&valid)
-                    .args(["--method", m, "--seed", &seed.to_string()])
-                    .args(["--lr", &lr.to_string()])
-                    .args(["--batch-size", &a.batch_size.to_string()])
-                    .args(["--max-seq-len", &a.max_seq_len.to_string()])
-                    .args(["--lora-r", "8", "--lora-alpha", "16"]);
-                if let Some(e) = &a.epochs {
-                    cmd.args(["--epochs", e]);
-                }
-                for (flag, v) in [
-                    ("--max-steps", a.max_steps),
-                    ("--limit-train", a.limit_train),
-                    ("--limit-valid", a.limit_valid),
-                ] {
-                    if let Some(v) = v {
-                        cmd.args([flag, &v.to_string()]);
-                    }
-                }
+                cmd.arg(&script);
+                shared_args(&mut cmd, seed);
+                cmd.args(["--method", m, "--lr", &lr.to_string()]).args([
+                    "--lora-r",
+                    "8",
+                    "--lora-alpha",
+                    "16",
+                ]);
                 let kept = a.out.join(format!("pytorch-{m}-seed{seed}.json"));
                 let j: serde_json::Value = if a.reuse && kept.exists() {
                     eprintln!("bench compare: pytorch {m} seed {seed} (kept from an earlier run)");
