@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--max-seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--lora-r", type=int, default=8)
+    # As the service's LoRA scope: head (the head only) or mlp (plus the MLP biases and every
+    # LayerNorm), both densely beside the adapters.
+    ap.add_argument("--scope", choices=["head", "mlp"], default="mlp")
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--limit-train", type=int)
     ap.add_argument("--limit-valid", type=int)
@@ -70,6 +73,13 @@ def main():
                          target_modules=r".*layer\.\d+\.(intermediate|output)\.dense",
                          modules_to_save=["classifier", "pooler"])
         model = get_peft_model(model, cfg)
+        if a.scope == "mlp":
+            import re
+
+            extra = re.compile(r"(LayerNorm\.(weight|bias)|layer\.\d+\.(intermediate|output)\.dense(\.base_layer)?\.bias)$")
+            for n, p in model.named_parameters():
+                if extra.search(n):
+                    p.requires_grad_(True)
         lr = a.lr or 5e-4
     else:
         lr = a.lr or 5e-5

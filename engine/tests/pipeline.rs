@@ -154,7 +154,7 @@ fn lora_scope_trains_what_it_names() {
             || k.ends_with("output.dense.weight") && !k.contains("attention")),
         "MLP matrices stay frozen: {n:?}"
     );
-    let head = run(lora_scoped(LoraTargets::None, Scope::Mlp));
+    let head = run(lora_scoped(LoraTargets::None, Scope::Head));
     let mut n = names(&head);
     n.sort();
     assert_eq!(
@@ -166,7 +166,35 @@ fn lora_scope_trains_what_it_names() {
             "classifier.weight"
         ]
     );
-    assert!(head.summary.trainable_params < paper.summary.trainable_params);
+    // `mlp`: the head plus the MLP biases and every LayerNorm, nothing else dense.
+    let mlp = run(lora_scoped(LoraTargets::None, Scope::Mlp));
+    let mut n = names(&mlp);
+    n.sort();
+    let mut want: Vec<String> = head.artifact.tensors.keys().cloned().collect();
+    want.extend(
+        [
+            "bert.embeddings.LayerNorm.bias",
+            "bert.embeddings.LayerNorm.weight",
+        ]
+        .map(String::from),
+    );
+    for l in 0..2 {
+        want.extend(
+            [
+                "attention.output.LayerNorm.bias",
+                "attention.output.LayerNorm.weight",
+                "intermediate.dense.bias",
+                "output.LayerNorm.bias",
+                "output.LayerNorm.weight",
+                "output.dense.bias",
+            ]
+            .map(|p| format!("bert.encoder.layer.{l}.{p}")),
+        );
+    }
+    want.sort();
+    assert_eq!(n, want);
+    assert!(head.summary.trainable_params < mlp.summary.trainable_params);
+    assert!(mlp.summary.trainable_params < paper.summary.trainable_params);
 }
 
 #[test]
@@ -636,4 +664,29 @@ fn sparsegrad_trains_bf16_weights_and_bf16_bases_apply() {
         d <= 0.05 * scale,
         "bf16 artifact output differs by {d} (scale {scale})"
     );
+}
+
+/// The estimate's count of what the `mlp` scope adds equals the parameters it trains.
+#[test]
+fn mlp_scope_estimate_counts_the_parameters_it_trains() {
+    for arch in [Arch::Bert, Arch::Roberta, Arch::Llama] {
+        let task = if arch == Arch::Llama {
+            Task::CausalLm
+        } else {
+            Task::Classification { num_labels: 2 }
+        };
+        let model = sparsegrad_engine::testing::tiny_model(arch, task, DType::F32, 1).unwrap();
+        let count = |names: Vec<String>| -> u64 {
+            names
+                .iter()
+                .map(|n| model.weights.get(n).unwrap().elem_count() as u64)
+                .sum()
+        };
+        let none = std::collections::HashSet::new();
+        let mlp = count(Scope::Mlp.dense_params(&model, |_| true, &none));
+        let head = count(Scope::Head.dense_params(&model, |_| true, &none));
+        let shape = model.architecture.shape();
+        assert_eq!(mlp - head, shape.mlp_scope_extra(), "{arch:?}");
+        assert_eq!(Scope::Mlp.extra_params(&shape), mlp - head);
+    }
 }

@@ -401,7 +401,12 @@ fn density_one_follows_full_training_in_the_rotated_basis() {
         let data = dataset(arch, 40, 2);
         let c = cfg(8, 4, 1);
         let mut m1 = tiny_model(arch, task(arch), DType::F32, 9).unwrap();
-        let mut sparse = SparseMlp::sparsegrad(sg(1.0, Support::Dynamic), adam_eps());
+        // The reference trains the head beside the rotated MLP, nothing else.
+        let head_only = SparseGradConfig {
+            scope: Scope::Head,
+            ..sg(1.0, Support::Dynamic)
+        };
+        let mut sparse = SparseMlp::sparsegrad(head_only, adam_eps());
         sparse.prepare(&mut m1, 3).unwrap();
         let s1 = run(&mut m1, &mut sparse, &c, &data, None);
 
@@ -482,6 +487,47 @@ fn fixed_support_keeps_two_numbers_per_selected_entry() {
     assert!(dynamic.optimizer_state_len() >= 2 * head + 2 * k_total);
     let touched = dynamic.stats()["touched_entries"].as_u64().unwrap() as usize;
     assert!(touched >= k_total);
+}
+
+/// `max_basis_columns`: every support (fixed from the score, dynamic from each step) stays
+/// in the leading block of the rotated matrix, with k entries when the block holds them.
+#[test]
+fn column_cap_keeps_supports_in_the_leading_eigenvectors() {
+    let data = dataset(Arch::Bert, 40, 3);
+    let c = cfg(3, 4, 1);
+    for support in [Support::Fixed, Support::Dynamic] {
+        let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1).unwrap();
+        let cap = 5;
+        let mut method = SparseMlp::sparsegrad(
+            SparseGradConfig {
+                max_basis_columns: Some(cap),
+                ..sg(0.05, support)
+            },
+            AdamConfig::default(),
+        );
+        method.prepare(&mut model, 0).unwrap();
+        run(&mut model, &mut method, &c, &data, None);
+        let (tensors, _) = method.delta(&model).unwrap();
+        for (p, _, _) in model.mlp_linears() {
+            let (o, i) = model
+                .weights
+                .get(&format!("{p}.weight"))
+                .unwrap()
+                .dims2()
+                .unwrap();
+            let k = ((0.05 * (o * i) as f64).round() as usize).min(cap * cap);
+            let rc: Vec<Vec<i32>> = tensors[&format!("{p}.weight.sparse_indices")]
+                .to_vec2()
+                .unwrap();
+            assert!(rc[0].iter().all(|&r| (r as usize) < cap.min(o)), "{p}");
+            assert!(rc[1].iter().all(|&c| (c as usize) < cap.min(i)), "{p}");
+            if support == Support::Fixed {
+                assert_eq!(rc[0].len(), k, "{p}");
+            } else {
+                assert!(rc[0].len() >= k, "{p}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -595,7 +641,11 @@ fn block_stride_trains_every_nth_block_only() {
         .collect();
     assert_eq!(sparse.len(), 6, "{sparse:?}");
     assert!(sparse.iter().all(|k| k.starts_with("model.layers.0.mlp.")));
-    assert!(tensors.keys().all(|k| !k.starts_with("model.layers.1.")));
+    // Block 1's MLP (matrices and biases) stays frozen; its norms train in `mlp` scope.
+    assert!(tensors
+        .keys()
+        .all(|k| !k.starts_with("model.layers.1.mlp.")));
+    assert!(tensors.contains_key("model.layers.1.post_attention_layernorm.weight"));
 }
 
 #[test]

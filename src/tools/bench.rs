@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use rand::Rng;
 use sparsegrad_engine::data::{collate, Example, Target};
 use sparsegrad_engine::methods::registry::resolve_method;
-use sparsegrad_engine::methods::{Calibration, MethodSpec};
+use sparsegrad_engine::methods::{Calibration, MethodSpec, DEFAULT_METHOD};
 use sparsegrad_engine::models::Task;
 use sparsegrad_engine::nn::Ctx;
 use sparsegrad_engine::optim::AdamConfig;
@@ -238,6 +238,11 @@ pub struct BenchCompareArgs {
         default_value = "head,full,lora-r8,lora,meprop,sparsegrad-fixed,sparsegrad-dynamic,sparsegrad-refreshed"
     )]
     pub methods: String,
+    /// Extra runs beside `--methods`, repeatable: `LABEL=FLAGS`, FLAGS being `sparsegrad train`
+    /// method flags (e.g. `warm20=--method sparsegrad --head-warmup-steps 20`); the data,
+    /// shape and seeds are shared, `--lr` defaults to the method's.
+    #[arg(long = "variant")]
+    pub variants: Vec<String>,
     #[arg(long, default_value_t = 5)]
     pub seeds: u64,
     /// Passes over the training rows (default: the service's `auto`).
@@ -346,7 +351,21 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
             }
         }
     };
-    let methods: Vec<String> = a.methods.split(',').map(|s| s.trim().to_string()).collect();
+    let mut methods: Vec<String> = a
+        .methods
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut variants = std::collections::BTreeMap::new();
+    for v in &a.variants {
+        let (label, flags) = v
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--variant `{v}`: expected LABEL=FLAGS"))?;
+        let flags: Vec<String> = flags.split_whitespace().map(String::from).collect();
+        methods.push(label.to_string());
+        variants.insert(label.to_string(), flags);
+    }
     let mut results: Vec<(String, Vec<RunResult>)> = Vec::new();
     for m in &methods {
         let mut runs = Vec::new();
@@ -358,6 +377,18 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
             cmd.arg("--out").arg(&dir);
             let dens = a.density.to_string();
             match m.as_str() {
+                v if variants.contains_key(v) => {
+                    let flags = &variants[v];
+                    if !flags.iter().any(|f| f == "--lr") {
+                        let method = flags
+                            .iter()
+                            .position(|f| f == "--method")
+                            .and_then(|i| flags.get(i + 1))
+                            .map_or(DEFAULT_METHOD, String::as_str);
+                        cmd.args(["--lr", &lr(None, method)?.to_string()]);
+                    }
+                    cmd.args(flags);
+                }
                 "full" => {
                     cmd.args(["--method", "full", "--lr", &lr_full.to_string()]);
                 }
@@ -428,7 +459,9 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
     if let Some(py) = &a.torch {
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/compare_torch.py");
-        // LoRA at rank 8, PEFT's usual setting, beside our `lora-r8`.
+        // LoRA at rank 8, PEFT's usual setting, beside our `lora-r8`, training what ours does
+        // besides the adapters (the script has no `paper` scope: the head alone there).
+        let torch_scope = if a.scope == "paper" { "head" } else { &a.scope };
         for (m, lr) in [("full", lr_full), ("lora", lr_lora)] {
             let mut runs = Vec::new();
             for seed in 0..a.seeds {
@@ -441,6 +474,9 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
                     "--lora-alpha",
                     "16",
                 ]);
+                if m == "lora" {
+                    cmd.args(["--scope", torch_scope]);
+                }
                 let kept = a.out.join(format!("pytorch-{m}-seed{seed}.json"));
                 let j: serde_json::Value = if a.reuse && kept.exists() {
                     eprintln!("bench compare: pytorch {m} seed {seed} (kept from an earlier run)");
@@ -470,7 +506,7 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
                 });
             }
             let label = match m {
-                "lora" => "pytorch lora-r8 (head + MLP adapters)".to_string(),
+                "lora" => format!("pytorch lora-r8 ({torch_scope} scope)"),
                 _ => format!("pytorch {m}"),
             };
             results.push((label, runs));

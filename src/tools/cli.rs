@@ -122,13 +122,19 @@ pub struct MethodArgs {
     /// sparsegrad: micro-batches of gradients that define the bases.
     #[arg(long)]
     pub basis_steps: Option<usize>,
+    /// sparsegrad: steps training the head alone before the basis phase.
+    #[arg(long)]
+    pub head_warmup_steps: Option<usize>,
     /// sparsegrad: update the weights during the basis phase (the paper's code does).
     #[arg(long)]
     pub basis_update: bool,
+    /// sparsegrad: the support uses only the first N eigenvectors of each basis.
+    #[arg(long)]
+    pub max_basis_columns: Option<usize>,
     /// sparsegrad: f32 | bf16 bases in the artifact.
     #[arg(long)]
     pub basis_dtype: Option<String>,
-    /// sparsegrad / meprop: mlp (MLP sparse + head) | paper (all else dense)
+    /// sparsegrad / meprop / lora: head | mlp (head + MLP biases + norms) | paper (all else dense)
     #[arg(long)]
     pub scope: Option<String>,
     /// sparsegrad / meprop: train the MLP of every n-th block only.
@@ -205,11 +211,13 @@ impl MethodArgs {
         put("support", self.support.clone().map(Value::from));
         put("refresh_every", self.refresh_every.map(Value::from));
         put("basis_steps", self.basis_steps.map(Value::from));
+        put("head_warmup_steps", self.head_warmup_steps.map(Value::from));
         put(
             "basis_update",
             self.basis_update.then_some(Value::Bool(true)),
         );
         put("basis_dtype", self.basis_dtype.clone().map(Value::from));
+        put("max_basis_columns", self.max_basis_columns.map(Value::from));
         put("scope", self.scope.clone().map(Value::from));
         put("block_stride", self.block_stride.map(Value::from));
         put("dense_lr_scale", self.dense_lr_scale.map(Value::from));

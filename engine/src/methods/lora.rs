@@ -40,8 +40,8 @@ pub struct LoraConfig {
     pub dropout: f64,
     #[serde(default)]
     pub targets: LoraTargets,
-    /// What trains besides the adapters: the task head (mlp), or every parameter outside
-    /// the MLP matrices (paper) — SparseGrad's paper scope, so the two compare like for like.
+    /// What trains densely besides the adapters — the same choices as SparseGrad's, so the two
+    /// compare like for like.
     #[serde(default)]
     pub scope: Scope,
     #[serde(default)]
@@ -55,7 +55,7 @@ impl Default for LoraConfig {
             alpha: default_alpha(),
             dropout: 0.0,
             targets: LoraTargets::Mlp,
-            scope: Scope::Mlp,
+            scope: Scope::default(),
             dense_lr_scale: None,
         }
     }
@@ -84,14 +84,15 @@ impl MethodConfig for LoraConfig {
             ),
             Hyper::choice(
                 "scope",
-                &["mlp", "paper"],
-                "what trains besides the adapters: the task head only (mlp), or every parameter \
-                 outside the MLP matrices densely (paper, as SparseGrad's paper scope)",
+                &["head", "mlp", "paper"],
+                "what trains densely besides the adapters, as for SparseGrad: the task head \
+                 (head), plus the MLP biases and normalisation layers (mlp), or every parameter \
+                 outside the MLP matrices (paper)",
             ),
             Hyper::number(
                 "dense_lr_scale",
-                "learning-rate multiplier for the densely trained parameters (default 1 in mlp \
-                 scope, 0.1 in paper scope)",
+                "learning-rate multiplier for the densely trained parameters (default 1 in head \
+                 and mlp scope, 0.1 in paper scope)",
             )
             .min(Bound::Excl(0.0))
             .max(Bound::Incl(1e3))
@@ -107,7 +108,8 @@ impl MethodConfig for LoraConfig {
             trainable: shape.layers
                 * shape.mlp_matrices
                 * self.r as u64
-                * (shape.hidden + shape.ffn),
+                * (shape.hidden + shape.ffn)
+                + self.scope.extra_params(shape),
             ..Default::default()
         }
     }
@@ -177,31 +179,15 @@ impl Method for Lora {
             .iter()
             .flat_map(|p| [format!("{p}.lora_A.weight"), format!("{p}.lora_B.weight")])
             .collect();
-        let dense: Vec<String> = match self.cfg.scope {
-            Scope::Mlp => model.head_params(),
-            Scope::Paper => {
-                let mlp: std::collections::HashSet<String> = model
-                    .mlp_linears()
-                    .into_iter()
-                    .map(|(p, _, _)| format!("{p}.weight"))
-                    .collect();
-                model
-                    .weights
-                    .params
-                    .keys()
-                    .filter(|n| !mlp.contains(*n) && !adapters.contains(*n))
-                    .cloned()
-                    .collect()
-            }
-        };
+        let dense = self.cfg.scope.dense_params(model, |_| true, &adapters);
         for h in dense {
             model.weights.set_trainable(&h, true)?;
         }
         self.linears = linears;
-        let scale = self.cfg.dense_lr_scale.unwrap_or(match self.cfg.scope {
-            Scope::Mlp => 1.0,
-            Scope::Paper => 0.1,
-        });
+        let scale = self
+            .cfg
+            .dense_lr_scale
+            .unwrap_or(self.cfg.scope.default_dense_lr_scale());
         self.dense
             .init_scaled(model, |n| if adapters.contains(n) { 1.0 } else { scale })
     }

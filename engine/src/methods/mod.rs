@@ -24,7 +24,7 @@ use registry::{parse_at, Footprint, MethodConfig, MethodInfo};
 pub use full::{Full, FullConfig};
 pub use lora::{Lora, LoraConfig, LoraTargets};
 pub use registry::{resolve, Resolved, DEFAULT_METHOD};
-pub use sparsegrad::{BasisDtype, MePropConfig, Scope, SparseGradConfig, SparseMlp, Support};
+pub use sparsegrad::{BasisDtype, MePropConfig, SparseGradConfig, SparseMlp, Support};
 
 /// Declares the methods: `MethodSpec` (a method with its settings, tagged by name as jobs
 /// store it) and the dispatch from a name or a spec to its settings type. One line per method.
@@ -90,6 +90,77 @@ registry! {
     Lora(LoraConfig),
     Sparsegrad(SparseGradConfig),
     Meprop(MePropConfig),
+}
+
+/// What trains densely besides a method's MLP update (sparse matrices or adapters).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// The task head only.
+    Head,
+    /// The task head, the MLP linears' biases and the normalisation layers: tiny (0.1% of
+    /// MiniLM-L6), they let the model re-centre and rescale around its MLP update.
+    #[default]
+    Mlp,
+    /// Every parameter outside the MLP weight matrices, as in the paper's GLUE runs.
+    Paper,
+}
+
+impl Scope {
+    /// The parameters trained densely: `mlp_layers` says which blocks' MLPs the method
+    /// trains (their biases join in `mlp` scope); `exclude` holds the method's own
+    /// parameters (adapters).
+    pub fn dense_params(
+        self,
+        model: &Model,
+        mlp_layers: impl Fn(usize) -> bool,
+        exclude: &std::collections::HashSet<String>,
+    ) -> Vec<String> {
+        let mut names = match self {
+            Scope::Head => model.head_params(),
+            Scope::Mlp => {
+                let mut n = model.head_params();
+                n.extend(model.mlp_extra_params(mlp_layers));
+                n
+            }
+            Scope::Paper => {
+                let mlp: std::collections::HashSet<String> = model
+                    .mlp_linears()
+                    .into_iter()
+                    .map(|(p, _, _)| format!("{p}.weight"))
+                    .collect();
+                model
+                    .weights
+                    .params
+                    .keys()
+                    .filter(|n| !mlp.contains(*n))
+                    .cloned()
+                    .collect()
+            }
+        };
+        names.retain(|n| !exclude.contains(n) && model.weights.contains(n));
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Dense parameters beside the head, for estimates (`paper` counts every non-MLP one).
+    pub fn extra_params(self, shape: &ParamShape) -> u64 {
+        match self {
+            Scope::Head => 0,
+            Scope::Mlp => shape.mlp_scope_extra(),
+            Scope::Paper => shape.params() - shape.mlp_params(),
+        }
+    }
+
+    /// The learning-rate multiplier for dense parameters when none is given: the paper scope
+    /// trains a whole model's worth at the sparse methods' ~10× rate otherwise.
+    pub fn default_dense_lr_scale(self) -> f64 {
+        match self {
+            Scope::Head | Scope::Mlp => 1.0,
+            Scope::Paper => 0.1,
+        }
+    }
 }
 
 /// How an artifact tensor is applied to the base model.

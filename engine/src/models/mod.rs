@@ -211,6 +211,18 @@ impl ParamShape {
         let attn = h * h * 2 + h * self.kv_dim * 2;
         self.layers * (attn + self.mlp_matrices * h * f)
     }
+    /// What the `mlp` scope trains beside the head: the MLP biases and the norms (BERT and
+    /// RoBERTa: both MLP biases and two LayerNorms per block plus the embeddings'; LLaMA: two
+    /// RMSNorm weights per block plus the final one, no biases).
+    pub fn mlp_scope_extra(&self) -> u64 {
+        let h = self.hidden;
+        if self.mlp_matrices == 2 {
+            self.layers * (self.ffn + h + 4 * h) + 2 * h
+        } else {
+            self.layers * 2 * h + h
+        }
+    }
+
     pub fn params(&self) -> u64 {
         self.block_params() + self.vocab * self.hidden
     }
@@ -382,6 +394,29 @@ impl Model {
         self.architecture.attention_linears()
     }
 
+    /// The biases of the MLP linears in `layers` and every normalisation layer's parameters:
+    /// a few thousand values per block, which the `mlp` scope trains densely beside the
+    /// sparse or low-rank MLP update (they shift and rescale what the MLP sees and emits).
+    pub fn mlp_extra_params(&self, layers: impl Fn(usize) -> bool) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .mlp_linears()
+            .into_iter()
+            .filter(|(_, _, l)| layers(*l))
+            .map(|(p, _, _)| format!("{p}.bias"))
+            .filter(|n| self.weights.contains(n))
+            .collect();
+        out.extend(
+            self.weights
+                .params
+                .keys()
+                .filter(|n| is_norm_param(n))
+                .cloned(),
+        );
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Parameters of the task head (newly initialised when the checkpoint lacks them).
     pub fn head_params(&self) -> Vec<String> {
         self.architecture
@@ -396,6 +431,16 @@ impl Model {
         self.architecture
             .merged_config(&self.raw_config, &self.task, id2label)
     }
+}
+
+/// A normalisation layer's weight or bias (`…LayerNorm.weight`, `…input_layernorm.weight`,
+/// `model.norm.weight`): the module name before the last dot contains "norm".
+fn is_norm_param(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    matches!(parts.next(), Some("weight" | "bias"))
+        && parts
+            .next()
+            .is_some_and(|m| m.to_ascii_lowercase().contains("norm"))
 }
 
 /// Checks that `arch` trains for `task`, saying why not.
@@ -455,4 +500,31 @@ pub(crate) fn classifier_config(
         }
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_norm_param;
+
+    #[test]
+    fn norm_params_are_found_by_module_name() {
+        for n in [
+            "bert.embeddings.LayerNorm.weight",
+            "roberta.encoder.layer.3.output.LayerNorm.bias",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.7.post_attention_layernorm.weight",
+            "model.norm.weight",
+        ] {
+            assert!(is_norm_param(n), "{n}");
+        }
+        for n in [
+            "bert.encoder.layer.0.output.dense.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.embed_tokens.weight",
+            "normalizer.scale",
+            "LayerNorm",
+        ] {
+            assert!(!is_norm_param(n), "{n}");
+        }
+    }
 }

@@ -10,7 +10,6 @@ use super::adam::SparseAdam;
 use super::basis::Basis;
 use super::state::{HostBasis, Phase};
 use super::{SparseMlp, Support};
-use crate::kernels;
 use crate::methods::Calibration;
 use crate::models::{MlpKind, Model};
 use crate::nn::Param;
@@ -30,9 +29,27 @@ impl SparseMlp {
             "model": model.fingerprint,
             "basis_steps": self.cfg.basis_steps,
             "layers": layers,
+            // The head the basis-phase gradients flow through depends on these.
+            "head_warmup_steps": self.cfg.head_warmup_steps,
+            "scope": self.cfg.scope,
+            "dense_lr": cal.lr * self.dense_lr_scale(),
         });
         let sha = crate::io::sha256_bytes(id.to_string().as_bytes());
         Some(dir.join(format!("bases-{}.safetensors", &sha[..32])))
+    }
+
+    /// Trains the dense parameters alone for `head_warmup_steps` steps, on the first
+    /// training batches at the run's dense learning rate (the sparse matrices' hooks idle).
+    fn warm_head(&mut self, model: &mut Model, cal: &mut Calibration<'_>) -> Result<()> {
+        self.core()?.phase = Phase::Idle;
+        let lr = cal.lr * self.dense_lr_scale();
+        for i in 0..self.cfg.head_warmup_steps {
+            let grads = (cal.backward)(model, i)?;
+            self.dense.accumulate(model, &grads)?;
+            drop(grads);
+            self.dense.step(lr, Some(1.0))?;
+        }
+        Ok(())
     }
 
     fn basis_phase(&mut self, model: &mut Model, cal: &mut Calibration<'_>) -> Result<()> {
@@ -103,7 +120,7 @@ impl SparseMlp {
                 .score
                 .take()
                 .ok_or_else(|| Error::Other(format!("no gradient reached {}", m.prefix)))?;
-            let (sup, _) = kernels::topk_abs(&score, m.k)?;
+            let (sup, _) = m.select(&score)?;
             m.adam = SparseAdam::with_support(&sup, &dev)?;
             m.set_support(sup, &dev)?;
         }
@@ -122,6 +139,7 @@ impl SparseMlp {
         if !self.rotates() {
             return Ok(());
         }
+        self.warm_head(model, &mut cal)?;
         let cache = self.cache_file(&cal, model);
         let cached = match (&cache, self.preset.clone()) {
             (_, Some(b)) => Some(b),

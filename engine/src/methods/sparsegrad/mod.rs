@@ -15,7 +15,8 @@ mod persist;
 pub mod settings;
 pub mod state;
 
-pub use settings::{BasisDtype, MePropConfig, Scope, SparseGradConfig, Support};
+pub use super::Scope;
+pub use settings::{BasisDtype, MePropConfig, SparseGradConfig, Support};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -102,10 +103,9 @@ impl SparseMlp {
     }
 
     fn dense_lr_scale(&self) -> f64 {
-        self.cfg.dense_lr_scale.unwrap_or(match self.cfg.scope {
-            Scope::Mlp => 1.0,
-            Scope::Paper => 0.1,
-        })
+        self.cfg
+            .dense_lr_scale
+            .unwrap_or(self.cfg.scope.default_dense_lr_scale())
     }
 
     /// The bases found by the basis phase (empty for MeProp or before calibration).
@@ -213,21 +213,20 @@ impl Method for SparseMlp {
                 }
                 let w = model.weights.get(&format!("{prefix}.weight"))?;
                 let (out, inp) = w.dims2()?;
+                let lead = match (self.rotates(), self.cfg.max_basis_columns) {
+                    (true, Some(c)) => (c.min(out), c.min(inp)),
+                    _ => (out, inp),
+                };
                 let k = self
                     .cfg
                     .k
                     .unwrap_or_else(|| (self.cfg.density * (out * inp) as f64).round() as usize)
-                    .clamp(1, out * inp);
+                    .clamp(1, lead.0 * lead.1);
                 let id = core.matrices.len();
-                core.matrices.push(MatrixState::new(
-                    prefix.clone(),
-                    kind,
-                    layer,
-                    out,
-                    inp,
-                    k,
-                    &self.device,
-                )?);
+                let mut state =
+                    MatrixState::new(prefix.clone(), kind, layer, out, inp, k, &self.device)?;
+                state.lead = lead;
+                core.matrices.push(state);
                 sparse_weights.push(format!("{prefix}.weight"));
                 model.weights.adapters.insert(
                     prefix,
@@ -242,21 +241,12 @@ impl Method for SparseMlp {
                 core.phase = Phase::Train { select: true };
             }
         }
-        let mlp_weights: Vec<String> = model
-            .mlp_linears()
-            .into_iter()
-            .map(|(p, _, _)| format!("{p}.weight"))
-            .collect();
-        let dense: Vec<String> = match self.cfg.scope {
-            Scope::Mlp => model.head_params(),
-            Scope::Paper => model
-                .weights
-                .params
-                .keys()
-                .filter(|n| !mlp_weights.contains(n))
-                .cloned()
-                .collect(),
-        };
+        let stride = self.cfg.block_stride;
+        let dense = self.cfg.scope.dense_params(
+            model,
+            |l| l % stride == 0,
+            &std::collections::HashSet::new(),
+        );
         for n in dense {
             if model.weights.contains(&n) {
                 model.weights.set_trainable(&n, true)?;

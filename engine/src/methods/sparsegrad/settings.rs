@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::SparseMlp;
 use crate::methods::registry::{Bound, Footprint, Hyper, MethodConfig, MethodInfo};
-use crate::methods::Method;
+use crate::methods::{Method, Scope};
 use crate::models::ParamShape;
 use crate::optim::AdamConfig;
 
@@ -22,18 +22,6 @@ pub enum Support {
     /// Fixed, re-selected every `refresh_every` steps from that step's gradient; moments of
     /// entries that stay are kept.
     Refreshed,
-}
-
-/// What trains besides the sparse MLP matrices.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// The task head only (densely); everything else frozen: small deltas.
-    #[default]
-    Mlp,
-    /// Every parameter outside the sparse MLP matrices trains densely with AdamW, as in the
-    /// paper's GLUE runs.
-    Paper,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -77,6 +65,11 @@ pub struct SparseGradConfig {
     /// Micro-batches of ordinary backprop whose gradients define the bases.
     #[serde(default = "default_basis_steps")]
     pub basis_steps: usize,
+    /// Optimizer steps on the densely trained parameters alone (the head, and whatever the
+    /// scope adds) before the basis phase, so the bases come from gradients through a head
+    /// that has started to learn rather than a random one.
+    #[serde(default)]
+    pub head_warmup_steps: usize,
     /// Update the weights densely during the basis phase, as the paper's code does (the delta
     /// then has a dense part per MLP matrix).
     #[serde(default)]
@@ -89,6 +82,10 @@ pub struct SparseGradConfig {
     pub block_stride: usize,
     #[serde(default)]
     pub basis_dtype: BasisDtype,
+    /// The support may use only the first n eigenvectors of each basis (those of the largest
+    /// gradient energy): the artifact then stores at most n columns of each `P` and `Q`.
+    #[serde(default)]
+    pub max_basis_columns: Option<usize>,
     /// Learning-rate multiplier for densely trained parameters (default 1 in `mlp` scope,
     /// 0.1 in `paper` scope, where they are a whole model's worth trained at the sparse
     /// methods' ~10× rate otherwise).
@@ -138,9 +135,9 @@ const K: Hyper = Hyper::integer(
 .nullable();
 const SCOPE: Hyper = Hyper::choice(
     "scope",
-    &["mlp", "paper"],
-    "what trains besides the sparse MLP matrices: the task head only (mlp), or every other \
-     parameter densely (paper)",
+    &["head", "mlp", "paper"],
+    "what trains densely besides the sparse MLP matrices: the task head (head), the head plus \
+     the MLP biases and normalisation layers (mlp), or every other parameter (paper)",
 );
 const BLOCK_STRIDE: Hyper = Hyper::integer(
     "block_stride",
@@ -150,8 +147,8 @@ const BLOCK_STRIDE: Hyper = Hyper::integer(
 .max(Bound::Incl(1024.0));
 const DENSE_LR_SCALE: Hyper = Hyper::number(
     "dense_lr_scale",
-    "learning-rate multiplier for densely trained parameters (default 1 in mlp scope, 0.1 in \
-     paper scope)",
+    "learning-rate multiplier for densely trained parameters (default 1 in head and mlp \
+     scope, 0.1 in paper scope)",
 )
 .min(Bound::Excl(0.0))
 .max(Bound::Incl(1e3))
@@ -194,6 +191,13 @@ impl MethodConfig for SparseGradConfig {
             )
             .min(Bound::Incl(1.0))
             .max(Bound::Incl(1000.0)),
+            Hyper::integer(
+                "head_warmup_steps",
+                "steps training only the dense parameters (the head) before the basis phase, \
+                 so the bases see gradients through a head that has started to learn",
+            )
+            .min(Bound::Incl(0.0))
+            .max(Bound::Incl(1000.0)),
             Hyper::boolean(
                 "basis_update",
                 "update the weights densely during the basis phase, as the paper's code does",
@@ -206,6 +210,14 @@ impl MethodConfig for SparseGradConfig {
                 "precision of the bases in the artifact: bf16 halves them (the merge then differs \
                  from the trained weights by their rounding), f32 keeps them exact",
             ),
+            Hyper::integer(
+                "max_basis_columns",
+                "the support may use only the first n eigenvectors of each basis (largest \
+                 gradient energy first); the artifact then holds at most n columns of each",
+            )
+            .min(Bound::Incl(1.0))
+            .max(Bound::Incl(1e6))
+            .nullable(),
             DENSE_LR_SCALE,
         ],
     };
@@ -214,10 +226,11 @@ impl MethodConfig for SparseGradConfig {
     }
     fn footprint(&self, shape: &ParamShape) -> Footprint {
         Footprint {
-            trainable: sparse_trainable(self.k, self.density, shape),
+            trainable: sparse_trainable(self.k, self.density, shape)
+                + self.scope.extra_params(shape),
             // One P, Q pair per matrix type.
             extra_state: shape.mlp_matrices * (shape.hidden * shape.hidden + shape.ffn * shape.ffn),
-            calibration_batches: self.basis_steps as u64,
+            calibration_batches: (self.head_warmup_steps + self.basis_steps) as u64,
         }
     }
 }
@@ -235,7 +248,8 @@ impl MethodConfig for MePropConfig {
     }
     fn footprint(&self, shape: &ParamShape) -> Footprint {
         Footprint {
-            trainable: sparse_trainable(self.k, self.density, shape),
+            trainable: sparse_trainable(self.k, self.density, shape)
+                + self.scope.extra_params(shape),
             ..Default::default()
         }
     }

@@ -204,6 +204,9 @@ pub struct MatrixState {
     /// Basis phase with updates: the dense gradient of this micro-batch.
     pub dense_grad: Option<Tensor>,
     pub score: Option<Tensor>,
+    /// The leading `(rows, cols)` of the rotated matrix the support may use (all of it
+    /// unless `max_basis_columns` caps it).
+    pub lead: (usize, usize),
 }
 
 impl MatrixState {
@@ -235,7 +238,13 @@ impl MatrixState {
             seen: 0,
             dense_grad: None,
             score: None,
+            lead: (out, inp),
         })
+    }
+
+    /// Top-k of `|a|` (this matrix's rotated gradient or score) within its leading block.
+    pub fn select(&self, a: &Tensor) -> Result<(Vec<u32>, Tensor)> {
+        topk_leading(a, self.k, self.lead)
     }
 
     pub fn weight_name(&self) -> String {
@@ -253,6 +262,26 @@ impl MatrixState {
         self.grad = None;
         self.seen = 0;
     }
+}
+
+/// Flat indices (ascending, into the whole `(out, in)` matrix) and values of the `k`
+/// largest-magnitude entries of `a` within its leading `rows × cols` block: a support limited
+/// to the first eigenvectors of each basis, so the artifact stores only those columns.
+pub fn topk_leading(
+    a: &Tensor,
+    k: usize,
+    (rows, cols): (usize, usize),
+) -> Result<(Vec<u32>, Tensor)> {
+    let (out, inp) = a.dims2()?;
+    if rows >= out && cols >= inp {
+        return kernels::topk_abs(a, k);
+    }
+    let block = a.narrow(0, 0, rows)?.narrow(1, 0, cols)?.contiguous()?;
+    let (local, vals) = kernels::topk_abs(&block, k.min(rows * cols))?;
+    let (c, w) = (cols as u32, inp as u32);
+    // Row-major in the block stays row-major (and ascending) in the matrix.
+    let idx = local.into_iter().map(|l| (l / c) * w + l % c).collect();
+    Ok((idx, vals))
 }
 
 /// State shared by the method and the hooks of every sparse matrix.
@@ -370,7 +399,7 @@ impl Core {
                     None => gt,
                 };
                 if m.seen >= self.micro_batches {
-                    m.grad = Some(kernels::topk_abs(&acc, m.k)?);
+                    m.grad = Some(m.select(&acc)?);
                     self.dense_sq += sq_norm(&acc)?;
                     self.measured += 1;
                 } else {
