@@ -9,7 +9,8 @@ use rand::Rng;
 use sparsegrad_engine::artifact::{merge, Artifact};
 use sparsegrad_engine::data::{collate, Example};
 use sparsegrad_engine::methods::{
-    BasisDtype, LoraConfig, LoraTargets, MePropConfig, MethodSpec, Scope, SparseGradConfig, Support,
+    BasisDtype, Fidelity, LoraConfig, LoraTargets, MePropConfig, MethodSpec, Scope,
+    SparseGradConfig, Support,
 };
 use sparsegrad_engine::models::{Arch, Model, Task};
 use sparsegrad_engine::nn::Ctx;
@@ -83,6 +84,17 @@ fn sparsegrad(support: Support, scope: Scope) -> MethodSpec {
         basis_steps: 3,
         refresh_every: 3,
         // Exact merges; the bf16 default is checked separately.
+        basis_dtype: BasisDtype::F32,
+        ..Default::default()
+    })
+}
+
+/// The authors' choices (Qᵀ rotation, warm start, dense gate_proj on LLaMA) with a k the tiny
+/// models hold and exact bases.
+fn paper_fidelity() -> MethodSpec {
+    MethodSpec::Sparsegrad(SparseGradConfig {
+        fidelity: Fidelity::Paper,
+        k: Some(40),
         basis_dtype: BasisDtype::F32,
         ..Default::default()
     })
@@ -377,6 +389,8 @@ fn merged_model_equals_in_memory_fine_tuned_model() {
         (Arch::Bert, meprop()),
         (Arch::Bert, lora_scoped(LoraTargets::Mlp, Scope::Paper)),
         (Arch::Llama, lora_scoped(LoraTargets::None, Scope::Mlp)),
+        (Arch::Bert, paper_fidelity()),
+        (Arch::Llama, paper_fidelity()),
         (
             Arch::Bert,
             MethodSpec::Sparsegrad(SparseGradConfig {

@@ -12,7 +12,8 @@ use sparsegrad_engine::data::{collate, Dataset, EncodeStats, Example, Target};
 use sparsegrad_engine::methods::sparsegrad::adam::SparseAdam;
 use sparsegrad_engine::methods::sparsegrad::basis::{rotate, Basis};
 use sparsegrad_engine::methods::{
-    Calibration, DeltaEntry, Method, MethodSpec, Scope, SparseGradConfig, SparseMlp, Support,
+    Calibration, DeltaEntry, Fidelity, Method, MethodSpec, Scope, SparseGradConfig, SparseMlp,
+    Support,
 };
 use sparsegrad_engine::models::{Arch, MlpKind, Model, Task};
 use sparsegrad_engine::nn::Ctx;
@@ -528,6 +529,73 @@ fn column_cap_keeps_supports_in_the_leading_eigenvectors() {
             }
         }
     }
+}
+
+/// `fidelity: paper`: the authors' settings replace ours, the input side is rotated by `Qᵀ`,
+/// and on LLaMA gate_proj trains densely while every third block's up/down are sparse.
+#[test]
+fn paper_fidelity_follows_the_authors_choices() {
+    let paper = SparseGradConfig {
+        fidelity: Fidelity::Paper,
+        k: Some(30),
+        ..sg(0.05, Support::Fixed)
+    };
+    // Bases given: the method keeps P and uses Qᵀ for the input side.
+    let data = dataset(Arch::Bert, 24, 3);
+    let given = {
+        let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1).unwrap();
+        let mut m = SparseMlp::sparsegrad(sg(0.05, Support::Fixed), AdamConfig::default());
+        m.prepare(&mut model, 0).unwrap();
+        run(&mut model, &mut m, &cfg(1, 4, 1), &data, None);
+        m.bases().unwrap()
+    };
+    let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1).unwrap();
+    let mut m =
+        SparseMlp::sparsegrad(paper.clone(), AdamConfig::default()).with_bases(given.clone());
+    m.prepare(&mut model, 0).unwrap();
+    run(&mut model, &mut m, &cfg(2, 4, 1), &data, None);
+    for (kind, b) in m.bases().unwrap() {
+        assert_eq!(max_abs_diff(&b.p, &given[&kind].p), 0.0);
+        assert_eq!(max_abs_diff(&b.q, &given[&kind].q.t().unwrap()), 0.0);
+    }
+    let h = m.hyperparameters();
+    for (field, want) in [
+        ("support", "dynamic"),
+        ("scope", "paper"),
+        ("fidelity", "paper"),
+    ] {
+        assert_eq!(h[field], want, "{field}");
+    }
+    assert_eq!(h["basis_update"], true);
+    assert_eq!(h["basis_steps"], 11);
+    assert_eq!(h["dense_lr_scale"], 1.0);
+    // Norms frozen, attention dense (the paper scope), sparse MLP matrices.
+    let (tensors, entries) = m.delta(&model).unwrap();
+    assert!(
+        !tensors.keys().any(|k| k.contains("LayerNorm")),
+        "norms frozen"
+    );
+    assert!(tensors.contains_key("bert.encoder.layer.0.attention.self.query.weight"));
+    assert!(entries.contains_key("bert.encoder.layer.0.intermediate.dense.weight.sparse_values"));
+
+    let data = dataset(Arch::Llama, 24, 3);
+    let mut model = tiny_model(Arch::Llama, Task::CausalLm, DType::F32, 1).unwrap();
+    let mut m = SparseMlp::sparsegrad(paper, AdamConfig::default());
+    m.prepare(&mut model, 0).unwrap();
+    run(&mut model, &mut m, &cfg(2, 4, 1), &data, None);
+    assert_eq!(m.hyperparameters()["block_stride"], 3);
+    let (tensors, entries) = m.delta(&model).unwrap();
+    assert!(matches!(
+        entries["model.layers.0.mlp.gate_proj.weight"],
+        DeltaEntry::Dense { .. }
+    ));
+    for sub in ["up_proj", "down_proj"] {
+        let v = &tensors[&format!("model.layers.0.mlp.{sub}.weight.sparse_values")];
+        // A fresh top-30 on each of the 2 steps: the union of what they touched.
+        assert!((30..=60).contains(&v.elem_count()), "{sub}");
+    }
+    assert!(!tensors.keys().any(|k| k.starts_with("model.layers.1.mlp.")));
+    assert!(!tensors.keys().any(|k| k.contains("norm")), "norms frozen");
 }
 
 #[test]

@@ -128,6 +128,9 @@ pub struct MethodArgs {
     /// sparsegrad: update the weights during the basis phase (the paper's code does).
     #[arg(long)]
     pub basis_update: bool,
+    /// sparsegrad: ours | paper (the authors' code's choices; see the README).
+    #[arg(long)]
+    pub fidelity: Option<String>,
     /// sparsegrad: the support uses only the first N eigenvectors of each basis.
     #[arg(long)]
     pub max_basis_columns: Option<usize>,
@@ -218,6 +221,7 @@ impl MethodArgs {
         );
         put("basis_dtype", self.basis_dtype.clone().map(Value::from));
         put("max_basis_columns", self.max_basis_columns.map(Value::from));
+        put("fidelity", self.fidelity.clone().map(Value::from));
         put("scope", self.scope.clone().map(Value::from));
         put("block_stride", self.block_stride.map(Value::from));
         put("dense_lr_scale", self.dense_lr_scale.map(Value::from));

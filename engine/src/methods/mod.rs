@@ -24,7 +24,7 @@ use registry::{parse_at, Footprint, MethodConfig, MethodInfo};
 pub use full::{Full, FullConfig};
 pub use lora::{Lora, LoraConfig, LoraTargets};
 pub use registry::{resolve, Resolved, DEFAULT_METHOD};
-pub use sparsegrad::{BasisDtype, MePropConfig, SparseGradConfig, SparseMlp, Support};
+pub use sparsegrad::{BasisDtype, Fidelity, MePropConfig, SparseGradConfig, SparseMlp, Support};
 
 /// Declares the methods: `MethodSpec` (a method with its settings, tagged by name as jobs
 /// store it) and the dispatch from a name or a spec to its settings type. One line per method.

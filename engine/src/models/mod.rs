@@ -435,7 +435,7 @@ impl Model {
 
 /// A normalisation layer's weight or bias (`…LayerNorm.weight`, `…input_layernorm.weight`,
 /// `model.norm.weight`): the module name before the last dot contains "norm".
-fn is_norm_param(name: &str) -> bool {
+pub fn is_norm_param(name: &str) -> bool {
     let mut parts = name.rsplit('.');
     matches!(parts.next(), Some("weight" | "bias"))
         && parts

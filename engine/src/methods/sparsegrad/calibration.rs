@@ -166,10 +166,14 @@ impl SparseMlp {
         {
             let mut core = self.core()?;
             core.bases.clear();
+            let paper = self.paper();
             for (k, b) in bases {
+                // The authors rotate the input side by u3ᵀ: their gradient is `Pᵀ G Qᵀ`, which
+                // is ours with `Qᵀ` as the basis (and the delta then `P S Q`).
+                let q = if paper { b.q.t()?.contiguous()? } else { b.q };
                 let b = Basis {
                     p: b.p.to_device(&self.device)?,
-                    q: b.q.to_device(&self.device)?,
+                    q: q.to_device(&self.device)?,
                     ..b
                 };
                 core.bases.insert(k, HostBasis::new(b)?);

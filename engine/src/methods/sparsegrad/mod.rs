@@ -16,7 +16,7 @@ pub mod settings;
 pub mod state;
 
 pub use super::Scope;
-pub use settings::{BasisDtype, MePropConfig, SparseGradConfig, Support};
+pub use settings::{BasisDtype, Fidelity, MePropConfig, SparseGradConfig, Support};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,6 +51,7 @@ pub struct SparseMlp {
 
 impl SparseMlp {
     pub fn sparsegrad(cfg: SparseGradConfig, adam: AdamConfig) -> Self {
+        let cfg = cfg.effective();
         let hyper = serde_json::to_value(&cfg).expect("serialisable");
         Self::new("sparsegrad", hyper, cfg, adam)
     }
@@ -100,6 +101,10 @@ impl SparseMlp {
 
     fn rotates(&self) -> bool {
         self.name == "sparsegrad"
+    }
+
+    fn paper(&self) -> bool {
+        self.rotates() && self.cfg.fidelity == Fidelity::Paper
     }
 
     fn dense_lr_scale(&self) -> f64 {
@@ -204,11 +209,26 @@ impl Method for SparseMlp {
         self.device = model.weights.device.clone();
         let anchor = Var::zeros(1, model.dtype(), &self.device)?;
         let mut sparse_weights = Vec::new();
+        let mut dense_gates = Vec::new();
+        let llama = model
+            .mlp_linears()
+            .iter()
+            .any(|(_, k, _)| *k == MlpKind::Gate);
+        if self.paper() && llama && self.cfg.block_stride == 1 {
+            // The authors' LLaMA runs train every third block.
+            self.cfg.block_stride = 3;
+            self.hyper["block_stride"] = 3.into();
+        }
         {
             let mut core = self.core()?;
             core.matrices.clear();
             for (prefix, kind, layer) in model.mlp_linears() {
                 if layer % self.cfg.block_stride != 0 {
+                    continue;
+                }
+                if self.paper() && kind == MlpKind::Gate {
+                    // The authors' LLaMA runs train gate_proj densely (set below).
+                    dense_gates.push(format!("{prefix}.weight"));
                     continue;
                 }
                 let w = model.weights.get(&format!("{prefix}.weight"))?;
@@ -217,11 +237,13 @@ impl Method for SparseMlp {
                     (true, Some(c)) => (c.min(out), c.min(inp)),
                     _ => (out, inp),
                 };
-                let k = self
-                    .cfg
-                    .k
-                    .unwrap_or_else(|| (self.cfg.density * (out * inp) as f64).round() as usize)
-                    .clamp(1, lead.0 * lead.1);
+                let k = match (self.cfg.k, self.paper()) {
+                    (Some(k), _) => k,
+                    (None, true) if llama => settings::PAPER_K_LLAMA,
+                    (None, true) => settings::PAPER_K_ENCODER,
+                    (None, false) => (self.cfg.density * (out * inp) as f64).round() as usize,
+                }
+                .clamp(1, lead.0 * lead.1);
                 let id = core.matrices.len();
                 let mut state =
                     MatrixState::new(prefix.clone(), kind, layer, out, inp, k, &self.device)?;
@@ -242,11 +264,16 @@ impl Method for SparseMlp {
             }
         }
         let stride = self.cfg.block_stride;
-        let dense = self.cfg.scope.dense_params(
+        let mut dense = self.cfg.scope.dense_params(
             model,
             |l| l % stride == 0,
             &std::collections::HashSet::new(),
         );
+        if self.paper() {
+            // The authors' code leaves the norms frozen (their parameter filter misses them).
+            dense.retain(|n| !crate::models::is_norm_param(n));
+            dense.extend(dense_gates);
+        }
         for n in dense {
             if model.weights.contains(&n) {
                 model.weights.set_trainable(&n, true)?;

@@ -36,6 +36,27 @@ pub enum BasisDtype {
     Bf16,
 }
 
+/// Whose choices the method follows.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fidelity {
+    /// This service's: a fixed support, exact HOSVD core `Pᵀ G Q`, frozen weights during the
+    /// basis phase, the other settings as given.
+    #[default]
+    Ours,
+    /// The authors' code (`sayankotor/sparse_grads`), to reproduce their tables: the input
+    /// side rotated by `Qᵀ` (their `u3ᵀ`), 11 basis-phase steps of full fine-tuning, a fresh
+    /// top-k every step, every non-MLP parameter dense at the same learning rate with the norms
+    /// frozen, k = 28,000 per matrix on encoders; on LLaMA `gate_proj` dense and `up`/`down`
+    /// of every third block sparse with k = 100,000. Fields it fixes are overridden (an
+    /// explicit `k` is kept).
+    Paper,
+}
+
+/// The authors' k per matrix when none is given: encoders' base models, and LLaMA.
+pub const PAPER_K_ENCODER: usize = 28_000;
+pub const PAPER_K_LLAMA: usize = 100_000;
+
 fn default_density() -> f64 {
     0.01
 }
@@ -82,6 +103,8 @@ pub struct SparseGradConfig {
     pub block_stride: usize,
     #[serde(default)]
     pub basis_dtype: BasisDtype,
+    #[serde(default)]
+    pub fidelity: Fidelity,
     /// The support may use only the first n eigenvectors of each basis (those of the largest
     /// gradient energy): the artifact then stores at most n columns of each `P` and `Q`.
     #[serde(default)]
@@ -96,6 +119,27 @@ pub struct SparseGradConfig {
 impl Default for SparseGradConfig {
     fn default() -> Self {
         serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+impl SparseGradConfig {
+    /// The settings `fidelity` implies: for `paper`, the authors' choices replace the fields
+    /// they fix (what the job then echoes); the architecture-dependent ones (k, LLaMA's
+    /// stride) are applied when the model is known.
+    pub fn effective(&self) -> Self {
+        match self.fidelity {
+            Fidelity::Ours => self.clone(),
+            Fidelity::Paper => SparseGradConfig {
+                support: Support::Dynamic,
+                basis_steps: 11,
+                basis_update: true,
+                head_warmup_steps: 0,
+                scope: Scope::Paper,
+                dense_lr_scale: Some(1.0),
+                max_basis_columns: None,
+                ..self.clone()
+            },
+        }
     }
 }
 
@@ -209,6 +253,14 @@ impl MethodConfig for SparseGradConfig {
                 &["f32", "bf16"],
                 "precision of the bases in the artifact: bf16 halves them (the merge then differs \
                  from the trained weights by their rounding), f32 keeps them exact",
+            ),
+            Hyper::choice(
+                "fidelity",
+                &["ours", "paper"],
+                "whose choices to follow: this service's (ours), or the authors' code (paper: \
+                 Qᵀ input rotation, 11 warm-start steps of full fine-tuning, dynamic top-k, \
+                 every non-MLP parameter dense at one learning rate with norms frozen, k 28,000; \
+                 on LLaMA gate_proj dense and every third block's up/down sparse, k 100,000)",
             ),
             Hyper::integer(
                 "max_basis_columns",
