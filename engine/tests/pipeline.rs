@@ -392,6 +392,14 @@ fn merged_model_equals_in_memory_fine_tuned_model() {
         (Arch::Bert, paper_fidelity()),
         (Arch::Llama, paper_fidelity()),
         (
+            Arch::Llama,
+            MethodSpec::Meprop(MePropConfig {
+                k: Some(40),
+                fidelity: Fidelity::Paper,
+                ..Default::default()
+            }),
+        ),
+        (
             Arch::Bert,
             MethodSpec::Sparsegrad(SparseGradConfig {
                 density: 0.1,

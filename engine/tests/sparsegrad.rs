@@ -598,6 +598,62 @@ fn paper_fidelity_follows_the_authors_choices() {
     assert!(!tensors.keys().any(|k| k.contains("norm")), "norms frozen");
 }
 
+/// MeProp under `fidelity: paper` is the authors' masked dense AdamW: the first step moves
+/// exactly the top-k entries, later steps keep moving earlier ones on their moments — where
+/// ours moves exactly the step's k entries every step.
+#[test]
+fn paper_meprop_masks_a_dense_gradient_under_adamw() {
+    let data = dataset(Arch::Bert, 24, 3);
+    let k = 12;
+    let weights_after = |fidelity: Fidelity, steps: usize| {
+        let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1).unwrap();
+        let spec = MethodSpec::Meprop(sparsegrad_engine::methods::MePropConfig {
+            k: Some(k),
+            fidelity,
+            ..Default::default()
+        });
+        let mut m = spec.build(AdamConfig::default()).unwrap();
+        m.prepare(&mut model, 0).unwrap();
+        run(&mut model, m.as_mut(), &cfg(steps, 4, 1), &data, None);
+        let w = |n: &str| -> Vec<f32> {
+            model
+                .weights
+                .get(n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let name = "bert.encoder.layer.0.intermediate.dense.weight";
+        (w(name), m.hyperparameters())
+    };
+    let moved = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+    let w0: Vec<f32> = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1)
+        .unwrap()
+        .weights
+        .get("bert.encoder.layer.0.intermediate.dense.weight")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for fidelity in [Fidelity::Ours, Fidelity::Paper] {
+        let (w1, h) = weights_after(fidelity, 1);
+        let (w2, _) = weights_after(fidelity, 2);
+        assert_eq!(moved(&w0, &w1), k, "{fidelity:?}: step 1");
+        let second = moved(&w1, &w2);
+        match fidelity {
+            Fidelity::Ours => assert_eq!(second, k),
+            Fidelity::Paper => {
+                assert!(second > k, "momentum moves step 1's entries too: {second}");
+                assert_eq!(h["scope"], "paper");
+                assert_eq!(h["dense_lr_scale"], 1.0);
+            }
+        }
+    }
+}
+
 #[test]
 fn gradient_accumulation_equals_the_larger_batch() {
     // Top-k of the step's summed gradient, not of each micro-batch's. The basis phase sees

@@ -47,6 +47,9 @@ pub struct SparseMlp {
     energy: Option<f64>,
     device: Device,
     preset: Option<BTreeMap<MlpKind, Basis>>,
+    /// MeProp as the authors ran it: MLP weights trained by ordinary AdamW on their gradient
+    /// masked to its top-k (weight name → k).
+    masked: BTreeMap<String, usize>,
 }
 
 impl SparseMlp {
@@ -74,12 +77,14 @@ impl SparseMlp {
             energy: None,
             device: Device::Cpu,
             preset: None,
+            masked: BTreeMap::new(),
         }
     }
 
     /// MeProp (Sun et al. 2017) on the same matrices: top-k of `|G|` in the original basis
     /// every step, Adam moments on the entries ever kept.
     pub fn meprop(cfg: MePropConfig, adam: AdamConfig) -> Self {
+        let cfg = cfg.effective();
         let sg = SparseGradConfig {
             density: cfg.density,
             k: cfg.k,
@@ -87,6 +92,7 @@ impl SparseMlp {
             scope: cfg.scope,
             block_stride: cfg.block_stride,
             dense_lr_scale: cfg.dense_lr_scale,
+            fidelity: cfg.fidelity,
             ..Default::default()
         };
         let hyper = serde_json::to_value(&cfg).expect("serialisable");
@@ -103,8 +109,14 @@ impl SparseMlp {
         self.name == "sparsegrad"
     }
 
+    /// The authors' choices (either method).
     fn paper(&self) -> bool {
-        self.rotates() && self.cfg.fidelity == Fidelity::Paper
+        self.cfg.fidelity == Fidelity::Paper
+    }
+
+    /// MeProp as the authors ran it: masked dense gradients under ordinary AdamW.
+    fn masks_dense(&self) -> bool {
+        !self.rotates() && self.paper()
     }
 
     fn dense_lr_scale(&self) -> f64 {
@@ -210,6 +222,7 @@ impl Method for SparseMlp {
         let anchor = Var::zeros(1, model.dtype(), &self.device)?;
         let mut sparse_weights = Vec::new();
         let mut dense_gates = Vec::new();
+        let mut masked = BTreeMap::new();
         let llama = model
             .mlp_linears()
             .iter()
@@ -226,7 +239,7 @@ impl Method for SparseMlp {
                 if layer % self.cfg.block_stride != 0 {
                     continue;
                 }
-                if self.paper() && kind == MlpKind::Gate {
+                if self.paper() && self.rotates() && kind == MlpKind::Gate {
                     // The authors' LLaMA runs train gate_proj densely (set below).
                     dense_gates.push(format!("{prefix}.weight"));
                     continue;
@@ -244,6 +257,10 @@ impl Method for SparseMlp {
                     (None, false) => (self.cfg.density * (out * inp) as f64).round() as usize,
                 }
                 .clamp(1, lead.0 * lead.1);
+                if self.masks_dense() {
+                    masked.insert(format!("{prefix}.weight"), k);
+                    continue;
+                }
                 let id = core.matrices.len();
                 let mut state =
                     MatrixState::new(prefix.clone(), kind, layer, out, inp, k, &self.device)?;
@@ -263,6 +280,7 @@ impl Method for SparseMlp {
                 core.phase = Phase::Train { select: true };
             }
         }
+        self.masked = masked;
         let stride = self.cfg.block_stride;
         let mut dense = self.cfg.scope.dense_params(
             model,
@@ -273,6 +291,7 @@ impl Method for SparseMlp {
             // The authors' code leaves the norms frozen (their parameter filter misses them).
             dense.retain(|n| !crate::models::is_norm_param(n));
             dense.extend(dense_gates);
+            dense.extend(self.masked.keys().cloned());
         }
         for n in dense {
             if model.weights.contains(&n) {
@@ -310,7 +329,21 @@ impl Method for SparseMlp {
     }
 
     fn step(&mut self, model: &mut Model, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
-        let grads = self.dense.take();
+        let mut grads = self.dense.take();
+        let mut masked_energy = None;
+        if !self.masked.is_empty() {
+            let (mut kept, mut all) = (0.0, 0.0);
+            for (name, &k) in &self.masked {
+                let Some(g) = grads.remove(name) else {
+                    continue;
+                };
+                let m = mask_topk(&g, k)?;
+                all += state::sq_norm(&g)?;
+                kept += state::sq_norm(&m)?;
+                grads.insert(name.clone(), m);
+            }
+            masked_energy = (all > 0.0).then(|| kept / all);
+        }
         let mut sq = grad_norm(&grads)?.powi(2);
         let core = self.core.clone();
         let mut core = core
@@ -324,7 +357,8 @@ impl Method for SparseMlp {
         }
         sq += kept;
         self.energy = (core.measured == core.matrices.len() && core.dense_sq > 0.0)
-            .then(|| (kept / core.dense_sq).min(1.0));
+            .then(|| (kept / core.dense_sq).min(1.0))
+            .or(masked_energy);
         let norm = sq.sqrt();
         let scale = clip_scale(norm, max_grad_norm);
         self.dense
@@ -481,6 +515,16 @@ impl Method for SparseMlp {
         }
         Ok((tensors, entries))
     }
+}
+
+/// `g` with all but its `k` largest-magnitude entries zeroed.
+fn mask_topk(g: &Tensor, k: usize) -> Result<Tensor> {
+    let (idx, vals) = crate::kernels::topk_abs(g, k)?;
+    let ids = Tensor::from_slice(&idx, idx.len(), g.device())?;
+    Ok(g.flatten_all()?
+        .zeros_like()?
+        .index_add(&ids, &vals.to_dtype(g.dtype())?, 0)?
+        .reshape(g.shape())?)
 }
 
 /// A fixed support forms the whole gradient, to measure the energy it keeps, every this many

@@ -156,11 +156,31 @@ pub struct MePropConfig {
     pub block_stride: usize,
     #[serde(default)]
     pub dense_lr_scale: Option<f64>,
+    /// `paper`: the authors' MeProp — the MLP weights' dense gradient masked to its top-k
+    /// under ordinary AdamW (dense moments, so masked entries keep moving on momentum),
+    /// every non-MLP parameter dense at the same learning rate with the norms frozen, k as
+    /// for SparseGrad's `paper`.
+    #[serde(default)]
+    pub fidelity: Fidelity,
 }
 
 impl Default for MePropConfig {
     fn default() -> Self {
         serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+impl MePropConfig {
+    /// The settings `fidelity` implies (see [`SparseGradConfig::effective`]).
+    pub fn effective(&self) -> Self {
+        match self.fidelity {
+            Fidelity::Ours => self.clone(),
+            Fidelity::Paper => MePropConfig {
+                scope: Scope::Paper,
+                dense_lr_scale: Some(1.0),
+                ..self.clone()
+            },
+        }
     }
 }
 
@@ -202,6 +222,16 @@ const DENSE_LR_SCALE: Hyper = Hyper::number(
 fn sparse_trainable(k: Option<usize>, density: f64, shape: &ParamShape) -> u64 {
     k.map(|k| k as u64 * shape.layers * shape.mlp_matrices)
         .unwrap_or((shape.mlp_params() as f64 * density) as u64)
+}
+
+/// The given k, or under `fidelity: paper` the authors' for the architecture (three MLP
+/// matrices per block: LLaMA).
+fn paper_k(k: Option<usize>, fidelity: Fidelity, shape: &ParamShape) -> Option<usize> {
+    k.or(match (fidelity, shape.mlp_matrices) {
+        (Fidelity::Ours, _) => None,
+        (Fidelity::Paper, 3) => Some(PAPER_K_LLAMA),
+        (Fidelity::Paper, _) => Some(PAPER_K_ENCODER),
+    })
 }
 
 impl MethodConfig for SparseGradConfig {
@@ -277,12 +307,13 @@ impl MethodConfig for SparseGradConfig {
         Box::new(SparseMlp::sparsegrad(self.clone(), adam))
     }
     fn footprint(&self, shape: &ParamShape) -> Footprint {
+        let c = self.effective();
         Footprint {
-            trainable: sparse_trainable(self.k, self.density, shape)
-                + self.scope.extra_params(shape),
+            trainable: sparse_trainable(paper_k(c.k, c.fidelity, shape), c.density, shape)
+                + c.scope.extra_params(shape),
             // One P, Q pair per matrix type.
             extra_state: shape.mlp_matrices * (shape.hidden * shape.hidden + shape.ffn * shape.ffn),
-            calibration_batches: (self.head_warmup_steps + self.basis_steps) as u64,
+            calibration_batches: (c.head_warmup_steps + c.basis_steps) as u64,
         }
     }
 }
@@ -293,15 +324,33 @@ impl MethodConfig for MePropConfig {
         description: "MeProp (Sun et al. 2017) on the same MLP matrices: top-k of the weight \
                       gradient in the original basis every step.",
         default_lr: 1e-3,
-        hyperparameters: &[DENSITY, K, SCOPE, BLOCK_STRIDE, DENSE_LR_SCALE],
+        hyperparameters: &[
+            DENSITY,
+            K,
+            SCOPE,
+            BLOCK_STRIDE,
+            DENSE_LR_SCALE,
+            Hyper::choice(
+                "fidelity",
+                &["ours", "paper"],
+                "ours: Adam on the selected entries only; paper (the authors' code): the dense \
+                 gradient masked to its top-k under ordinary AdamW, non-MLP parameters dense \
+                 at one learning rate with norms frozen, k 28,000 (100,000 on LLaMA)",
+            ),
+        ],
     };
     fn build(&self, adam: AdamConfig) -> Box<dyn Method> {
         Box::new(SparseMlp::meprop(self.clone(), adam))
     }
     fn footprint(&self, shape: &ParamShape) -> Footprint {
+        let c = self.effective();
+        let mlp = match c.fidelity {
+            // Masked dense gradients: every MLP weight has AdamW state.
+            Fidelity::Paper => shape.mlp_params(),
+            Fidelity::Ours => sparse_trainable(c.k, c.density, shape),
+        };
         Footprint {
-            trainable: sparse_trainable(self.k, self.density, shape)
-                + self.scope.extra_params(shape),
+            trainable: mlp + c.scope.extra_params(shape),
             ..Default::default()
         }
     }
