@@ -105,6 +105,8 @@ fn sg(density: f64, support: Support) -> SparseGradConfig {
         support,
         basis_steps: 3,
         basis_dtype: sparsegrad_engine::methods::BasisDtype::F32,
+        // The references here start the basis phase from the initial head.
+        head_warmup_steps: 0,
         ..Default::default()
     }
 }

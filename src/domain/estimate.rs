@@ -129,8 +129,8 @@ mod tests {
         assert!(e.memory_bytes > 4 * shape.params());
         let h = estimate(&shape, &r, 100, 100 * 200, Some(0.01));
         assert_eq!(h.duration_basis, "history");
-        // Basis phase: 10 micro-batches of 16 rows.
-        assert!((h.duration_secs - (200.0 * 52.0 + 160.0 * 52.0) * 0.01).abs() < 0.1);
+        // Calibration: 20 head warm-up and 10 basis-phase micro-batches of 16 rows.
+        assert!((h.duration_secs - (200.0 * 52.0 + 480.0 * 52.0) * 0.01).abs() < 0.1);
     }
 
     #[test]
