@@ -111,6 +111,16 @@ fn sg(density: f64, support: Support) -> SparseGradConfig {
     }
 }
 
+/// The bases one step of SparseGrad finds on a tiny BERT (model seed `seed`), to give another
+/// run.
+fn bert_bases(data: &Dataset, config: SparseGradConfig, seed: u64) -> BTreeMap<MlpKind, Basis> {
+    let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, seed).unwrap();
+    let mut m = SparseMlp::sparsegrad(config, AdamConfig::default());
+    m.prepare(&mut model, 0).unwrap();
+    run(&mut model, &mut m, &cfg(1, 4, 1), data, None);
+    m.bases().unwrap()
+}
+
 #[test]
 fn fast_topk_selects_exactly_the_k_largest_magnitudes() {
     let mut rng = sparsegrad_engine::rng::stream(1, "topk", 0);
@@ -544,13 +554,7 @@ fn paper_fidelity_follows_the_authors_choices() {
     };
     // Bases given: the method keeps P and uses Qᵀ for the input side.
     let data = dataset(Arch::Bert, 24, 3);
-    let given = {
-        let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1).unwrap();
-        let mut m = SparseMlp::sparsegrad(sg(0.05, Support::Fixed), AdamConfig::default());
-        m.prepare(&mut model, 0).unwrap();
-        run(&mut model, &mut m, &cfg(1, 4, 1), &data, None);
-        m.bases().unwrap()
-    };
+    let given = bert_bases(&data, sg(0.05, Support::Fixed), 1);
     let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1).unwrap();
     let mut m =
         SparseMlp::sparsegrad(paper.clone(), AdamConfig::default()).with_bases(given.clone());
@@ -661,13 +665,7 @@ fn gradient_accumulation_equals_the_larger_batch() {
     // Top-k of the step's summed gradient, not of each micro-batch's. The basis phase sees
     // micro-batches, so both runs get the same given bases.
     let data = dataset(Arch::Bert, 48, 4);
-    let bases = {
-        let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 2).unwrap();
-        let mut m = SparseMlp::sparsegrad(sg(0.1, Support::Dynamic), AdamConfig::default());
-        m.prepare(&mut model, 0).unwrap();
-        run(&mut model, &mut m, &cfg(1, 4, 1), &data, None);
-        m.bases().unwrap()
-    };
+    let bases = bert_bases(&data, sg(0.1, Support::Dynamic), 2);
     for method in ["sparsegrad", "meprop"] {
         let mut out = Vec::new();
         for (batch, accum) in [(8, 1), (4, 2)] {

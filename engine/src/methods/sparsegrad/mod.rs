@@ -293,10 +293,9 @@ impl Method for SparseMlp {
             dense.extend(dense_gates);
             dense.extend(self.masked.keys().cloned());
         }
+        // `dense_params` keeps only names the model has; gates and masked weights are its own.
         for n in dense {
-            if model.weights.contains(&n) {
-                model.weights.set_trainable(&n, true)?;
-            }
+            model.weights.set_trainable(&n, true)?;
         }
         self.dense.init(model)
     }
