@@ -217,6 +217,7 @@ fn resume_from_checkpoint_equals_uninterrupted_run() {
         (Arch::Llama, lora()),
         (Arch::Bert, sparsegrad(Support::Fixed, Scope::Mlp)),
         (Arch::Roberta, sparsegrad(Support::Refreshed, Scope::Paper)),
+        (Arch::Bert, sparsegrad(Support::Ema, Scope::Mlp)),
         (Arch::Llama, sparsegrad(Support::Dynamic, Scope::Mlp)),
         (Arch::Bert, meprop()),
     ] {
@@ -406,6 +407,18 @@ fn merged_model_equals_in_memory_fine_tuned_model() {
                 basis_steps: 3,
                 basis_update: true,
                 ..Default::default()
+            }),
+        ),
+        (
+            Arch::Roberta,
+            MethodSpec::Sparsegrad(SparseGradConfig {
+                support: Support::Ema,
+                basis_update: true,
+                basis_update_lr_scale: Some(0.05),
+                ..match sparsegrad(Support::Ema, Scope::Mlp) {
+                    MethodSpec::Sparsegrad(c) => c,
+                    _ => unreachable!(),
+                }
             }),
         ),
     ] {

@@ -243,6 +243,7 @@ fn in_layer_rotated_gradient_equals_rotated_dense_gradient() {
                 &mut model,
                 Calibration {
                     lr: 1e-3,
+                    max_grad_norm: None,
                     cache: None,
                     backward: &mut bw,
                 },
@@ -885,5 +886,84 @@ fn gradient_energy_kept_is_reported_where_measured() {
     // k = every entry: the whole energy (up to the bases' orthonormality in f32).
     for e in energies(MethodSpec::Sparsegrad(sg(1.0, Support::Fixed)), 1, 1) {
         assert!((e.unwrap() - 1.0).abs() < 1e-4, "{e:?}");
+    }
+}
+
+/// `support: ema` re-selects from an average of `|G̃|`: with β = 0 the average is the step's
+/// own gradient, so it trains exactly as `refreshed` does; with β > 0 every refresh still
+/// leaves k ascending entries per matrix.
+#[test]
+fn ema_support_with_no_memory_is_the_refreshed_support() {
+    let data = dataset(Arch::Bert, 40, 3);
+    let c = cfg(7, 4, 1);
+    let train = |support: Support, beta: f64| {
+        let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1).unwrap();
+        let mut m = SparseMlp::sparsegrad(
+            SparseGradConfig {
+                refresh_every: 3,
+                ema_beta: beta,
+                ..sg(0.05, support)
+            },
+            AdamConfig::default(),
+        );
+        m.prepare(&mut model, 0).unwrap();
+        run(&mut model, &mut m, &c, &data, None);
+        (model, m)
+    };
+    let (refreshed, r) = train(Support::Refreshed, 0.9);
+    let (ema0, e) = train(Support::Ema, 0.0);
+    assert_eq!(r.supports().unwrap(), e.supports().unwrap());
+    for (p, _, _) in refreshed.mlp_linears() {
+        let n = format!("{p}.weight");
+        let d = max_abs_diff(
+            refreshed.weights.get(&n).unwrap(),
+            ema0.weights.get(&n).unwrap(),
+        );
+        assert!(d < 1e-5, "{n}: {d}");
+    }
+    let (_, fixed) = train(Support::Fixed, 0.9);
+    let (_, ema) = train(Support::Ema, 0.9);
+    let first = fixed.supports().unwrap();
+    let mut moved = false;
+    for ((name, sup), (_, start)) in ema.supports().unwrap().into_iter().zip(first) {
+        let (sup, start) = (sup.unwrap(), start.unwrap());
+        assert!(sup.windows(2).all(|w| w[0] < w[1]), "{name}");
+        assert_eq!(sup.len(), start.len(), "{name}");
+        moved |= sup != start;
+    }
+    assert!(moved, "two refreshes moved no support");
+}
+
+/// `basis_update_lr_scale` scales the basis phase's dense MLP updates: Adam's first step is
+/// lr · sign-like, so one basis step at half the rate moves the weights exactly half as far.
+#[test]
+fn basis_update_rate_scales_the_warm_start() {
+    let data = dataset(Arch::Bert, 24, 3);
+    let warm = |scale: Option<f64>| {
+        let mut model = tiny_model(Arch::Bert, task(Arch::Bert), DType::F32, 1).unwrap();
+        let mut m = SparseMlp::sparsegrad(
+            SparseGradConfig {
+                basis_steps: 1,
+                basis_update: true,
+                basis_update_lr_scale: scale,
+                ..sg(0.05, Support::Fixed)
+            },
+            AdamConfig::default(),
+        );
+        m.prepare(&mut model, 0).unwrap();
+        run(&mut model, &mut m, &cfg(1, 4, 1), &data, None);
+        let (state, _) = m.state(&model).unwrap();
+        state
+            .into_iter()
+            .filter(|(k, _)| k.ends_with(".warm"))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (full, half) = (warm(None), warm(Some(0.5)));
+    assert!(!full.is_empty());
+    for (k, w) in &full {
+        let scale = max_abs_diff(w, &w.zeros_like().unwrap());
+        assert!(scale > 0.0, "{k} did not move");
+        let d = max_abs_diff(&(w * 0.5).unwrap(), &half[k]);
+        assert!(d <= 1e-4 * scale, "{k}: {d} vs {scale}");
     }
 }

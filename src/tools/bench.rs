@@ -168,6 +168,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         &mut model,
         Calibration {
             lr: 1e-5,
+            max_grad_norm: Some(1.0),
             cache: None,
             backward: &mut backward,
         },

@@ -113,12 +113,15 @@ pub struct MethodArgs {
     /// sparsegrad / meprop: entries updated per MLP matrix (overrides --density).
     #[arg(long)]
     pub k: Option<usize>,
-    /// sparsegrad: fixed | dynamic | refreshed
+    /// sparsegrad: fixed | dynamic | refreshed | ema
     #[arg(long)]
     pub support: Option<String>,
-    /// sparsegrad: re-select a refreshed support every N steps.
+    /// sparsegrad: re-select a refreshed or ema support every N steps.
     #[arg(long)]
     pub refresh_every: Option<usize>,
+    /// sparsegrad: decay per step of the ema support's average of |G̃|.
+    #[arg(long)]
+    pub ema_beta: Option<f64>,
     /// sparsegrad: micro-batches of gradients that define the bases.
     #[arg(long)]
     pub basis_steps: Option<usize>,
@@ -128,6 +131,9 @@ pub struct MethodArgs {
     /// sparsegrad: update the weights during the basis phase (the paper's code does).
     #[arg(long)]
     pub basis_update: bool,
+    /// sparsegrad: learning-rate multiplier for those basis-phase updates.
+    #[arg(long)]
+    pub basis_update_lr_scale: Option<f64>,
     /// sparsegrad: ours | paper (the authors' code's choices; see the README).
     #[arg(long)]
     pub fidelity: Option<String>,
@@ -213,11 +219,16 @@ impl MethodArgs {
         put("k", self.k.map(Value::from));
         put("support", self.support.clone().map(Value::from));
         put("refresh_every", self.refresh_every.map(Value::from));
+        put("ema_beta", self.ema_beta.map(Value::from));
         put("basis_steps", self.basis_steps.map(Value::from));
         put("head_warmup_steps", self.head_warmup_steps.map(Value::from));
         put(
             "basis_update",
             self.basis_update.then_some(Value::Bool(true)),
+        );
+        put(
+            "basis_update_lr_scale",
+            self.basis_update_lr_scale.map(Value::from),
         );
         put("basis_dtype", self.basis_dtype.clone().map(Value::from));
         put("max_basis_columns", self.max_basis_columns.map(Value::from));

@@ -202,6 +202,8 @@ pub enum BasisSide {
 pub struct Calibration<'a> {
     /// The run's base learning rate.
     pub lr: f64,
+    /// The run's gradient-clipping norm, for the optimizer steps calibration takes.
+    pub max_grad_norm: Option<f64>,
     /// A cache folder and a key naming the data, order and settings the calibration batches
     /// come from; `None` disables caching.
     pub cache: Option<(std::path::PathBuf, String)>,

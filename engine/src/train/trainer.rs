@@ -76,6 +76,7 @@ pub fn train(
             model,
             crate::methods::Calibration {
                 lr: cfg.lr,
+                max_grad_norm: cfg.max_grad_norm,
                 cache,
                 backward: &mut backward,
             },

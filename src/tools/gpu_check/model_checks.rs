@@ -59,6 +59,7 @@ pub(super) fn calibrate(
         model,
         Calibration {
             lr,
+            max_grad_norm: Some(1.0),
             cache: None,
             backward: &mut back,
         },

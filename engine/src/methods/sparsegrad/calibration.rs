@@ -13,7 +13,7 @@ use super::{SparseMlp, Support};
 use crate::methods::Calibration;
 use crate::models::{MlpKind, Model};
 use crate::nn::Param;
-use crate::optim::AdamW;
+use crate::optim::{clip_scale, grad_norm, AdamW};
 use crate::{Error, Result};
 
 impl SparseMlp {
@@ -33,6 +33,7 @@ impl SparseMlp {
             "head_warmup_steps": self.cfg.head_warmup_steps,
             "scope": self.cfg.scope,
             "dense_lr": cal.lr * self.dense_lr_scale(),
+            "max_grad_norm": cal.max_grad_norm,
         });
         let sha = crate::io::sha256_bytes(id.to_string().as_bytes());
         Some(dir.join(format!("bases-{}.safetensors", &sha[..32])))
@@ -47,7 +48,7 @@ impl SparseMlp {
             let grads = (cal.backward)(model, i)?;
             self.dense.accumulate(model, &grads)?;
             drop(grads);
-            self.dense.step(lr, Some(1.0))?;
+            self.dense.step(lr, cal.max_grad_norm)?;
         }
         Ok(())
     }
@@ -77,19 +78,26 @@ impl SparseMlp {
             vars.push((n.clone(), Var::from_tensor(&w)?));
         }
         let mut opt = AdamW::new(vars.clone(), self.adam.clone())?;
+        let mlp_lr = cal.lr * self.cfg.basis_update_lr_scale.unwrap_or(1.0);
         self.core()?.phase = Phase::Gram { keep: true };
         for i in 0..n {
             let grads = (cal.backward)(model, i)?;
             self.dense.accumulate(model, &grads)?;
             drop(grads);
-            self.dense.step(cal.lr * self.dense_lr_scale(), None)?;
+            let dense = self.dense.take();
             let mut g = BTreeMap::new();
             for m in self.core()?.matrices.iter_mut() {
                 if let Some(d) = m.dense_grad.take() {
                     g.insert(m.weight_name(), d);
                 }
             }
-            opt.step(&g, cal.lr)?;
+            // Clipped over everything this step moves, as a training step is: these are
+            // whole-matrix updates, where one outsized gradient does the most damage.
+            let norm = (grad_norm(&dense)?.powi(2) + grad_norm(&g)?.powi(2)).sqrt();
+            let scale = clip_scale(norm, cal.max_grad_norm);
+            self.dense
+                .apply(&dense, cal.lr * self.dense_lr_scale(), scale)?;
+            opt.step_scaled(&g, mlp_lr, scale)?;
             for (n, v) in &vars {
                 model
                     .weights
@@ -121,6 +129,10 @@ impl SparseMlp {
                 .take()
                 .ok_or_else(|| Error::Other(format!("no gradient reached {}", m.prefix)))?;
             let (sup, _) = m.select(&score)?;
+            if self.cfg.support == Support::Ema {
+                // Seeded with the basis phase's mean |G̃|.
+                m.ema = Some((score / self.cfg.basis_steps.max(1) as f64)?);
+            }
             m.adam = SparseAdam::with_support(&sup, &dev)?;
             m.set_support(sup, &dev)?;
         }

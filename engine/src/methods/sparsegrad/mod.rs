@@ -305,13 +305,22 @@ impl Method for SparseMlp {
     }
 
     fn begin_step(&mut self, step: usize, micro_batches: usize) -> Result<()> {
+        let refresh_step = step > 0 && step.is_multiple_of(self.cfg.refresh_every);
         let select = match self.cfg.support {
-            Support::Dynamic => true,
+            // The average needs the whole rotated gradient every step.
+            Support::Dynamic | Support::Ema => true,
             Support::Fixed => false,
-            Support::Refreshed => step > 0 && step.is_multiple_of(self.cfg.refresh_every),
+            Support::Refreshed => refresh_step,
         } || !self.rotates();
-        self.refreshing = select && self.cfg.support == Support::Refreshed && self.rotates();
+        self.refreshing = self.rotates()
+            && match self.cfg.support {
+                Support::Refreshed | Support::Ema => refresh_step,
+                Support::Fixed | Support::Dynamic => false,
+            };
         let mut core = self.core()?;
+        core.ema = (self.rotates() && self.cfg.support == Support::Ema)
+            .then_some(self.cfg.ema_beta as f32);
+        core.refresh = self.refreshing;
         core.micro_batches = micro_batches.max(1);
         core.phase = Phase::Train { select };
         core.measure = select || step.is_multiple_of(ENERGY_EVERY);

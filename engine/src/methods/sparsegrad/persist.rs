@@ -69,6 +69,9 @@ impl SparseMlp {
             if let Some(w) = &m.w0 {
                 out.insert(format!("{p}.w0"), w.clone());
             }
+            if let Some(e) = &m.ema {
+                out.insert(format!("{p}.ema"), e.clone());
+            }
         }
         Ok((out, self.t))
     }
@@ -150,6 +153,10 @@ impl SparseMlp {
                 .copy()?;
             model.weights.insert(m.weight_name(), Param::Frozen(w));
             m.warm = state.get(&format!("{p}.warm")).cloned();
+            m.ema = state
+                .get(&format!("{p}.ema"))
+                .map(|e| e.to_device(&dev))
+                .transpose()?;
             m.w0 = match state.get(&format!("{p}.w0")) {
                 Some(t) => Some(t.to_device(&dev)?),
                 // An f32 state loaded into a low-precision model (the GPU check does this):

@@ -22,6 +22,10 @@ pub enum Support {
     /// Fixed, re-selected every `refresh_every` steps from that step's gradient; moments of
     /// entries that stay are kept.
     Refreshed,
+    /// As `refreshed`, but re-selected from an exponential average of `|G̃|` over every step
+    /// (`ema_beta`), seeded by the basis phase's: the whole rotated gradient is formed each
+    /// step, as `dynamic` does.
+    Ema,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -63,6 +67,9 @@ fn default_density() -> f64 {
 fn default_refresh() -> usize {
     100
 }
+fn default_ema_beta() -> f64 {
+    0.9
+}
 /// +0.5 point on rt_polarity over 5 seeds (MiniLM-L6, 4,000 rows, 250 steps), at the cost of
 /// 20 head-only steps of calibration (docs/benchmarks).
 fn default_head_warmup() -> usize {
@@ -88,6 +95,9 @@ pub struct SparseGradConfig {
     pub support: Support,
     #[serde(default = "default_refresh")]
     pub refresh_every: usize,
+    /// Decay of the `ema` support's average of `|G̃|` per step.
+    #[serde(default = "default_ema_beta")]
+    pub ema_beta: f64,
     /// Micro-batches of ordinary backprop whose gradients define the bases.
     #[serde(default = "default_basis_steps")]
     pub basis_steps: usize,
@@ -100,6 +110,11 @@ pub struct SparseGradConfig {
     /// then has a dense part per MLP matrix).
     #[serde(default)]
     pub basis_update: bool,
+    /// Multiplier of the job's learning rate for those basis-phase updates of the MLP
+    /// matrices (default 1, the paper's: the sparse rate, ~10× full fine-tuning's, which can
+    /// overshoot on dense steps; 0.05 gives full fine-tuning's rate at the default 1e-3).
+    #[serde(default)]
+    pub basis_update_lr_scale: Option<f64>,
     #[serde(default)]
     pub scope: Scope,
     /// Train the MLP of every n-th block only (blocks 0, n, 2n, …; the paper used 3 for
@@ -141,6 +156,7 @@ impl SparseGradConfig {
                 head_warmup_steps: 0,
                 scope: Scope::Paper,
                 dense_lr_scale: Some(1.0),
+                basis_update_lr_scale: Some(1.0),
                 max_basis_columns: None,
                 ..self.clone()
             },
@@ -253,17 +269,24 @@ impl MethodConfig for SparseGradConfig {
             K,
             Hyper::choice(
                 "support",
-                &["fixed", "dynamic", "refreshed"],
+                &["fixed", "dynamic", "refreshed", "ema"],
                 "which entries may change: chosen once from the basis phase (fixed), top-k of \
                  every step's gradient (dynamic, the paper's), or re-chosen every refresh_every \
-                 steps (refreshed)",
+                 steps from that step's gradient (refreshed) or from an exponential average of \
+                 every step's (ema)",
             ),
             Hyper::integer(
                 "refresh_every",
-                "steps between re-selections of a refreshed support",
+                "steps between re-selections of a refreshed or ema support",
             )
             .min(Bound::Incl(1.0))
             .max(Bound::Incl(1e6)),
+            Hyper::number(
+                "ema_beta",
+                "decay per step of the ema support's average of |G̃|",
+            )
+            .min(Bound::Incl(0.0))
+            .max(Bound::Excl(1.0)),
             Hyper::integer(
                 "basis_steps",
                 "micro-batches of ordinary backprop whose gradients define the bases",
@@ -281,6 +304,14 @@ impl MethodConfig for SparseGradConfig {
                 "basis_update",
                 "update the weights densely during the basis phase, as the paper's code does",
             ),
+            Hyper::number(
+                "basis_update_lr_scale",
+                "multiplier of the learning rate for the basis phase's dense updates of the MLP \
+                 matrices (basis_update; default 1)",
+            )
+            .min(Bound::Excl(0.0))
+            .max(Bound::Incl(10.0))
+            .nullable(),
             SCOPE,
             BLOCK_STRIDE,
             Hyper::choice(

@@ -204,6 +204,8 @@ pub struct MatrixState {
     /// Basis phase with updates: the dense gradient of this micro-batch.
     pub dense_grad: Option<Tensor>,
     pub score: Option<Tensor>,
+    /// `ema` support: the running average of `|G̃|`.
+    pub ema: Option<Tensor>,
     /// The leading `(rows, cols)` of the rotated matrix the support may use (all of it
     /// unless `max_basis_columns` caps it).
     pub lead: (usize, usize),
@@ -238,6 +240,7 @@ impl MatrixState {
             seen: 0,
             dense_grad: None,
             score: None,
+            ema: None,
             lead: (out, inp),
         })
     }
@@ -299,6 +302,10 @@ pub struct Core {
     /// `‖G‖²` summed over the matrices measured this step, and how many were.
     pub dense_sq: f64,
     pub measured: usize,
+    /// `ema` support: the average's decay per step (`None` for the other supports).
+    pub ema: Option<f32>,
+    /// `ema` support: whether this step re-selects the support from the average.
+    pub refresh: bool,
 }
 
 impl Core {
@@ -313,6 +320,8 @@ impl Core {
             measure: false,
             dense_sq: 0.0,
             measured: 0,
+            ema: None,
+            refresh: false,
         }
     }
 
@@ -399,7 +408,25 @@ impl Core {
                     None => gt,
                 };
                 if m.seen >= self.micro_batches {
-                    m.grad = Some(m.select(&acc)?);
+                    m.grad = Some(match self.ema {
+                        Some(beta) => {
+                            let a = acc.abs()?;
+                            let avg = match m.ema.take() {
+                                Some(e) => ((e * beta as f64)? + (a * (1.0 - beta as f64))?)?,
+                                None => a,
+                            };
+                            let idx = if self.refresh {
+                                m.select(&avg)?.0
+                            } else {
+                                m.support.clone().unwrap_or_default()
+                            };
+                            m.ema = Some(avg);
+                            let at = Tensor::from_slice(&idx, idx.len(), acc.device())?;
+                            let vals = acc.flatten_all()?.index_select(&at, 0)?;
+                            (idx, vals)
+                        }
+                        None => m.select(&acc)?,
+                    });
                     self.dense_sq += sq_norm(&acc)?;
                     self.measured += 1;
                 } else {
