@@ -119,6 +119,58 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The envelope for an error answer that was not one (a framework rejection, a layer's
+    /// limit): the kind follows the status, 4xx keep their one-line text.
+    pub fn from_status(status: StatusCode, text: &str) -> Self {
+        let text = if text.is_empty() || text.len() > 500 || status.is_server_error() {
+            None
+        } else {
+            Some(text.to_string())
+        };
+        let (kind, code, default) = match status {
+            StatusCode::NOT_FOUND => ("not_found_error", "unknown_route", "no such route".into()),
+            StatusCode::METHOD_NOT_ALLOWED => (
+                "invalid_request_error",
+                "method_not_allowed",
+                "method not allowed".into(),
+            ),
+            StatusCode::UNAUTHORIZED => (
+                "authentication_error",
+                "invalid_api_key",
+                "authentication required".into(),
+            ),
+            StatusCode::FORBIDDEN => ("permission_error", "forbidden", "forbidden".into()),
+            StatusCode::PAYLOAD_TOO_LARGE => (
+                "invalid_request_error",
+                "request_too_large",
+                "the request body is too large".into(),
+            ),
+            StatusCode::REQUEST_TIMEOUT => (
+                "invalid_request_error",
+                "timeout",
+                "the request took too long to arrive".into(),
+            ),
+            StatusCode::TOO_MANY_REQUESTS => (
+                "rate_limit_error",
+                "rate_limited",
+                "too many requests".into(),
+            ),
+            s if s.is_server_error() => (
+                "server_error",
+                "server_error",
+                s.canonical_reason().unwrap_or("server error").into(),
+            ),
+            s => (
+                "invalid_request_error",
+                "invalid_request",
+                s.canonical_reason().unwrap_or("invalid request").into(),
+            ),
+        };
+        Self::new(status, kind, text.unwrap_or(default), Some(code))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {

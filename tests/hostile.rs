@@ -571,3 +571,57 @@ async fn concurrent_imports_of_one_id_leave_exactly_one_complete_model(db: PgPoo
         );
     }
 }
+
+/// What the framework answers by itself — unknown routes and methods, a query it cannot
+/// parse, a body past the limit — comes back in the error envelope, naming the parameter
+/// where there is one, as every handler's errors do.
+#[sqlx::test(migrations = "./migrations")]
+async fn framework_errors_come_back_in_the_envelope(db: PgPool) {
+    let e = env(db);
+    let st = &e.st;
+    let (_, key) = tenant_key(st, "acme").await;
+    let empty = || axum::body::Body::empty();
+    let r = request(st, "GET", "/v1/no/such/route", Some(&key), empty(), &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_envelope(&r.json, "not_found_error");
+    assert_eq!(r.json["error"]["code"], "unknown_route");
+    assert!(r.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("GET /v1/no/such/route"));
+
+    let r = request(st, "PUT", "/v1/files", Some(&key), empty(), &[]).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{:?}", r.json);
+    assert_envelope(&r.json, "invalid_request_error");
+    assert_eq!(r.json["error"]["code"], "method_not_allowed");
+    assert!(r.headers.contains_key("allow"), "{:?}", r.headers);
+
+    for (uri, param) in [
+        ("/v1/files?limit=abc", "limit"),
+        ("/v1/fine_tuning/jobs?limit=1.5", "limit"),
+        (
+            "/v1/files?purpose=fine-tune&purpose=fine-tune&filename=a.jsonl",
+            "purpose",
+        ),
+    ] {
+        let method = if uri.contains("purpose") { "POST" } else { "GET" };
+        let r = request(st, method, uri, Some(&key), empty(), &[]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{uri}: {:?}", r.json);
+        assert_envelope(&r.json, "invalid_request_error");
+        assert_eq!(r.json["error"]["param"], param, "{uri}: {:?}", r.json);
+    }
+
+    let big = format!("{{\"model\": \"{}\"}}", "x".repeat(3 << 20));
+    let r = request(
+        st,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(&key),
+        axum::body::Body::from(big),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{:?}", r.json);
+    assert_envelope(&r.json, "invalid_request_error");
+    assert_eq!(job_count(&e.st.db).await, 0);
+}

@@ -15,7 +15,7 @@ pub mod objects;
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Query};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::Router;
 use secrecy::ExposeSecret;
@@ -78,11 +78,63 @@ pub fn router(state: AppState) -> Router {
                 .merge(fine_tuning::router())
                 .route_layer(axum::middleware::from_fn(reject_nul)),
         )
+        .layer(axum::middleware::from_fn(envelope))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
         ))
         .with_state(state)
+}
+
+/// Every error answer in the envelope, whoever produced it: axum's own (unknown route, wrong
+/// method, a path it cannot decode), body limits, timeouts. Handlers' errors are JSON already
+/// and pass through; a non-JSON error body is replaced (its text kept for 4xx, never for 5xx).
+async fn envelope(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // Framework rejections are a line of text; anything longer is not worth echoing.
+    let mut text = axum::body::to_bytes(body, 2048)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    if text.is_empty() {
+        // axum's own 404 and 405 say nothing: say what was asked.
+        match status {
+            StatusCode::NOT_FOUND => text = format!("no route {method} {path}"),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                let allowed = parts
+                    .headers
+                    .get(axum::http::header::ALLOW)
+                    .and_then(|a| a.to_str().ok())
+                    .unwrap_or_default();
+                text = format!("{method} is not allowed on {path} (allowed: {allowed})");
+            }
+            _ => {}
+        }
+    }
+    let mut out = ApiError::from_status(status, &text).into_response();
+    for (name, value) in &parts.headers {
+        if name != CONTENT_TYPE && name != CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// A NUL byte (`%00`) in a path segment or a query parameter is a 400 naming that parameter
@@ -193,6 +245,37 @@ impl ListQuery {
 
 pub type ListParams = Query<ListQuery>;
 
+/// A query-string extractor whose rejections name the parameter, in the error envelope.
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> ApiResult<Self> {
+        let q = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(q.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(Query)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let cause = e.into_inner().to_string();
+                // Duplicate and unknown fields fail on the whole map: the name is in the text.
+                let param = match path.as_str() {
+                    "" | "." => cause.split('`').nth(1).map(str::to_string),
+                    _ => Some(path),
+                };
+                ApiError::invalid(
+                    format!("invalid query string: {cause}"),
+                    param.as_deref(),
+                    "invalid_query",
+                )
+            })
+    }
+}
+
 /// A JSON body extractor whose rejections come back in the error envelope.
 pub struct Json<T>(pub T);
 
@@ -205,6 +288,10 @@ where
     async fn from_request(req: axum::extract::Request, st: &S) -> ApiResult<Self> {
         match axum::Json::<T>::from_request(req, st).await {
             Ok(axum::Json(v)) => Ok(Json(v)),
+            // Past the body limit: a 413, not a malformed body.
+            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::from_status(e.status(), &e.body_text()))
+            }
             Err(e) => Err(ApiError::invalid(e.body_text(), None, "invalid_json")),
         }
     }

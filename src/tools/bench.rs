@@ -275,6 +275,9 @@ pub struct BenchCompareArgs {
     /// LoRA (scripts/compare_torch.py) on the same rows and seeds, beside ours.
     #[arg(long)]
     pub torch: Option<PathBuf>,
+    /// Which PyTorch runs `--torch` adds: full, lora (rank 8), or both.
+    #[arg(long, default_value = "full,lora")]
+    pub torch_methods: String,
     /// Keep runs already finished in `--out` (a long comparison resumes where it stopped).
     #[arg(long)]
     pub reuse: bool,
@@ -368,6 +371,7 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
         variants.insert(label.to_string(), flags);
     }
     let mut results: Vec<(String, Vec<RunResult>)> = Vec::new();
+    let mut metric_name = "";
     for m in &methods {
         let mut runs = Vec::new();
         for seed in 0..a.seeds {
@@ -439,6 +443,13 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
             let j: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(dir.join("metrics.json"))?)?;
             let eval = &j["eval"];
+            metric_name = if eval["accuracy"].is_number() {
+                "dev accuracy"
+            } else if eval["pearson"].is_number() {
+                "dev Pearson"
+            } else {
+                "dev loss per target token, lower is better"
+            };
             let metric = eval["accuracy"]
                 .as_f64()
                 .or(eval["pearson"].as_f64())
@@ -464,6 +475,9 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
         // besides the adapters (the script has no `paper` scope: the head alone there).
         let torch_scope = if a.scope == "paper" { "head" } else { &a.scope };
         for (m, lr) in [("full", lr_full), ("lora", lr_lora)] {
+            if !a.torch_methods.split(',').any(|t| t.trim() == m) {
+                continue;
+            }
             let mut runs = Vec::new();
             for seed in 0..a.seeds {
                 let mut cmd = std::process::Command::new(py);
@@ -496,7 +510,11 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
                     j
                 };
                 runs.push(RunResult {
-                    metric: j["accuracy"].as_f64().unwrap_or(f64::NAN),
+                    // Accuracy for classification, the dev loss per target token for causal LM.
+                    metric: j["accuracy"]
+                        .as_f64()
+                        .or(j["loss"].as_f64())
+                        .unwrap_or(f64::NAN),
                     step_secs: j["step_secs"].as_f64().unwrap_or(f64::NAN),
                     peak_rss: j["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN),
                     trainable: j["trainable_params"].as_f64().unwrap_or(f64::NAN),
@@ -531,7 +549,7 @@ fn bench_compare(a: BenchCompareArgs) -> Result<()> {
         lr_sparse,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     ));
-    md.push_str("| method | dev metric (mean ± sd) | per seed | step ms | peak RSS MiB | trainable params | optimizer state | artifact | touched |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str(&format!("| method | {metric_name} (mean ± sd) | per seed | step ms | peak RSS MiB | trainable params | optimizer state | artifact | touched |\n|---|---|---|---|---|---|---|---|---|\n"));
     for (m, runs) in &results {
         let f = |g: &dyn Fn(&RunResult) -> f64| mean_sd(&runs.iter().map(g).collect::<Vec<_>>());
         let (acc, sd) = f(&|r| r.metric);

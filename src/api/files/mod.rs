@@ -2,7 +2,7 @@
 //! content, delete.
 
 use axum::body::Body;
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use super::objects::{Deleted, FileObject, List};
-use super::{AppState, ListParams, Tenant};
+use super::{AppState, ListParams, Query, Tenant};
 use crate::db::datasets::{self, FileRow};
 use crate::db::new_id;
 use crate::error::{ApiError, ApiResult};

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use super::job_for;
 use crate::api::limits::StreamSlot;
 use crate::api::objects::{event_id, EventObject, List};
-use crate::api::{AppState, ListParams, Tenant};
+use crate::api::{AppState, ListParams, Query, Tenant};
 use crate::db::job_records::{self as records, EventRow};
 use crate::db::listen::JobWatch;
 use crate::domain::JobKind;

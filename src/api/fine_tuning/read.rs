@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use chrono::Utc;
 
 use super::job_for;
 use crate::api::objects::{JobObject, List, MergeObject};
-use crate::api::{AppState, ListParams, Tenant};
+use crate::api::{AppState, ListParams, Query, Tenant};
 use crate::db::job_records::{self as records, JobRow};
 use crate::domain::{JobSpec, JobStatus};
 use crate::error::{ApiError, ApiResult};
