@@ -604,7 +604,11 @@ async fn framework_errors_come_back_in_the_envelope(db: PgPool) {
             "purpose",
         ),
     ] {
-        let method = if uri.contains("purpose") { "POST" } else { "GET" };
+        let method = if uri.contains("purpose") {
+            "POST"
+        } else {
+            "GET"
+        };
         let r = request(st, method, uri, Some(&key), empty(), &[]).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{uri}: {:?}", r.json);
         assert_envelope(&r.json, "invalid_request_error");

@@ -416,3 +416,122 @@ fn fast_exp_and_erf_are_accurate_and_flush_to_zero() {
     assert_eq!(p[2], 0.0);
     assert!((p[0] + p[1] - 1.0).abs() < 1e-6);
 }
+
+/// The chunked causal-LM loss is the plain one: same value, same gradients for the hidden
+/// states and a trained (or frozen) output projection, whatever the chunk size, in f64.
+#[test]
+fn chunked_lm_loss_equals_the_plain_loss_and_its_gradient() {
+    let (n, h, v) = (11, 6, 13);
+    let hv = Var::from_tensor(&rand_tensor(&[n, h], 1)).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[v, h], 2)).unwrap();
+    let targets = Tensor::from_vec(
+        (0..n as u32)
+            .map(|i| (i * 5 + 3) % v as u32)
+            .collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mask = Tensor::from_vec(
+        (0..n).map(|i| f64::from(i % 4 != 1)).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let plain = nn::cross_entropy(
+        &hv.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap(),
+        &targets,
+        &mask,
+    )
+    .unwrap();
+    let want = plain.backward().unwrap();
+    let value = |t: &Tensor| t.to_scalar::<f64>().unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    for chunk in [1, 3, 4, n, 100] {
+        for trained in [true, false] {
+            let head = if trained {
+                nn::Param::Trainable(w.clone())
+            } else {
+                nn::Param::Frozen(w.as_tensor().detach())
+            };
+            let loss =
+                nn::chunked_lm_loss(hv.as_tensor(), &head, &targets, &mask, chunk, true).unwrap();
+            assert!(
+                (value(&loss) - value(&plain)).abs() < 1e-12,
+                "chunk {chunk}"
+            );
+            let got = loss.backward().unwrap();
+            let gh = got.get(hv.as_tensor()).unwrap();
+            assert!(diff(gh, want.get(hv.as_tensor()).unwrap()) < 1e-12);
+            match got.get(w.as_tensor()) {
+                Some(gw) if trained => {
+                    assert!(diff(gw, want.get(w.as_tensor()).unwrap()) < 1e-12)
+                }
+                None if !trained => {}
+                other => panic!(
+                    "head gradient {:?} with trained = {trained}",
+                    other.is_some()
+                ),
+            }
+            // Evaluation: the value alone.
+            let eval =
+                nn::chunked_lm_loss(hv.as_tensor(), &head, &targets, &mask, chunk, false).unwrap();
+            assert!((value(&eval) - value(&plain)).abs() < 1e-12);
+            assert!(!eval.track_op());
+        }
+    }
+}
+
+/// On a tiny LLaMA (its own `lm_head`, or tied to the embedding: one weight, two uses;
+/// every parameter trained) the loss the trainer uses is the plain loss of the logits, with
+/// every parameter's gradient equal (f64).
+#[test]
+fn llama_forward_loss_equals_forward_then_loss() {
+    for tied in [false, true] {
+        let mut model = full(Arch::Llama, Task::CausalLm);
+        if tied {
+            assert!(model.weights.params.remove("lm_head.weight").is_some());
+        }
+        forward_loss_matches(&model);
+    }
+}
+
+fn forward_loss_matches(model: &Model) {
+    let batch = batch_for(model, 4);
+    let train = || Ctx::train(sparsegrad_engine::rng::stream(0, "t", 0), false);
+    let chunked = model.forward_loss(&batch, &mut train()).unwrap();
+    let logits = model.forward(&batch, &mut train()).unwrap();
+    let plain = model.loss(&logits, &batch).unwrap();
+    let (a, b) = (
+        chunked.to_scalar::<f64>().unwrap(),
+        plain.to_scalar::<f64>().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    let (ga, gb) = (chunked.backward().unwrap(), plain.backward().unwrap());
+    let trainable = model.weights.trainable();
+    assert!(trainable.len() > 5);
+    for (name, var) in trainable {
+        let (x, y) = (
+            ga.get(var.as_tensor()).unwrap(),
+            gb.get(var.as_tensor()).unwrap(),
+        );
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-10, "{name}: {d}");
+    }
+}

@@ -160,8 +160,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let batch = collate(&refs, 0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
     let train_ctx = || Ctx::train(sparsegrad_engine::rng::stream(0, "bench", 1), false);
     let mut backward = |m: &sparsegrad_engine::models::Model, _i: usize| {
-        let logits = m.forward(&batch, &mut train_ctx())?;
-        Ok(m.loss(&logits, &batch)?.backward()?)
+        Ok(m.forward_loss(&batch, &mut train_ctx())?.backward()?)
     };
     let t_cal = Instant::now();
     method.calibrate(
@@ -179,8 +178,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     for step in 0..a.warmup + a.steps {
         method.begin_step(step, 1)?;
         let t0 = Instant::now();
-        let logits = model.forward(&batch, &mut train_ctx())?;
-        let loss = model.loss(&logits, &batch)?;
+        let loss = model.forward_loss(&batch, &mut train_ctx())?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;

@@ -104,6 +104,55 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The final hidden states `(B·T, H)` and the output projection's name (the embedding
+    /// when tied).
+    fn hidden_and_head(
+        &self,
+        w: &Weights,
+        batch: &Batch,
+        ctx: &mut Ctx,
+    ) -> Result<(Tensor, &'static str)> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let (nh, nkv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
+        let dev = batch.input_ids.device();
+        let dtype = w.dtype;
+        let (cos, sin) = rope_tables(t, hd, self.rope_theta, dtype, dev)?;
+        let mask = causal_mask(t, dtype, dev)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let eps = self.rms_norm_eps;
+        let mut h = w.embedding(EMBED, &batch.input_ids)?;
+        for i in 0..self.num_hidden_layers {
+            let l = |sub: &str| layer(i, sub);
+            let x = w.rms_norm(&l(INPUT_NORM), &h, eps)?;
+            let q = w.linear(&l(Q), &x, ctx)?;
+            let k = w.linear(&l(K), &x, ctx)?;
+            let v = w.linear(&l(V), &x, ctx)?;
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            let k = repeat_kv(k, nh / nkv)?;
+            let v = repeat_kv(v, nh / nkv)?;
+            let probs =
+                scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
+            let a = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
+            let a = w.linear(&l(O), &a, ctx)?;
+            h = (h + a)?;
+            let x = w.rms_norm(&l(POST_NORM), &h, eps)?;
+            let g = w.linear(&l(GATE), &x, ctx)?;
+            let u = w.linear(&l(UP), &x, ctx)?;
+            let m = w.linear(&l(DOWN), &(g.silu()? * u)?, ctx)?;
+            h = (h + m)?;
+        }
+        let h = w.rms_norm(FINAL_NORM, &h, eps)?;
+        let head = if w.contains(LM_HEAD) { LM_HEAD } else { EMBED };
+        let hidden = h.dim(D::Minus1)?;
+        Ok((h.reshape(((), hidden))?, head))
+    }
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -227,51 +276,21 @@ impl Architecture for LlamaConfig {
     /// Next-token logits `(B, T, V)`.
     fn forward(&self, w: &Weights, _task: &Task, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
         let (b, t) = batch.input_ids.dims2()?;
-        let (nh, nkv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
-        let dev = batch.input_ids.device();
-        let dtype = w.dtype;
-        let (cos, sin) = rope_tables(t, hd, self.rope_theta, dtype, dev)?;
-        let mask = causal_mask(t, dtype, dev)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let eps = self.rms_norm_eps;
-        let mut h = w.embedding(EMBED, &batch.input_ids)?;
-        for i in 0..self.num_hidden_layers {
-            let l = |sub: &str| layer(i, sub);
-            let x = w.rms_norm(&l(INPUT_NORM), &h, eps)?;
-            let q = w.linear(&l(Q), &x, ctx)?;
-            let k = w.linear(&l(K), &x, ctx)?;
-            let v = w.linear(&l(V), &x, ctx)?;
-            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = rope(&q, &cos, &sin)?;
-            let k = rope(&k, &cos, &sin)?;
-            let k = repeat_kv(k, nh / nkv)?;
-            let v = repeat_kv(v, nh / nkv)?;
-            let probs =
-                scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
-            let a = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
-            let a = w.linear(&l(O), &a, ctx)?;
-            h = (h + a)?;
-            let x = w.rms_norm(&l(POST_NORM), &h, eps)?;
-            let g = w.linear(&l(GATE), &x, ctx)?;
-            let u = w.linear(&l(UP), &x, ctx)?;
-            let m = w.linear(&l(DOWN), &(g.silu()? * u)?, ctx)?;
-            h = (h + m)?;
-        }
-        let h = w.rms_norm(FINAL_NORM, &h, eps)?;
-        let head = if w.contains(LM_HEAD) { LM_HEAD } else { EMBED };
-        let hidden = h.dim(D::Minus1)?;
-        let h2 = h.reshape(((), hidden))?;
+        let (h2, head) = self.hidden_and_head(w, batch, ctx)?;
         let logits = match w.params.get(head) {
             Some(Param::Trainable(v)) => h2.matmul(&v.as_tensor().t()?)?,
             Some(Param::Frozen(t)) => crate::nn::frozen_linear(&h2, t, None)?,
             None => return Err(Error::Model("missing lm_head".into())),
         };
         Ok(logits.reshape((b, t, ()))?)
+    }
+    fn lm_hidden(
+        &self,
+        w: &Weights,
+        batch: &Batch,
+        ctx: &mut Ctx,
+    ) -> Result<Option<(Tensor, &'static str)>> {
+        self.hidden_and_head(w, batch, ctx).map(Some)
     }
     fn merged_config(&self, raw: &Value, _task: &Task, _labels: Option<&[String]>) -> Value {
         let mut c = raw.clone();

@@ -59,6 +59,16 @@ pub trait Architecture: Send + Sync {
     fn attention_linears(&self) -> Vec<String>;
     /// Logits: `(B, num_labels)` for classification, `(B,)` for regression, `(B, T, V)` for LM.
     fn forward(&self, w: &Weights, task: &Task, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor>;
+    /// Causal LM: the final hidden states `(B·T, H)` and the output projection's weight name,
+    /// so the loss can be taken a chunk of rows at a time ([`crate::nn::chunked_lm_loss`]).
+    fn lm_hidden(
+        &self,
+        _w: &Weights,
+        _batch: &Batch,
+        _ctx: &mut Ctx,
+    ) -> Result<Option<(Tensor, &'static str)>> {
+        Ok(None)
+    }
     /// The encoder's last hidden states `(B, T, H)`.
     fn hidden_states(&self, _w: &Weights, _batch: &Batch, _ctx: &mut Ctx) -> Result<Tensor> {
         Err(Error::Model("hidden_states is for encoder models".into()))
@@ -341,6 +351,39 @@ impl Model {
     pub fn forward(&self, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
         self.architecture
             .forward(&self.weights, &self.task, batch, ctx)
+    }
+
+    /// The training loss of a batch (its value and, through `backward`, its gradient): for
+    /// causal LM taken chunk by chunk from the final hidden states, so neither the whole
+    /// `(B·T, V)` logits nor their gradient ever exist; otherwise [`Self::loss`] of the logits.
+    pub fn forward_loss(&self, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
+        if let Labels::NextToken { targets, mask } = &batch.labels {
+            if let Some((h, head)) = self.architecture.lm_hidden(&self.weights, batch, ctx)? {
+                let head = self
+                    .weights
+                    .params
+                    .get(head)
+                    .ok_or_else(|| Error::Model(format!("missing {head}")))?;
+                let rows = crate::nn::lm_loss_chunk_rows(h.dim(1)?, self.vocab_rows(head)?);
+                return crate::nn::chunked_lm_loss(
+                    &h,
+                    head,
+                    &targets.flatten_all()?,
+                    &mask.flatten_all()?,
+                    rows,
+                    ctx.rng.is_some(),
+                );
+            }
+        }
+        let logits = self.forward(batch, ctx)?;
+        self.loss(&logits, batch)
+    }
+
+    fn vocab_rows(&self, head: &crate::nn::Param) -> Result<usize> {
+        Ok(match head {
+            crate::nn::Param::Trainable(v) => v.as_tensor().dim(0)?,
+            crate::nn::Param::Frozen(t) => t.dim(0)?,
+        })
     }
 
     /// The encoder's last hidden states `(B, T, H)` (BERT / RoBERTa).

@@ -169,3 +169,98 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Res
 pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     Ok(pred.sub(target)?.sqr()?.mean_all()?)
 }
+
+/// Rows of `(rows, V)` logits per chunk of [`chunked_lm_loss`]: about 4M values (16 MiB in
+/// f32) per chunk buffer, whatever the vocabulary.
+pub fn lm_loss_chunk_rows(_hidden: usize, vocab: usize) -> usize {
+    (4 << 20) / vocab.max(1)
+}
+
+/// The mean next-token cross-entropy of `logits = h Wᵀ` over the rows `weights` counts, without
+/// the whole `(N, V)` logits or their gradient: `chunk` rows at a time, each chunk's logits are
+/// formed, reduced to its loss and — when `h` is part of a graph — to its share of `∂L/∂h`
+/// (and `∂L/∂W` when `W` trains), then dropped. The returned scalar carries those gradients
+/// into the graph through `Σ h ⊙ ∂L/∂h (+ Σ W ⊙ ∂L/∂W)` minus its own detached value, so
+/// `backward` sees exactly the plain loss's gradient. Computed in f32 (f64 for f64 models).
+/// `grad: false` (evaluation) computes the value alone.
+pub fn chunked_lm_loss(
+    h: &Tensor,
+    head: &super::Param,
+    targets: &Tensor,
+    weights: &Tensor,
+    chunk: usize,
+    grad: bool,
+) -> Result<Tensor> {
+    let dt = match h.dtype() {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    };
+    let (n, _) = h.dims2()?;
+    let (w, train_w) = match head {
+        super::Param::Trainable(v) => (v.as_tensor().detach(), true),
+        super::Param::Frozen(t) => (t.clone(), false),
+    };
+    let want_grad = grad && (h.track_op() || train_w);
+    let wf = w.to_dtype(dt)?;
+    let hf = h.detach().to_dtype(dt)?;
+    let mask = weights.to_dtype(dt)?;
+    let count = mask
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0);
+    let mut loss = 0f64;
+    let mut gh = Vec::new();
+    let mut gw: Option<Tensor> = None;
+    let chunk = chunk.max(1);
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let hc = hf.narrow(0, start, len)?;
+        let tc = targets.narrow(0, start, len)?;
+        let mc = mask.narrow(0, start, len)?;
+        let logits = hc.matmul(&wf.t()?)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        drop(logits);
+        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let picked = shifted.gather(&tc.unsqueeze(1)?, 1)?;
+        // −log p(target) = lse − (x_t − max), counted where the mask says.
+        let nll = (lse.clone() - picked)?.squeeze(1)?;
+        loss += nll
+            .mul(&mc)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if want_grad {
+            // ∂L/∂logits = (softmax − onehot) · mask / count, formed in place of `shifted`.
+            let p = shifted.broadcast_sub(&lse)?.exp()?;
+            drop(shifted);
+            let minus_one = Tensor::full(-1f64, (len, 1), h.device())?.to_dtype(dt)?;
+            let p = p.scatter_add(&tc.unsqueeze(1)?, &minus_one, 1)?;
+            let g = p.broadcast_mul(&(mc / count)?.unsqueeze(1)?)?;
+            gh.push(g.matmul(&wf)?);
+            if train_w {
+                let c = g.t()?.matmul(&hc)?;
+                gw = Some(match gw {
+                    Some(a) => (a + c)?,
+                    None => c,
+                });
+            }
+        }
+    }
+    let value = Tensor::new(loss / count, h.device())?.to_dtype(dt)?;
+    if !want_grad {
+        return Ok(value);
+    }
+    let mut surrogate = if h.track_op() && !gh.is_empty() {
+        let gh = Tensor::cat(&gh, 0)?.to_dtype(h.dtype())?;
+        (h * gh)?.sum_all()?.to_dtype(dt)?
+    } else {
+        Tensor::new(0f64, h.device())?.to_dtype(dt)?
+    };
+    if let (Some(g), super::Param::Trainable(v)) = (gw, head) {
+        let t = v.as_tensor();
+        surrogate = (surrogate + (t * g.to_dtype(t.dtype())?)?.sum_all()?.to_dtype(dt)?)?;
+    }
+    Ok(((surrogate.clone() - surrogate.detach())? + value)?)
+}

@@ -20,11 +20,15 @@ pub fn evaluate(model: &Model, data: &Dataset, batch_size: usize) -> Result<Eval
     for chunk in data.examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad, dtype, &device)?;
-        let logits = model.forward(&batch, &mut Ctx::eval())?.detach();
-        let loss = model
-            .loss(&logits, &batch)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        // Causal LM needs the loss alone: taken chunk by chunk, never the whole logits.
+        let (logits, loss) = if matches!(data.task, Task::CausalLm) {
+            (None, model.forward_loss(&batch, &mut Ctx::eval())?)
+        } else {
+            let logits = model.forward(&batch, &mut Ctx::eval())?.detach();
+            let loss = model.loss(&logits, &batch)?;
+            (Some(logits), loss)
+        };
+        let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let w = match &batch.labels {
             Labels::NextToken { mask, .. } => {
                 mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?
@@ -33,12 +37,12 @@ pub fn evaluate(model: &Model, data: &Dataset, batch_size: usize) -> Result<Eval
         };
         loss_sum += loss * w;
         weight_sum += w;
-        match &batch.labels {
-            Labels::Class(y) => {
+        match (&batch.labels, logits) {
+            (Labels::Class(y), Some(logits)) => {
                 pred_c.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
                 gold_c.extend(y.to_vec1::<u32>()?);
             }
-            Labels::Value(y) => {
+            (Labels::Value(y), Some(logits)) => {
                 pred_v.extend(logits.to_dtype(DType::F64)?.to_vec1::<f64>()?);
                 gold_v.extend(y.to_dtype(DType::F64)?.to_vec1::<f64>()?);
             }

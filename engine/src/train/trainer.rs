@@ -65,8 +65,7 @@ pub fn train(
                 crate::rng::stream(cfg.seed, "calibration", i as u64),
                 cfg.dropout,
             );
-            let logits = m.forward(&batch, &mut ctx)?;
-            Ok(m.loss(&logits, &batch)?.backward()?)
+            Ok(m.forward_loss(&batch, &mut ctx)?.backward()?)
         };
         let cache = io
             .cache_dir
@@ -129,8 +128,7 @@ pub fn train(
                 crate::rng::stream(cfg.seed, "dropout", mb as u64),
                 cfg.dropout,
             );
-            let logits = model.forward(&batch, &mut ctx)?;
-            let loss = model.loss(&logits, &batch)?;
+            let loss = model.forward_loss(&batch, &mut ctx)?;
             let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() {
                 return Err(Error::param(

@@ -117,8 +117,7 @@ pub(super) fn bench_one(
         }
         let s0 = Instant::now();
         m.begin_step(step, 1)?;
-        let logits = model.forward(&batch, &mut train_ctx())?;
-        let l = model.loss(&logits, &batch)?;
+        let l = model.forward_loss(&batch, &mut train_ctx())?;
         let grads = l.backward()?;
         m.accumulate(&model, grads)?;
         m.step(&mut model, 1e-5, Some(1.0))?;

@@ -52,8 +52,7 @@ pub(super) fn calibrate(
     lr: f64,
 ) -> Result<()> {
     let mut back = |mm: &Model, _i: usize| -> sparsegrad_engine::Result<_> {
-        let logits = mm.forward(batch, &mut train_ctx())?;
-        Ok(mm.loss(&logits, batch)?.backward()?)
+        Ok(mm.forward_loss(batch, &mut train_ctx())?.backward()?)
     };
     m.calibrate(
         model,
