@@ -535,3 +535,32 @@ fn forward_loss_matches(model: &Model) {
         assert!(d < 1e-10, "{name}: {d}");
     }
 }
+
+/// Inference builds no graph even over trained parameters (so evaluation keeps one layer's
+/// intermediates, not every layer's) and computes exactly what a tracked forward does.
+#[test]
+fn inference_forward_builds_no_graph_and_changes_nothing() {
+    for (arch, task) in [
+        (Arch::Llama, Task::CausalLm),
+        (Arch::Bert, Task::Classification { num_labels: 3 }),
+    ] {
+        let model = full(arch, task);
+        assert!(model.weights.has_trainable());
+        let batch = batch_for(&model, 6);
+        let tracked = model.forward(&batch, &mut Ctx::eval()).unwrap();
+        let free = model.forward(&batch, &mut Ctx::inference()).unwrap();
+        assert!(tracked.track_op());
+        assert!(!free.track_op(), "{arch:?}");
+        let d = (tracked - &free)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{arch:?}");
+        let l = model.forward_loss(&batch, &mut Ctx::inference()).unwrap();
+        assert!(!l.track_op(), "{arch:?}");
+    }
+}

@@ -136,23 +136,56 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         }
         name => MethodSpec::default_for(name)?,
     };
+    // Causal-LM checkpoints (LLaMA) train next-token prediction, encoders a 2-label head.
+    let (_, cfg) = sparsegrad_engine::pretrained::read_config(&model_dir)?;
+    let causal = cfg["architectures"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|s| s.as_str().is_some_and(|s| s.ends_with("ForCausalLM")))
+    });
+    let vocab = cfg["vocab_size"].as_u64().unwrap_or(30522) as u32;
     let opts = sparsegrad_engine::pretrained::LoadOptions {
-        task: Task::Classification { num_labels: 2 },
+        task: if causal {
+            Task::CausalLm
+        } else {
+            Task::Classification { num_labels: 2 }
+        },
         dtype: candle_core::DType::F32,
         device: candle_core::Device::Cpu,
         seed: 0,
     };
+    // Per-phase memory: each phase's own peak (the kernel's high-water mark reset at its
+    // start), and what stays resident after it.
+    let mut memory: Vec<(&str, f64, f64)> = Vec::new();
+    let mib = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / 1048576.0);
+    let phase_end = |name: &'static str, memory: &mut Vec<(&str, f64, f64)>| {
+        let (peak, now) = (
+            mib(sparsegrad_engine::train::peak_rss_bytes()),
+            mib(sparsegrad_engine::train::rss_bytes()),
+        );
+        match memory.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(m) => {
+                m.1 = m.1.max(peak);
+                m.2 = now;
+            }
+            None => memory.push((name, peak, now)),
+        }
+        sparsegrad_engine::train::reset_peak_rss();
+    };
     let (mut model, _) = sparsegrad_engine::pretrained::load_model(&model_dir, &opts)?;
     let mut method = spec.build(AdamConfig::default())?;
     method.prepare(&mut model, 0)?;
+    phase_end("load", &mut memory);
     let mut rng = sparsegrad_engine::rng::stream(0, "bench", 0);
+    let (lo, hi) = (vocab.min(1000) / 2, vocab.min(30000));
     let examples: Vec<Example> = (0..a.batch_size)
         .map(|i| Example {
-            ids: (0..a.seq_len)
-                .map(|_| rng.random_range(1000..30000))
-                .collect(),
+            ids: (0..a.seq_len).map(|_| rng.random_range(lo..hi)).collect(),
             type_ids: vec![0; a.seq_len],
-            target: Target::Class((i % 2) as u32),
+            target: if causal {
+                Target::Tokens((0..a.seq_len).map(|j| u8::from(j > 0)).collect())
+            } else {
+                Target::Class((i % 2) as u32)
+            },
             line: i,
         })
         .collect();
@@ -173,6 +206,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         },
     )?;
     let calibration_ms = t_cal.elapsed().as_secs_f64() * 1e3;
+    phase_end("calibration", &mut memory);
     let mut times = Vec::new();
     let mut phases = [0f64; 3];
     for step in 0..a.warmup + a.steps {
@@ -180,11 +214,15 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         let t0 = Instant::now();
         let loss = model.forward_loss(&batch, &mut train_ctx())?;
         loss.to_scalar::<f32>()?;
+        phase_end("forward", &mut memory);
         let t1 = Instant::now();
         let grads = loss.backward()?;
+        drop(loss);
         method.accumulate(&model, grads)?;
+        phase_end("backward", &mut memory);
         let t2 = Instant::now();
         method.step(&mut model, 1e-5, Some(1.0))?;
+        phase_end("optimizer", &mut memory);
         if step >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
             phases[0] += (t1 - t0).as_secs_f64();
@@ -192,6 +230,14 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             phases[2] += t2.elapsed().as_secs_f64();
         }
     }
+    let eval_rows = sparsegrad_engine::data::Dataset {
+        examples: examples.clone(),
+        task: model.task.clone(),
+        labels: None,
+        stats: Default::default(),
+    };
+    sparsegrad_engine::train::evaluate(&model, &eval_rows, a.batch_size)?;
+    phase_end("eval", &mut memory);
     times.sort_by(f64::total_cmp);
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let median = times[times.len() / 2];
@@ -205,7 +251,13 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         "step_ms_mean": mean * 1e3,
         "step_ms_median": median * 1e3,
         "tokens_per_sec": (a.batch_size * a.seq_len) as f64 / median,
-        "peak_rss_mb": sparsegrad_engine::train::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        "peak_rss_mb": memory.iter().map(|m| m.1).fold(f64::NAN, f64::max),
+        // Each phase's own peak and the resident size after it (MiB); steps: the worst step.
+        "memory_mb": memory
+            .iter()
+            .map(|(n, peak, after)| (n.to_string(), serde_json::json!({"peak": peak, "after": after})))
+            .collect::<serde_json::Map<_, _>>(),
+        "task": if causal { "causal-lm" } else { "classification" },
         "forward_ms": phases[0] * 1e3 / a.steps as f64,
         "backward_ms": phases[1] * 1e3 / a.steps as f64,
         "optimizer_ms": phases[2] * 1e3 / a.steps as f64,

@@ -349,8 +349,18 @@ impl Model {
 
     /// Logits: `(B, num_labels)` for classification, `(B,)` for regression, `(B, T, V)` for LM.
     pub fn forward(&self, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
-        self.architecture
-            .forward(&self.weights, &self.task, batch, ctx)
+        let view = self.view(ctx);
+        self.architecture.forward(
+            view.as_ref().unwrap_or(&self.weights),
+            &self.task,
+            batch,
+            ctx,
+        )
+    }
+
+    /// Under [`Ctx::inference`], the weights detached (when any trains); otherwise `None`.
+    fn view(&self, ctx: &Ctx) -> Option<Weights> {
+        (ctx.no_grad && self.weights.has_trainable()).then(|| self.weights.detached())
     }
 
     /// The training loss of a batch (its value and, through `backward`, its gradient): for
@@ -358,9 +368,10 @@ impl Model {
     /// `(B·T, V)` logits nor their gradient ever exist; otherwise [`Self::loss`] of the logits.
     pub fn forward_loss(&self, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
         if let Labels::NextToken { targets, mask } = &batch.labels {
-            if let Some((h, head)) = self.architecture.lm_hidden(&self.weights, batch, ctx)? {
-                let head = self
-                    .weights
+            let view = self.view(ctx);
+            let w = view.as_ref().unwrap_or(&self.weights);
+            if let Some((h, head)) = self.architecture.lm_hidden(w, batch, ctx)? {
+                let head = w
                     .params
                     .get(head)
                     .ok_or_else(|| Error::Model(format!("missing {head}")))?;
@@ -371,7 +382,7 @@ impl Model {
                     &targets.flatten_all()?,
                     &mask.flatten_all()?,
                     rows,
-                    ctx.rng.is_some(),
+                    !ctx.no_grad,
                 );
             }
         }

@@ -51,6 +51,9 @@ pub struct Ctx {
     pub rng: Option<ChaCha8Rng>,
     /// Whether the model's own dropout layers are active (adapter dropout is whenever `rng` is set).
     pub model_dropout: bool,
+    /// Inference: the forward runs on detached weights, so no autograd graph keeps every
+    /// layer's intermediates alive until the output is dropped (trained `Var`s would).
+    pub no_grad: bool,
 }
 
 impl Weights {
@@ -64,6 +67,25 @@ impl Weights {
             device,
             dtype,
         }
+    }
+
+    /// The same weights with every trainable one detached (storage shared): a forward over
+    /// them builds no autograd graph.
+    pub fn detached(&self) -> Weights {
+        Weights {
+            params: self
+                .params
+                .iter()
+                .map(|(k, p)| (k.clone(), Param::Frozen(p.tensor().detach())))
+                .collect(),
+            adapters: self.adapters.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+        }
+    }
+
+    pub fn has_trainable(&self) -> bool {
+        self.params.values().any(Param::is_trainable)
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
@@ -200,16 +222,26 @@ impl Weights {
 }
 
 impl Ctx {
+    /// No dropout; gradients still flow (gradient checks run in this mode).
     pub fn eval() -> Self {
         Ctx {
             rng: None,
             model_dropout: false,
+            no_grad: false,
+        }
+    }
+    /// Evaluation and prediction: no dropout and no graph.
+    pub fn inference() -> Self {
+        Ctx {
+            no_grad: true,
+            ..Self::eval()
         }
     }
     pub fn train(rng: ChaCha8Rng, model_dropout: bool) -> Self {
         Ctx {
             rng: Some(rng),
             model_dropout,
+            no_grad: false,
         }
     }
     pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {

@@ -22,9 +22,9 @@ pub fn evaluate(model: &Model, data: &Dataset, batch_size: usize) -> Result<Eval
         let batch = collate(&refs, pad, dtype, &device)?;
         // Causal LM needs the loss alone: taken chunk by chunk, never the whole logits.
         let (logits, loss) = if matches!(data.task, Task::CausalLm) {
-            (None, model.forward_loss(&batch, &mut Ctx::eval())?)
+            (None, model.forward_loss(&batch, &mut Ctx::inference())?)
         } else {
-            let logits = model.forward(&batch, &mut Ctx::eval())?.detach();
+            let logits = model.forward(&batch, &mut Ctx::inference())?.detach();
             let loss = model.loss(&logits, &batch)?;
             (Some(logits), loss)
         };

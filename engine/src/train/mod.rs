@@ -12,6 +12,8 @@ pub mod trainer;
 pub use checkpoint::{read_checkpoint, save_checkpoint, CheckpointMeta};
 pub use config::{Epochs, TrainConfig};
 pub use eval::evaluate;
-pub use events::{peak_rss_bytes, EvalMetrics, Event, Progress, TrainIo, TrainSummary};
+pub use events::{
+    peak_rss_bytes, reset_peak_rss, rss_bytes, EvalMetrics, Event, Progress, TrainIo, TrainSummary,
+};
 pub use predict::{predict, PredictInput, Prediction};
 pub use trainer::train;

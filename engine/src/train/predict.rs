@@ -79,7 +79,7 @@ pub fn predict(
                     num_tokens: t,
                     batch_size: 1,
                 };
-                let logits = model.forward(&batch, &mut Ctx::eval())?.detach();
+                let logits = model.forward(&batch, &mut Ctx::inference())?.detach();
                 let next = logits
                     .narrow(1, t - 1, 1)?
                     .flatten_all()?
@@ -121,7 +121,7 @@ pub fn predict(
             line: 0,
         };
         let batch = collate(&[&ex], pad, dtype, &device)?;
-        let logits = model.forward(&batch, &mut Ctx::eval())?.detach();
+        let logits = model.forward(&batch, &mut Ctx::inference())?.detach();
         match model.task {
             Task::Regression => {
                 let v = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
