@@ -8,7 +8,7 @@ use sparsegrad_engine::methods::{Full, Lora, LoraConfig, LoraTargets, Method};
 use sparsegrad_engine::models::{Arch, Model, Task};
 use sparsegrad_engine::nn::{self, Ctx};
 use sparsegrad_engine::optim::AdamConfig;
-use sparsegrad_engine::testing::{tiny_model, tiny_task};
+use sparsegrad_engine::testing::{max_abs_diff, tiny_model, tiny_task};
 
 const EPS: f64 = 1e-6;
 
@@ -446,16 +446,7 @@ fn chunked_lm_loss_equals_the_plain_loss_and_its_gradient() {
     .unwrap();
     let want = plain.backward().unwrap();
     let value = |t: &Tensor| t.to_scalar::<f64>().unwrap();
-    let diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
+    let diff = max_abs_diff;
     for chunk in [1, 3, 4, n, 100] {
         for trained in [true, false] {
             let head = if trained {
@@ -524,14 +515,7 @@ fn forward_loss_matches(model: &Model) {
             ga.get(var.as_tensor()).unwrap(),
             gb.get(var.as_tensor()).unwrap(),
         );
-        let d = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = max_abs_diff(x, y);
         assert!(d < 1e-10, "{name}: {d}");
     }
 }
@@ -551,15 +535,7 @@ fn inference_forward_builds_no_graph_and_changes_nothing() {
         let free = model.forward(&batch, &mut Ctx::inference()).unwrap();
         assert!(tracked.track_op());
         assert!(!free.track_op(), "{arch:?}");
-        let d = (tracked - &free)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{arch:?}");
+        assert_eq!(max_abs_diff(&tracked, &free), 0.0, "{arch:?}");
         let l = model.forward_loss(&batch, &mut Ctx::inference()).unwrap();
         assert!(!l.track_op(), "{arch:?}");
     }

@@ -818,6 +818,20 @@ fn invalid_settings_name_the_field() {
             },
             "refresh_every",
         ),
+        (
+            SparseGradConfig {
+                ema_beta: 1.0,
+                ..Default::default()
+            },
+            "ema_beta",
+        ),
+        (
+            SparseGradConfig {
+                basis_update_lr_scale: Some(0.0),
+                ..Default::default()
+            },
+            "basis_update_lr_scale",
+        ),
     ] {
         let e = MethodSpec::Sparsegrad(cfg)
             .build(AdamConfig::default())

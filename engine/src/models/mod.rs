@@ -375,7 +375,7 @@ impl Model {
                     .params
                     .get(head)
                     .ok_or_else(|| Error::Model(format!("missing {head}")))?;
-                let rows = crate::nn::lm_loss_chunk_rows(h.dim(1)?, self.vocab_rows(head)?);
+                let rows = crate::nn::lm_loss_chunk_rows(head.tensor().dim(0)?);
                 return crate::nn::chunked_lm_loss(
                     &h,
                     head,
@@ -388,13 +388,6 @@ impl Model {
         }
         let logits = self.forward(batch, ctx)?;
         self.loss(&logits, batch)
-    }
-
-    fn vocab_rows(&self, head: &crate::nn::Param) -> Result<usize> {
-        Ok(match head {
-            crate::nn::Param::Trainable(v) => v.as_tensor().dim(0)?,
-            crate::nn::Param::Frozen(t) => t.dim(0)?,
-        })
     }
 
     /// The encoder's last hidden states `(B, T, H)` (BERT / RoBERTa).

@@ -172,7 +172,7 @@ pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
 
 /// Rows of `(rows, V)` logits per chunk of [`chunked_lm_loss`]: about 4M values (16 MiB in
 /// f32) per chunk buffer, whatever the vocabulary.
-pub fn lm_loss_chunk_rows(_hidden: usize, vocab: usize) -> usize {
+pub fn lm_loss_chunk_rows(vocab: usize) -> usize {
     (4 << 20) / vocab.max(1)
 }
 
@@ -196,12 +196,9 @@ pub fn chunked_lm_loss(
         _ => DType::F32,
     };
     let (n, _) = h.dims2()?;
-    let (w, train_w) = match head {
-        super::Param::Trainable(v) => (v.as_tensor().detach(), true),
-        super::Param::Frozen(t) => (t.clone(), false),
-    };
+    let train_w = head.is_trainable();
     let want_grad = grad && (h.track_op() || train_w);
-    let wf = w.to_dtype(dt)?;
+    let wf = head.tensor().detach().to_dtype(dt)?;
     let hf = h.detach().to_dtype(dt)?;
     let mask = weights.to_dtype(dt)?;
     let count = mask

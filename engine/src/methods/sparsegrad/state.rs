@@ -250,6 +250,25 @@ impl MatrixState {
         topk_leading(a, self.k, self.lead)
     }
 
+    /// `ema` support: folds this step's `|G̃|` into the average, re-selects the support from
+    /// it on a refresh step, and gathers the step's gradient on the (new) support.
+    fn ema_step(&mut self, acc: &Tensor, beta: f64, refresh: bool) -> Result<(Vec<u32>, Tensor)> {
+        let a = acc.abs()?;
+        let avg = match self.ema.take() {
+            Some(e) => ((e * beta)? + (a * (1.0 - beta))?)?,
+            None => a,
+        };
+        let idx = if refresh {
+            self.select(&avg)?.0
+        } else {
+            self.support.clone().unwrap_or_default()
+        };
+        self.ema = Some(avg);
+        let at = Tensor::from_slice(&idx, idx.len(), acc.device())?;
+        let vals = acc.flatten_all()?.index_select(&at, 0)?;
+        Ok((idx, vals))
+    }
+
     pub fn weight_name(&self) -> String {
         format!("{}.weight", self.prefix)
     }
@@ -409,22 +428,7 @@ impl Core {
                 };
                 if m.seen >= self.micro_batches {
                     m.grad = Some(match self.ema {
-                        Some(beta) => {
-                            let a = acc.abs()?;
-                            let avg = match m.ema.take() {
-                                Some(e) => ((e * beta as f64)? + (a * (1.0 - beta as f64))?)?,
-                                None => a,
-                            };
-                            let idx = if self.refresh {
-                                m.select(&avg)?.0
-                            } else {
-                                m.support.clone().unwrap_or_default()
-                            };
-                            m.ema = Some(avg);
-                            let at = Tensor::from_slice(&idx, idx.len(), acc.device())?;
-                            let vals = acc.flatten_all()?.index_select(&at, 0)?;
-                            (idx, vals)
-                        }
+                        Some(beta) => m.ema_step(&acc, beta as f64, self.refresh)?,
                         None => m.select(&acc)?,
                     });
                     self.dense_sq += sq_norm(&acc)?;
