@@ -82,6 +82,110 @@ fn rms_norm_gradients() {
     check(&w, &f, 1e-6);
 }
 
+/// The decoder's fused kernels against finite differences in f64 (the fused path handles
+/// f64, so these check the kernels themselves, not the composed fallbacks).
+#[test]
+fn fused_decoder_kernels_pass_the_gradient_check() {
+    let x = Var::from_tensor(&rand_tensor(&[4, 6], 4)).unwrap();
+    let w = Var::from_tensor(&rand_tensor(&[6], 5)).unwrap();
+    let f = || weighted_sum(&nn::rms_norm_composed(&x, &w, 1e-6).unwrap(), 9);
+    check(&x, &f, 1e-6);
+    check(&w, &f, 1e-6);
+    // RoPE fused with the head transpose: (B, T, H, D) -> (B, H, T, D).
+    let (cos, sin) = nn::rope_tables(5, 8, 10000.0, DType::F64, &Device::Cpu).unwrap();
+    let x = Var::from_tensor(&rand_tensor(&[2, 5, 3, 8], 7)).unwrap();
+    let f = || weighted_sum(&nn::fused::rope_heads(&x, &cos, &sin).unwrap(), 9);
+    check(&x, &f, 1e-6);
+    let g = Var::from_tensor(&(rand_tensor(&[3, 7], 8) * 4.0).unwrap()).unwrap();
+    let u = Var::from_tensor(&rand_tensor(&[3, 7], 9)).unwrap();
+    let f = || weighted_sum(&nn::fused::swiglu(&g, &u).unwrap(), 10);
+    check(&g, &f, 1e-6);
+    check(&u, &f, 1e-6);
+}
+
+/// Fused and composed decoder ops agree in value and gradient (f32), including the RoPE
+/// layout change and SwiGLU with only one input trained.
+#[test]
+fn fused_decoder_kernels_match_composed_reference() {
+    let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let x = Var::from_tensor(&f32(rand_tensor(&[2, 5, 3, 8], 11))).unwrap();
+    let (cos, sin) = nn::rope_tables(5, 8, 10000.0, DType::F32, &Device::Cpu).unwrap();
+    let wt = f32(rand_tensor(&[2, 3, 5, 8], 12));
+    let yf = nn::fused::rope_heads(&x, &cos, &sin).unwrap();
+    let yc = nn::rope(
+        &x.transpose(1, 2).unwrap().contiguous().unwrap(),
+        &cos,
+        &sin,
+    )
+    .unwrap();
+    assert_eq!(yf.dims(), &[2, 3, 5, 8]);
+    assert!(max_abs_diff(&yf, &yc) < 1e-6);
+    let gf = yf.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = yc.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+    let (a, c) = (gf.get(&x).unwrap(), gc.get(&x).unwrap());
+    assert!(max_abs_diff(a, c) < 1e-5, "rope gradient");
+
+    let xr = Var::from_tensor(&f32(rand_tensor(&[3, 7, 24], 13))).unwrap();
+    let w = Var::from_tensor(&f32(rand_tensor(&[24], 14))).unwrap();
+    let wt = f32(rand_tensor(&[3, 7, 24], 15));
+    let yf = nn::rms_norm(&xr, &w, 1e-6).unwrap();
+    let yc = nn::rms_norm_composed(&xr, &w, 1e-6).unwrap();
+    assert!(max_abs_diff(&yf, &yc) < 1e-5);
+    let gf = yf.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = yc.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&xr, &w] {
+        let d = max_abs_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+        assert!(d < 1e-4, "rms norm gradient differs by {d}");
+    }
+
+    let g = Var::from_tensor(&f32((rand_tensor(&[5, 33], 16) * 6.0).unwrap())).unwrap();
+    let u = f32(rand_tensor(&[5, 33], 17));
+    let yf = nn::fused::swiglu(&g, &u).unwrap();
+    let yc = g.silu().unwrap().mul(&u).unwrap();
+    assert!(max_abs_diff(&yf, &yc) < 1e-5);
+    let gf = yf.sum_all().unwrap().backward().unwrap();
+    let gc = yc.sum_all().unwrap().backward().unwrap();
+    assert!(max_abs_diff(gf.get(&g).unwrap(), gc.get(&g).unwrap()) < 1e-5);
+    // The frozen input gets no gradient.
+    assert!(gf.get(&u).is_none());
+}
+
+/// LoRA's fused node (frozen `W` and bias, dropout mask on the adapter input) against finite
+/// differences for `x`, `A` and `B`, and against the composed graph in value.
+#[test]
+fn fused_lora_linear_passes_the_gradient_check() {
+    let x = Var::from_tensor(&rand_tensor(&[5, 6], 21)).unwrap();
+    let w = rand_tensor(&[4, 6], 22);
+    let bias = rand_tensor(&[4], 23);
+    let a = Var::from_tensor(&rand_tensor(&[2, 6], 24)).unwrap();
+    let b = Var::from_tensor(&rand_tensor(&[4, 2], 25)).unwrap();
+    let keep: Vec<f64> = (0..30)
+        .map(|i| if i % 3 == 1 { 0.0 } else { 1.5 })
+        .collect();
+    let mask = Tensor::from_vec(keep, (5, 6), &Device::Cpu).unwrap();
+    let fused = || nn::lora_linear(&x, &w, Some(&bias), &a, &b, 0.7, Some(mask.clone())).unwrap();
+    let composed = (x
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap()
+        + (x.mul(&mask).unwrap().matmul(&a.t().unwrap()).unwrap() * 0.7)
+            .unwrap()
+            .matmul(&b.t().unwrap())
+            .unwrap())
+    .unwrap();
+    assert!(max_abs_diff(&fused(), &composed) < 1e-12);
+    let f = || weighted_sum(&fused(), 26);
+    check(&x, &f, 1e-6);
+    check(&a, &f, 1e-6);
+    check(&b, &f, 1e-6);
+    // A trained bias gets its gradient after the node.
+    let tb = Var::from_tensor(&bias).unwrap();
+    let y = nn::lora_linear(&x, &w, Some(&tb), &a, &b, 0.7, None).unwrap();
+    let g = weighted_sum(&y, 26).backward().unwrap();
+    assert_eq!(g.get(&tb).unwrap().dims(), &[4]);
+}
+
 #[test]
 fn softmax_and_log_softmax_gradients() {
     let x = Var::from_tensor(&(rand_tensor(&[2, 3, 7], 6) * 3.0).unwrap()).unwrap();

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{Arch, ArchEntry, Architecture, Batch, MlpKind, ParamShape, Task};
-use crate::nn::fused::{scaled_masked_softmax, MaskRows};
-use crate::nn::{rope, rope_tables, Ctx, Param, Weights};
+use crate::nn::fused::{rope_heads, scaled_masked_softmax, swiglu, MaskRows};
+use crate::nn::{rope_tables, Ctx, Param, Weights};
 use crate::{Error, Result};
 
 pub const ENTRY: ArchEntry = ArchEntry {
@@ -117,7 +117,11 @@ impl LlamaConfig {
         let dev = batch.input_ids.device();
         let dtype = w.dtype;
         let (cos, sin) = rope_tables(t, hd, self.rope_theta, dtype, dev)?;
-        let mask = causal_mask(t, dtype, dev)?;
+        // Grouped-query attention without repeating K and V: the `rep` query heads that share
+        // a KV head are stacked along the rows, `(B, KV, rep·T, D)`, so one matmul per KV head
+        // serves them all and the causal mask is tiled `rep` times.
+        let rep = nh / nkv;
+        let mask = causal_mask(t, rep, dtype, dev)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let eps = self.rms_norm_eps;
         let mut h = w.embedding(EMBED, &batch.input_ids)?;
@@ -127,17 +131,15 @@ impl LlamaConfig {
             let q = w.linear(&l(Q), &x, ctx)?;
             let k = w.linear(&l(K), &x, ctx)?;
             let v = w.linear(&l(V), &x, ctx)?;
-            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = rope_heads(&q.reshape((b, t, nh, hd))?, &cos, &sin)?;
+            let k = rope_heads(&k.reshape((b, t, nkv, hd))?, &cos, &sin)?;
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = rope(&q, &cos, &sin)?;
-            let k = rope(&k, &cos, &sin)?;
-            let k = repeat_kv(k, nh / nkv)?;
-            let v = repeat_kv(v, nh / nkv)?;
+            let q = q.reshape((b, nkv, rep * t, hd))?;
             let probs =
                 scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
             let a = probs
                 .matmul(&v)?
+                .reshape((b, nh, t, hd))?
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?;
             let a = w.linear(&l(O), &a, ctx)?;
@@ -145,7 +147,7 @@ impl LlamaConfig {
             let x = w.rms_norm(&l(POST_NORM), &h, eps)?;
             let g = w.linear(&l(GATE), &x, ctx)?;
             let u = w.linear(&l(UP), &x, ctx)?;
-            let m = w.linear(&l(DOWN), &(g.silu()? * u)?, ctx)?;
+            let m = w.linear(&l(DOWN), &swiglu(&g, &u)?, ctx)?;
             h = (h + m)?;
         }
         let h = w.rms_norm(FINAL_NORM, &h, eps)?;
@@ -184,27 +186,20 @@ impl LlamaConfig {
     }
 }
 
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, h, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, h, n_rep, t, d))?
-        .contiguous()?
-        .reshape((b, h * n_rep, t, d))?)
-}
-
-/// Additive causal mask `(T, T)`: 0 on and below the diagonal, large negative above.
+/// The causal mask for `rep` query heads stacked along the rows: `(rep·T, T)`.
 fn causal_mask(
     t: usize,
+    rep: usize,
     dtype: candle_core::DType,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
+    let m: Vec<f32> = (0..rep * t)
+        .flat_map(|r| {
+            let i = r % t;
+            (0..t).map(move |j| if j > i { -1e9 } else { 0.0 })
+        })
         .collect();
-    Ok(Tensor::from_vec(m, (t, t), device)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(m, (rep * t, t), device)?.to_dtype(dtype)?)
 }
 
 impl Architecture for LlamaConfig {

@@ -706,3 +706,6 @@ pub fn scaled_masked_softmax(
     };
     super::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&m)?)
 }
+
+mod decoder;
+pub use decoder::{rms_norm, rope_heads, swiglu};

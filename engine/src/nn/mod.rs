@@ -8,6 +8,6 @@ pub mod linear;
 pub mod ops;
 pub mod weights;
 
-pub use linear::{frozen_linear, WeightGradHook};
+pub use linear::{frozen_linear, lora_linear, WeightGradHook};
 pub use ops::*;
 pub use weights::{Adapter, Ctx, Param, Weights};

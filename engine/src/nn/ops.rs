@@ -41,6 +41,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         let v = f32s(&[x, w])?;
         return Ok(rms_norm(&v[0], &v[1], eps)?.to_dtype(x.dtype())?);
     }
+    if super::fused::applies(x) && x.dtype() == w.dtype() {
+        return Ok(super::fused::rms_norm(x, w, eps)?);
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+/// The composed reference (any device or dtype).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
 }
@@ -134,8 +142,17 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 
 /// Inverted dropout with a mask drawn from `rng` (so runs are reproducible for a seed).
 pub fn dropout(x: &Tensor, p: f64, rng: &mut impl Rng) -> Result<Tensor> {
+    match dropout_mask(x, p, rng)? {
+        Some(mask) => Ok(x.mul(&mask)?),
+        None => Ok(x.clone()),
+    }
+}
+
+/// The multipliers [`dropout`] applies to `x` (0 or `1/(1-p)`), drawn in the same order;
+/// `None` when `p` is 0.
+pub fn dropout_mask(x: &Tensor, p: f64, rng: &mut impl Rng) -> Result<Option<Tensor>> {
     if p <= 0.0 {
-        return Ok(x.clone());
+        return Ok(None);
     }
     let n = x.elem_count();
     let keep = 1.0 - p;
@@ -149,8 +166,9 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut impl Rng) -> Result<Tensor> {
             }
         })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(x.mul(&mask)?)
+    Ok(Some(
+        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+    ))
 }
 
 /// Mean cross-entropy over the rows whose weight is non-zero.

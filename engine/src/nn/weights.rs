@@ -164,27 +164,46 @@ impl Weights {
             Some(Adapter::Hook(h)) if ctx.rng.is_some() => Some(h.clone()),
             _ => None,
         };
-        let mut y = match w {
-            Param::Trainable(v) => {
-                let y = x2.matmul(&v.as_tensor().t()?)?;
-                match bias {
-                    Some(b) => super::fused::bias_add(&y, b)?,
-                    None => y,
-                }
-            }
-            Param::Frozen(t) => super::linear::frozen_linear_bias(&x2, t, bias, hook)?,
+        let lora = match adapter {
+            Some(Adapter::Lora { scale, dropout }) => Some((*scale, *dropout)),
+            _ => None,
         };
-        if let Some(Adapter::Lora { scale, dropout }) = adapter {
-            let a = self.get(&format!("{prefix}.lora_A.weight"))?;
-            let b = self.get(&format!("{prefix}.lora_B.weight"))?;
-            let xd = match ctx.rng.as_mut() {
-                Some(rng) => super::dropout(&x2, *dropout, rng)?,
-                None => x2.clone(),
-            };
-            // Scale the rank-r product, not the full-width one.
-            let delta = (xd.matmul(&a.t()?)? * *scale)?.matmul(&b.t()?)?;
-            y = (y + delta)?;
-        }
+        let y = match (w, lora) {
+            // LoRA on a frozen weight: one node that keeps only its output for backward.
+            (Param::Frozen(t), Some((scale, dropout))) => {
+                let a = self.get(&format!("{prefix}.lora_A.weight"))?;
+                let b = self.get(&format!("{prefix}.lora_B.weight"))?;
+                let mask = match ctx.rng.as_mut() {
+                    Some(rng) => super::dropout_mask(&x2, dropout, rng)?,
+                    None => None,
+                };
+                super::linear::lora_linear(&x2, t, bias, a, b, scale, mask)?
+            }
+            (w, lora) => {
+                let mut y = match w {
+                    Param::Trainable(v) => {
+                        let y = x2.matmul(&v.as_tensor().t()?)?;
+                        match bias {
+                            Some(b) => super::fused::bias_add(&y, b)?,
+                            None => y,
+                        }
+                    }
+                    Param::Frozen(t) => super::linear::frozen_linear_bias(&x2, t, bias, hook)?,
+                };
+                if let Some((scale, dropout)) = lora {
+                    let a = self.get(&format!("{prefix}.lora_A.weight"))?;
+                    let b = self.get(&format!("{prefix}.lora_B.weight"))?;
+                    let xd = match ctx.rng.as_mut() {
+                        Some(rng) => super::dropout(&x2, dropout, rng)?,
+                        None => x2.clone(),
+                    };
+                    // Scale the rank-r product, not the full-width one.
+                    let delta = (xd.matmul(&a.t()?)? * scale)?.matmul(&b.t()?)?;
+                    y = (y + delta)?;
+                }
+                y
+            }
+        };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out_dims)?)
