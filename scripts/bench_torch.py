@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The PyTorch side of `sparsegrad bench train`: the same model, shapes and methods on the same
 machine (CPU). Prints one JSON line per method, run each in its own process for peak RSS.
+Encoders (BERT) train a 2-label head; causal LMs (LLaMA: `architectures` ending in
+`ForCausalLM`) next-token loss on every position, LoRA r 8 on gate/up/down as ours.
 
     python3 -m venv .venv-ref && .venv-ref/bin/pip install torch transformers
     .venv-ref/bin/python scripts/bench_torch.py --model ~/.cache/sparsegrad/fixtures/models/all-minilm-l6-v2
@@ -31,30 +33,48 @@ class LoraLinear(nn.Module):
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
 
 
-def run_one(a):
-    from transformers import BertForSequenceClassification
+def is_causal(path):
+    with open(f"{path}/config.json") as f:
+        cfg = json.load(f)
+    return any(x.endswith("ForCausalLM") for x in cfg.get("architectures") or [])
 
+
+def run_one(a):
     torch.manual_seed(0)
-    model = BertForSequenceClassification.from_pretrained(a.model, num_labels=2, attn_implementation=a.attn)
+    causal = is_causal(a.model)
+    if causal:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32, attn_implementation=a.attn)
+    else:
+        from transformers import BertForSequenceClassification
+
+        model = BertForSequenceClassification.from_pretrained(a.model, num_labels=2, attn_implementation=a.attn)
+        model.config.hidden_dropout_prob = 0.0
     model.train()
-    model.config.hidden_dropout_prob = 0.0
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     if a.method == "lora":
         for p in model.parameters():
             p.requires_grad_(False)
-        for layer in model.bert.encoder.layer:
-            layer.intermediate.dense = LoraLinear(layer.intermediate.dense, 8, 16.0)
-            layer.output.dense = LoraLinear(layer.output.dense, 8, 16.0)
-        for p in model.classifier.parameters():
-            p.requires_grad_(True)
-        for p in model.bert.pooler.parameters():
-            p.requires_grad_(True)
+        if causal:
+            for layer in model.model.layers:
+                for name in ["gate_proj", "up_proj", "down_proj"]:
+                    setattr(layer.mlp, name, LoraLinear(getattr(layer.mlp, name), 8, 16.0))
+        else:
+            for layer in model.bert.encoder.layer:
+                layer.intermediate.dense = LoraLinear(layer.intermediate.dense, 8, 16.0)
+                layer.output.dense = LoraLinear(layer.output.dense, 8, 16.0)
+            for p in model.classifier.parameters():
+                p.requires_grad_(True)
+            for p in model.bert.pooler.parameters():
+                p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-    ids = torch.randint(1000, 30000, (a.batch_size, a.seq_len))
-    labels = torch.arange(a.batch_size) % 2
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(vocab, 1000) // 2, min(vocab, 30000), (a.batch_size, a.seq_len))
+    labels = ids.clone() if causal else torch.arange(a.batch_size) % 2
     times, fw, bw, op = [], 0.0, 0.0, 0.0
     for step in range(a.warmup + a.steps):
         t0 = time.perf_counter()
@@ -75,6 +95,7 @@ def run_one(a):
     med = times[len(times) // 2]
     print(json.dumps({
         "impl": f"pytorch {torch.__version__} ({a.attn} attention, CPU)",
+        "task": "causal-lm" if causal else "classification",
         "method": a.method, "batch_size": a.batch_size, "seq_len": a.seq_len, "steps": a.steps,
         "step_ms_mean": sum(times) / len(times) * 1e3, "step_ms_median": med * 1e3,
         "forward_ms": fw / a.steps * 1e3, "backward_ms": bw / a.steps * 1e3, "optimizer_ms": op / a.steps * 1e3,

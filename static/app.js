@@ -484,7 +484,10 @@ async function newJobView(view) {
           el("dt", {}, "Steps"), el("dd", { "data-estimate": "steps" }, e.steps),
           el("dt", {}, "Tokens"), el("dd", {}, `≈ ${e.tokens}`),
           el("dt", {}, "Duration"), el("dd", { "data-estimate": "duration" }, `≈ ${Math.round(e.duration_secs)} s (${e.duration_basis})`),
-          el("dt", {}, "Memory"), el("dd", {}, `≈ ${bytes(e.memory_bytes)}`),
+          el("dt", {}, "Memory"), el("dd", { "data-estimate": "memory" }, `≈ ${bytes(e.memory_bytes)}`),
+          el("dt", {}, "of which"), el("dd", { class: "hint" }, e.memory
+            ? `weights ${bytes(e.memory.weights)} · optimizer ${bytes(e.memory.optimizer + e.memory.gradients + e.memory.method_state)} · activations ${bytes(e.memory.activations + e.memory.loss)}`
+            : ""),
           el("dt", {}, "Trained values"), el("dd", {}, e.trainable_params))
       );
     } catch (e) {

@@ -164,6 +164,23 @@ async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
     assert_eq!(est["estimate"]["examples"], 16);
     assert_eq!(est["estimate"]["duration_basis"], "flops");
     assert!(est["estimate"]["memory_bytes"].as_u64().unwrap() > 0);
+    // The memory model's terms come along; its backward phase is their sum.
+    let m = &est["estimate"]["memory"];
+    assert_eq!(m["total"], est["estimate"]["memory_bytes"]);
+    let terms: u64 = [
+        "runtime",
+        "weights",
+        "optimizer",
+        "gradients",
+        "method_state",
+        "activations",
+        "loss",
+        "backward_transient",
+    ]
+    .iter()
+    .map(|t| m[t].as_u64().unwrap())
+    .sum();
+    assert_eq!(terms, m["phases"]["backward"].as_u64().unwrap());
     assert_eq!(est["method"]["hyperparameters"]["lr"], 0.01);
     assert_eq!(est["method"]["hyperparameters"]["support"], "fixed");
     assert_eq!(job_count(&db).await, 0);

@@ -26,6 +26,7 @@ pub mod gguf;
 pub mod hyper;
 pub mod io;
 pub mod kernels;
+pub mod memory;
 pub mod methods;
 pub mod metrics;
 pub mod models;

@@ -2,6 +2,7 @@
 //! method's footprint, before anything is queued.
 
 use serde::{Deserialize, Serialize};
+use sparsegrad_engine::memory::{MemoryEstimate, Placement, Workload};
 use sparsegrad_engine::methods::Resolved;
 use sparsegrad_engine::models::ParamShape;
 
@@ -12,7 +13,12 @@ pub struct Estimate {
     pub examples: usize,
     pub tokens: u64,
     pub duration_secs: f64,
+    /// The largest phase of `memory` (what to provision).
     pub memory_bytes: u64,
+    /// The memory model's terms and per-phase peaks (`sparsegrad bench train` prints the same
+    /// model beside the measured profile). Absent from jobs queued before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryEstimate>,
     pub trainable_params: u64,
     /// `history` (this service's measured seconds per token on the same base model) or
     /// `flops` (6 FLOPs per parameter and token at an assumed CPU rate).
@@ -27,6 +33,17 @@ pub fn shape_of(config: &serde_json::Value) -> Option<ParamShape> {
         .map(|a| a.shape())
 }
 
+/// Where the workers configured with `device` (`SPARSEGRAD_DEVICE`) train: `auto` picks a GPU
+/// only in a CUDA build.
+pub fn placement_of(device: &str) -> Placement {
+    let cuda = device.starts_with("cuda") || (device == "auto" && cfg!(feature = "cuda"));
+    if cuda {
+        Placement::Cuda
+    } else {
+        Placement::Cpu
+    }
+}
+
 /// Effective CPU rate assumed before the service has measured anything (MiniLM-L6 on two
 /// cores trains at about 5e10 FLOP/s in `sparsegrad bench train`).
 pub const PRIOR_FLOPS_PER_SEC: f64 = 5e10;
@@ -38,6 +55,7 @@ pub fn estimate(
     rows: u64,
     bytes: u64,
     secs_per_token: Option<f64>,
+    placement: Placement,
 ) -> Estimate {
     let rows_us = rows.max(1) as usize;
     let steps = r.train.total_steps(rows_us);
@@ -67,27 +85,28 @@ pub fn estimate(
     };
     // Encoders get a newly initialised head (two labels assumed), trained densely by every
     // method.
-    let head = shape.head;
-    let params = shape.params() + head;
-    let trainable = head + footprint.trainable;
-    // f32 weights, then gradient + two Adam moments per trained value, plus what the method
-    // keeps besides (SparseGrad's bases); activations kept for backward, per token and layer
-    // about 16 hidden-sized and 2 FFN-sized vectors.
-    let batch_tokens = r.train.batch_size as u64 * per_row;
-    let activations = batch_tokens
-        .saturating_mul(shape.layers)
-        .saturating_mul(16 * shape.hidden + 2 * shape.ffn);
-    let memory_bytes = params
-        .saturating_add(trainable.saturating_mul(3))
-        .saturating_add(footprint.extra_state)
-        .saturating_add(activations)
-        .saturating_mul(4);
+    let trainable = shape.head + footprint.trainable;
+    // Batches are padded to their longest row: assume it 1.5× the mean, within the cap.
+    let padded = (per_row * 3).div_ceil(2).min(r.max_seq_len as u64).max(1);
+    let memory = sparsegrad_engine::memory::estimate(
+        shape,
+        &footprint,
+        trainable,
+        &Workload {
+            batch_size: r.train.batch_size as u64,
+            seq_len: padded,
+            model_dropout: r.train.dropout,
+            causal_lm: shape.head == 0,
+            placement,
+        },
+    );
     Estimate {
         steps,
         examples: examples as usize,
         tokens,
         duration_secs: (duration_secs * 10.0).round() / 10.0,
-        memory_bytes,
+        memory_bytes: memory.total,
+        memory: Some(memory),
         trainable_params: trainable,
         duration_basis: basis.into(),
     }
@@ -112,6 +131,7 @@ mod tests {
             ffn: 1536,
             kv_dim: 384,
             mlp_matrices: 2,
+            heads: 12,
             head: 384 * 384 + 3 * 384 + 2,
         };
         let r = resolve(
@@ -121,13 +141,19 @@ mod tests {
             None,
         )
         .unwrap();
-        let e = estimate(&shape, &r, 100, 100 * 200, None);
+        let e = estimate(&shape, &r, 100, 100 * 200, None, Placement::Cpu);
         assert_eq!(e.steps, 14);
         assert_eq!(e.examples, 200);
         assert_eq!(e.tokens, 200 * 52);
         assert_eq!(e.duration_basis, "flops");
         assert!(e.memory_bytes > 4 * shape.params());
-        let h = estimate(&shape, &r, 100, 100 * 200, Some(0.01));
+        let m = e.memory.as_ref().unwrap();
+        assert_eq!(e.memory_bytes, m.total);
+        assert_eq!(
+            m.backward_terms().iter().map(|t| t.1).sum::<u64>(),
+            m.phases.backward
+        );
+        let h = estimate(&shape, &r, 100, 100 * 200, Some(0.01), Placement::Cpu);
         assert_eq!(h.duration_basis, "history");
         // Calibration: 20 head warm-up and 10 basis-phase micro-batches of 16 rows.
         assert!((h.duration_secs - (200.0 * 52.0 + 480.0 * 52.0) * 0.01).abs() < 0.1);

@@ -175,6 +175,20 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let mut method = spec.build(AdamConfig::default())?;
     method.prepare(&mut model, 0)?;
     phase_end("load", &mut memory);
+    // The dry run's memory model for this very run, printed beside what was measured.
+    let shape = model.architecture.shape();
+    let estimate = sparsegrad_engine::memory::estimate(
+        &shape,
+        &spec.footprint(&shape),
+        method.trainable_count(&model) as u64,
+        &sparsegrad_engine::memory::Workload {
+            batch_size: a.batch_size as u64,
+            seq_len: a.seq_len as u64,
+            model_dropout: false,
+            causal_lm: causal,
+            placement: sparsegrad_engine::memory::Placement::Cpu,
+        },
+    );
     let mut rng = sparsegrad_engine::rng::stream(0, "bench", 0);
     let (lo, hi) = (vocab.min(1000) / 2, vocab.min(30000));
     let examples: Vec<Example> = (0..a.batch_size)
@@ -256,6 +270,18 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         "memory_mb": memory
             .iter()
             .map(|(n, peak, after)| (n.to_string(), serde_json::json!({"peak": peak, "after": after})))
+            .collect::<serde_json::Map<_, _>>(),
+        "estimate_mb": estimate
+            .phases
+            .named()
+            .iter()
+            .map(|(n, b)| (n.to_string(), serde_json::json!(*b as f64 / 1048576.0)))
+            .collect::<serde_json::Map<_, _>>(),
+        "estimate_peak_mb": estimate.total as f64 / 1048576.0,
+        "estimate_terms_mb": estimate
+            .backward_terms()
+            .iter()
+            .map(|(n, b)| (n.to_string(), serde_json::json!(*b as f64 / 1048576.0)))
             .collect::<serde_json::Map<_, _>>(),
         "task": if causal { "causal-lm" } else { "classification" },
         "forward_ms": phases[0] * 1e3 / a.steps as f64,

@@ -27,6 +27,13 @@ impl MethodConfig for FullConfig {
     fn footprint(&self, shape: &ParamShape) -> Footprint {
         Footprint {
             trainable: shape.params(),
+            // Encoders' linears have biases: a trained one keeps the product before its bias
+            // (q, k, v, o, down: 5h; up: f).
+            kept_per_token_layer: if shape.mlp_matrices == 2 {
+                5 * shape.hidden + shape.ffn
+            } else {
+                0
+            },
             ..Default::default()
         }
     }

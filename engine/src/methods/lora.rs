@@ -110,6 +110,19 @@ impl MethodConfig for LoraConfig {
                 * self.r as u64
                 * (shape.hidden + shape.ffn)
                 + self.scope.extra_params(shape),
+            // With dropout, the fused LoRA node keeps the mask of each adapted input.
+            kept_per_token_layer: if self.dropout > 0.0 {
+                let (h, f) = (shape.hidden, shape.ffn);
+                let mlp_in = (shape.mlp_matrices - 1) * h + f;
+                match self.targets {
+                    LoraTargets::Mlp => mlp_in,
+                    LoraTargets::Attention => 4 * h,
+                    LoraTargets::All => mlp_in + 4 * h,
+                    LoraTargets::None => 0,
+                }
+            } else {
+                0
+            },
             ..Default::default()
         }
     }

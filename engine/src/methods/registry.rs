@@ -34,6 +34,9 @@ pub struct Footprint {
     pub extra_state: u64,
     /// Micro-batches of ordinary backprop before the first step (SparseGrad's basis phase).
     pub calibration_batches: u64,
+    /// Values per token and block the method's own graph nodes keep for backward beyond the
+    /// model's (LoRA's dropout masks; see [`crate::memory`]).
+    pub kept_per_token_layer: u64,
 }
 
 /// A method's settings type.

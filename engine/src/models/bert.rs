@@ -381,6 +381,7 @@ impl Architecture for Encoder {
             ffn: self.cfg.intermediate_size as u64,
             kv_dim: h,
             mlp_matrices: MLP.len() as u64,
+            heads: self.cfg.num_attention_heads as u64,
             // A dense layer on the first token plus a two-label classifier.
             head: h * h + 3 * h + 2,
         }

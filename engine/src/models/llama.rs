@@ -303,6 +303,7 @@ impl Architecture for LlamaConfig {
             ffn: self.intermediate_size as u64,
             kv_dim: (self.head_dim() * self.kv_heads()) as u64,
             mlp_matrices: MLP.len() as u64,
+            heads: self.num_attention_heads as u64,
             head: 0,
         }
     }

@@ -210,6 +210,8 @@ pub struct ParamShape {
     pub kv_dim: u64,
     /// MLP matrices per block (BERT's two, LLaMA's three).
     pub mlp_matrices: u64,
+    /// Attention (query) heads: the attention scores kept for backward scale with them.
+    pub heads: u64,
     /// Parameters of a newly initialised two-label task head (0 for a causal LM).
     pub head: u64,
 }

@@ -161,6 +161,7 @@ pub(super) async fn create(
         train.rows as u64,
         train.bytes as u64,
         history,
+        crate::domain::estimate::placement_of(&st.cfg.device),
     );
     let method = MethodEcho {
         kind: resolved.method.name().into(),

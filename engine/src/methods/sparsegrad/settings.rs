@@ -350,6 +350,7 @@ impl MethodConfig for SparseGradConfig {
             // One P, Q pair per matrix type.
             extra_state: shape.mlp_matrices * (shape.hidden * shape.hidden + shape.ffn * shape.ffn),
             calibration_batches: (c.head_warmup_steps + c.basis_steps) as u64,
+            ..Default::default()
         }
     }
 }
