@@ -8,7 +8,8 @@
 //! - **weights**: every parameter; loading briefly holds a second copy (file → f32).
 //! - **optimizer**: two Adam moments per trained value (kept across steps); **gradients**:
 //!   one per trained value, from backward until the step.
-//! - **method state**: what the method keeps besides (SparseGrad's bases).
+//! - **method state**: what the method keeps besides (SparseGrad's bases); while calibrating,
+//!   also what the basis phase accumulates.
 //! - **activations**: what the graph keeps for backward, per token and block. Counted from
 //!   the ops a block runs on this device: on the CPU the fused kernels keep only their inputs
 //!   and outputs (`nn::fused`); elsewhere the composed ops keep their intermediates too.
@@ -182,9 +183,11 @@ pub fn estimate(
     // Inference keeps nothing across blocks: one block's outputs in flight, and the loss chunk.
     let eval = steady + tokens * per_layer * F32 + loss;
     let phases = Phases {
-        load: runtime + 2 * weights,
+        // The file's tensors and their f32 copies; a method that allocates its moments when it
+        // is prepared (full fine-tuning) holds the steady state already.
+        load: (runtime + 2 * weights).max(steady),
         calibration: if fp.calibration_batches > 0 {
-            backward
+            backward + fp.calibration_state * F32
         } else {
             steady
         },
@@ -258,6 +261,7 @@ mod tests {
             extra_state: 1000,
             calibration_batches: 0,
             kept_per_token_layer: 0,
+            calibration_state: 0,
         };
         let e = estimate(&s, &fp, fp.trainable, &work(8, 128));
         let sum: u64 = e.backward_terms().iter().map(|t| t.1).sum();

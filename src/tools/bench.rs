@@ -83,6 +83,9 @@ pub struct BenchTrainArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Print the memory model's estimate for this run and stop (no training).
+    #[arg(long)]
+    pub estimate_only: bool,
     #[command(flatten)]
     pub fixtures: super::cli::FixturesArgs,
 }
@@ -122,6 +125,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
                     "--warmup",
                     &a.warmup.to_string(),
                 ])
+                .args(a.estimate_only.then_some("--estimate-only"))
                 .status()?;
             anyhow::ensure!(status.success(), "bench for {m} failed");
         }
@@ -189,6 +193,21 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             placement: sparsegrad_engine::memory::Placement::Cpu,
         },
     );
+    let mib_of = |b: u64| b as f64 / 1048576.0;
+    if a.estimate_only {
+        let out = serde_json::json!({
+            "model": model_dir.file_name().map(|s| s.to_string_lossy().to_string()),
+            "method": a.method,
+            "batch_size": a.batch_size,
+            "seq_len": a.seq_len,
+            "estimate_mb": estimate.phases.named().iter()
+                .map(|(n, b)| (n.to_string(), serde_json::json!(mib_of(*b))))
+                .collect::<serde_json::Map<_, _>>(),
+            "estimate_peak_mb": mib_of(estimate.total),
+        });
+        println!("{out}");
+        return Ok(());
+    }
     let mut rng = sparsegrad_engine::rng::stream(0, "bench", 0);
     let (lo, hi) = (vocab.min(1000) / 2, vocab.min(30000));
     let examples: Vec<Example> = (0..a.batch_size)

@@ -37,6 +37,9 @@ pub struct Footprint {
     /// Values per token and block the method's own graph nodes keep for backward beyond the
     /// model's (LoRA's dropout masks; see [`crate::memory`]).
     pub kept_per_token_layer: u64,
+    /// Values held only while calibrating (a fixed support's accumulated `|G̃|`, one per MLP
+    /// entry).
+    pub calibration_state: u64,
 }
 
 /// A method's settings type.

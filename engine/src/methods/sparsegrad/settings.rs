@@ -350,6 +350,11 @@ impl MethodConfig for SparseGradConfig {
             // One P, Q pair per matrix type.
             extra_state: shape.mlp_matrices * (shape.hidden * shape.hidden + shape.ffn * shape.ffn),
             calibration_batches: (c.head_warmup_steps + c.basis_steps) as u64,
+            // Every support but the dynamic one ranks the basis phase's summed |G̃|.
+            calibration_state: match c.support {
+                Support::Dynamic => 0,
+                _ => shape.mlp_params(),
+            },
             ..Default::default()
         }
     }
