@@ -493,14 +493,25 @@ async fn a_lost_lease_resumes_from_the_last_checkpoint(db: PgPool) {
     let ctx = e.ctx.clone();
     let first = tokio::spawn(async move { try_run_one(&ctx).await.unwrap() });
     wait_for_event(&db, "job_e", "checkpoint at step 6").await;
-    // The worker is presumed dead: its lease expires and the reaper re-queues the job.
-    sqlx::query(
-        "update jobs set lease_expires_at = now() - interval '1 minute' where id = 'job_e'",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
-    queue::reap(&db, &e.ctx.queue).await.unwrap();
+    // The worker is presumed dead: its lease expires and the reaper re-queues the job. The
+    // worker's own heartbeat (every 50 ms) may renew the lease between the two statements, or
+    // hold the row while the reaper looks (it skips locked rows): then expire it again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        sqlx::query(
+            "update jobs set lease_expires_at = now() - interval '1 minute' where id = 'job_e'",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        if queue::reap(&db, &e.ctx.queue).await.unwrap() == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reaper never took job_e"
+        );
+    }
     // The old worker notices at its next heartbeat and stops without writing anything more.
     let out = tokio::time::timeout(Duration::from_secs(60), first)
         .await
