@@ -11,7 +11,7 @@ use sparsegrad_engine::artifact::Artifact;
 use sparsegrad_engine::models::Arch;
 use sparsegrad_engine::testing::{max_abs_diff, write_tiny_model_dir};
 use sparsegrad_service::domain::{FineTune, JobStatus};
-use sparsegrad_service::queue::{self, Cancelled, NewJob, QueueConfig, RetryPolicy};
+use sparsegrad_service::queue::{self, Cancelled, NewJob, Paused, QueueConfig, RetryPolicy};
 use sparsegrad_service::storage::{S3Settings, Storage};
 use sparsegrad_service::worker::{try_run_one, Outcome, WorkerCtx};
 use sqlx::PgPool;
@@ -385,6 +385,114 @@ async fn at_shutdown_a_running_job_checkpoints_and_is_handed_back_at_once(db: Pg
     assert!(msgs
         .iter()
         .any(|m| m.starts_with("handed back at shutdown")));
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_paused_job_checkpoints_waits_and_resumes_where_it_stopped(db: PgPool) {
+    let e = env(&db, None).await;
+    e.ctx
+        .storage
+        .put("in/train.jsonl", rows(40, 3).into())
+        .await
+        .unwrap();
+    enqueue(
+        &db,
+        "job_z",
+        &spec(&e.model, "in/train.jsonl", 60, Some(1000)),
+    )
+    .await;
+    let status = |db: PgPool| async move {
+        let (s,): (String,) = sqlx::query_as("select status from jobs where id = 'job_z'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        s
+    };
+    // Queued: paused at once, and no worker takes it; resumed, it is queued again.
+    assert_eq!(queue::pause(&db, "t1", "job_z").await.unwrap(), Paused::Now);
+    assert_eq!(
+        queue::pause(&db, "t1", "job_z").await.unwrap(),
+        Paused::Already
+    );
+    assert_eq!(
+        queue::pause(&db, "t2", "job_z").await.unwrap(),
+        Paused::NotFound
+    );
+    assert_eq!(try_run_one(&e.ctx).await.unwrap(), Outcome::Empty);
+    assert_eq!(
+        queue::resume(&db, "t1", "job_z").await.unwrap(),
+        Paused::Now
+    );
+    assert_eq!(status(db.clone()).await, "queued");
+
+    // Running: the worker hears the pause at once (an hourly heartbeat would not), checkpoints
+    // and hands the job back paused.
+    let ctx = WorkerCtx {
+        heartbeat: Duration::from_secs(3600),
+        queue: QueueConfig {
+            lease: Duration::from_secs(7200),
+            ..e.ctx.queue.clone()
+        },
+        ..e.ctx.clone()
+    };
+    let run = tokio::spawn(async move { try_run_one(&ctx).await.unwrap() });
+    wait_for_event(&db, "job_z", "step 3/").await;
+    assert_eq!(
+        queue::pause(&db, "t1", "job_z").await.unwrap(),
+        Paused::Requested
+    );
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the pause was pushed, not left to an hourly heartbeat")
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Released {
+            job_id: "job_z".into()
+        }
+    );
+    assert_eq!(status(db.clone()).await, "paused");
+    let (step,): (i32,) =
+        sqlx::query_as("select max(step) from job_checkpoints where job_id = 'job_z'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!((3..60).contains(&step), "{step}");
+    assert_eq!(
+        try_run_one(&e.ctx).await.unwrap(),
+        Outcome::Empty,
+        "paused jobs are not claimed"
+    );
+
+    // Resumed: the next worker continues from the checkpoint and finishes.
+    assert_eq!(
+        queue::resume(&db, "t1", "job_z").await.unwrap(),
+        Paused::Now
+    );
+    let out = try_run_one(&e.ctx).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ran {
+            job_id: "job_z".into(),
+            status: JobStatus::Succeeded
+        }
+    );
+    let msgs = messages(&db, "job_z").await;
+    assert!(
+        msgs.iter()
+            .any(|m| m == &format!("resuming from step {step}")),
+        "{msgs:?}"
+    );
+    assert!(msgs.iter().any(|m| m == "paused"), "{msgs:?}");
+    // A finished job can be neither paused nor resumed.
+    assert_eq!(
+        queue::pause(&db, "t1", "job_z").await.unwrap(),
+        Paused::Conflict(JobStatus::Succeeded)
+    );
+    assert_eq!(
+        queue::resume(&db, "t1", "job_z").await.unwrap(),
+        Paused::Conflict(JobStatus::Succeeded)
+    );
 }
 
 #[sqlx::test(migrations = "./migrations")]

@@ -119,7 +119,7 @@ pub async fn delete(db: &sqlx::PgPool, tenant: &str, id: &str) -> sqlx::Result<D
     let user: Option<(String,)> = sqlx::query_as(
         "select id from jobs
           where tenant_id = $2 and kind = 'fine_tune'
-            and status in ('queued', 'running', 'cancelling')
+            and status in ('queued', 'running', 'cancelling', 'paused')
             and (spec->'training_file'->>'id' = $1 or spec->'validation_file'->>'id' = $1)
           limit 1",
     )
@@ -143,10 +143,8 @@ pub async fn delete(db: &sqlx::PgPool, tenant: &str, id: &str) -> sqlx::Result<D
 }
 
 /// A tenant's files, newest first; `(rows, has_more)`.
-pub async fn list(
-    db: impl PgExecutor<'_>,
-    tenant: &str,
-    page: &Page,
-) -> sqlx::Result<(Vec<FileRow>, bool)> {
-    super::newest_first(db, ("files", FILE_COLS, "true"), tenant, page).await
+/// A tenant's files of purpose `page.filter` (a JSON string, or none).
+pub async fn list(db: &sqlx::PgPool, tenant: &str, page: &Page) -> super::PageResult<FileRow> {
+    let filter = "($4::jsonb is null or purpose = $4::jsonb #>> '{}')";
+    super::keyset_page(db, ("files", FILE_COLS, filter), tenant, page).await
 }

@@ -94,6 +94,8 @@ text_enum! {
         Running = "running",
         /// Cancellation was requested while it ran; its worker stops and confirms.
         Cancelling = "cancelling",
+        /// Held out of the queue with its latest checkpoint until it is resumed.
+        Paused = "paused",
         Succeeded = "succeeded",
         Failed = "failed",
         Cancelled = "cancelled",

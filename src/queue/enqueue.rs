@@ -101,7 +101,7 @@ async fn insert_once(db: &sqlx::PgPool, job: &NewJob, dedupe: Dedupe) -> Result<
         }
         let (active,): (i64,) = sqlx::query_as(
             "select count(*) from jobs
-              where tenant_id = $1 and status in ('queued', 'running', 'cancelling')",
+              where tenant_id = $1 and status in ('queued', 'running', 'cancelling', 'paused')",
         )
         .bind(&job.tenant_id)
         .fetch_one(&mut *tx)

@@ -53,6 +53,8 @@ pub async fn claim(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Beat {
     pub cancel_requested: bool,
+    /// Checkpoint at the next step and hand the job back as `paused` ([`release`]).
+    pub pause_requested: bool,
 }
 
 /// Renews the lease (and records progress, if given).
@@ -63,11 +65,11 @@ pub async fn heartbeat(
     progress: Option<&Value>,
 ) -> Result<Beat> {
     let now = now_sql(6);
-    let row: Option<(bool,)> = sqlx::query_as(&format!(
+    let row: Option<(bool, bool)> = sqlx::query_as(&format!(
         "update jobs set lease_expires_at = {now} + make_interval(secs => $4),
                 heartbeat_at = {now}, progress = coalesce($5, progress)
           where {FENCE} and {HELD}
-         returning cancel_requested"
+         returning cancel_requested, pause_requested"
     ))
     .bind(&lease.job_id)
     .bind(&lease.worker_id)
@@ -78,7 +80,10 @@ pub async fn heartbeat(
     .fetch_optional(db)
     .await?;
     match row {
-        Some((cancel_requested,)) => Ok(Beat { cancel_requested }),
+        Some((cancel_requested, pause_requested)) => Ok(Beat {
+            cancel_requested,
+            pause_requested,
+        }),
         None => Err(QueueError::LeaseLost(lease.job_id.clone())),
     }
 }
@@ -173,16 +178,19 @@ pub async fn fail(
 }
 
 /// Hands a running job back to the queue at once, runnable now: its worker is shutting down
-/// and checkpointed what it did. The attempt is not held against the job (`max_attempts`
-/// grows by one; attempt numbers keep rising, so the fence still tells attempts apart); a job
-/// whose cancellation was requested ends cancelled instead.
+/// (or was asked to pause) and checkpointed what it did. The attempt is not held against the
+/// job (`max_attempts` grows by one; attempt numbers keep rising, so the fence still tells
+/// attempts apart); a job whose cancellation was requested ends cancelled instead, one whose
+/// pause was requested waits `paused`.
 pub async fn release(db: impl PgExecutor<'_>, lease: &Lease) -> Result<()> {
     let row: Option<(String,)> = sqlx::query_as(&format!(
         "update jobs set
-                status = case when cancel_requested then 'cancelled' else 'queued' end,
+                status = case when cancel_requested then 'cancelled'
+                              when pause_requested then 'paused' else 'queued' end,
                 max_attempts = case when cancel_requested then max_attempts
                                     else max_attempts + 1 end,
                 finished_at = case when cancel_requested then now() else null end,
+                pause_requested = false,
                 run_after = now(), worker_id = null, lease_expires_at = null
           where {FENCE} and {HELD}
           returning id"
@@ -237,7 +245,9 @@ pub async fn reap(db: &sqlx::PgPool, cfg: &QueueConfig) -> Result<u64> {
         "update jobs set
                 status = case when cancel_requested then 'cancelled'
                               when attempt >= max_attempts then 'failed'
+                              when pause_requested then 'paused'
                               else 'queued' end,
+                pause_requested = false,
                 error = case when cancel_requested then error
                              when attempt >= max_attempts then jsonb_build_object(
                                'code', 'lease_expired',
@@ -289,7 +299,7 @@ pub async fn cancel(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<
     };
     // A queued job stops here; a running one is flagged and its worker confirms.
     let (to, out) = match status {
-        JobStatus::Queued => (JobStatus::Cancelled, Cancelled::Now),
+        JobStatus::Queued | JobStatus::Paused => (JobStatus::Cancelled, Cancelled::Now),
         JobStatus::Running => (JobStatus::Cancelling, Cancelled::Requested),
         JobStatus::Cancelling | JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled => {
             tx.rollback().await?;
@@ -313,6 +323,104 @@ pub async fn cancel(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<
             .await?;
     }
     log(&mut *tx, job_id, EventType::Status, to.as_str()).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// What a pause or resume request did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Paused {
+    /// The job is now paused (it was queued), or queued again (it was paused).
+    Now,
+    /// It is running: its worker checkpoints at the next step and hands it back paused (or,
+    /// for a resume, the pause it had not reached yet is withdrawn).
+    Requested,
+    /// Nothing to do: already paused (pause) or already queued or running (resume).
+    Already,
+    /// It is finished or being cancelled (the status is returned).
+    Conflict(JobStatus),
+    NotFound,
+}
+
+/// Pauses a tenant's fine-tune: a queued one at once, a running one through its worker (which
+/// learns of it at its next heartbeat, at once through [`CANCEL_CHANNEL`]).
+pub async fn pause(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<Paused> {
+    pause_or_resume(db, tenant_id, job_id, true).await
+}
+
+/// Resumes a paused fine-tune: queued again, runnable now; its next worker resumes from the
+/// latest checkpoint. A running job whose pause is still pending keeps running.
+pub async fn resume(db: &sqlx::PgPool, tenant_id: &str, job_id: &str) -> Result<Paused> {
+    pause_or_resume(db, tenant_id, job_id, false).await
+}
+
+async fn pause_or_resume(
+    db: &sqlx::PgPool,
+    tenant_id: &str,
+    job_id: &str,
+    pause: bool,
+) -> Result<Paused> {
+    let mut tx = db.begin().await?;
+    let row: Option<(JobStatus, bool)> = sqlx::query_as(
+        "select status, pause_requested from jobs
+          where id = $1 and tenant_id = $2 and kind = 'fine_tune' for update",
+    )
+    .bind(job_id)
+    .bind(tenant_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((status, requested)) = row else {
+        tx.rollback().await?;
+        return Ok(Paused::NotFound);
+    };
+    let (sql, to, out) = match (status, pause) {
+        (JobStatus::Queued, true) => (
+            "update jobs set status = 'paused' where id = $1",
+            Some(JobStatus::Paused),
+            Paused::Now,
+        ),
+        (JobStatus::Paused, false) => (
+            "update jobs set status = 'queued', run_after = now() where id = $1",
+            Some(JobStatus::Queued),
+            Paused::Now,
+        ),
+        (JobStatus::Running, true) if !requested => (
+            "update jobs set pause_requested = true where id = $1",
+            None,
+            Paused::Requested,
+        ),
+        (JobStatus::Running, false) if requested => (
+            "update jobs set pause_requested = false where id = $1",
+            None,
+            Paused::Requested,
+        ),
+        (JobStatus::Paused, true) | (JobStatus::Queued | JobStatus::Running, _) => {
+            tx.rollback().await?;
+            return Ok(Paused::Already);
+        }
+        (s, _) => {
+            tx.rollback().await?;
+            return Ok(Paused::Conflict(s));
+        }
+    };
+    sqlx::query(sql).bind(job_id).execute(&mut *tx).await?;
+    match to {
+        Some(to) => log(&mut *tx, job_id, EventType::Status, to.as_str()).await?,
+        // The worker learns at once, as of a cancellation.
+        None => {
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(CANCEL_CHANNEL)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            let msg = if pause {
+                "pause requested: the job stops at its next step"
+            } else {
+                "pause withdrawn: the job keeps running"
+            };
+            log(&mut *tx, job_id, EventType::Message, msg).await?;
+        }
+    }
     tx.commit().await?;
     Ok(out)
 }

@@ -19,6 +19,10 @@
 //! - **Cancel**: a queued job is cancelled at once; a running one is flagged (`cancelling`)
 //!   and a `NOTIFY job_cancel` announces it; its worker, listening, heartbeats at once, sees
 //!   the flag, stops and confirms (a lost notification costs at most one heartbeat interval).
+//! - **Pause / resume**: a queued job is paused at once; a running one is flagged
+//!   (`pause_requested`, announced like a cancellation): its worker checkpoints at the next step
+//!   and [`release`]s it as `paused`. Resume queues a paused job again (its next worker resumes
+//!   from the checkpoint), or withdraws a pause not yet reached.
 //!
 //! [`lifecycle`] holds the state changes, [`enqueue`] the inserts, [`records`] what a worker
 //! writes under its fence besides, [`positions`] where queued jobs stand.
@@ -38,8 +42,8 @@ use crate::domain::{JobKind, JobStatus};
 
 pub use enqueue::{enqueue, enqueue_merge, NewJob};
 pub use lifecycle::{
-    cancel, claim, complete, confirm_cancel, fail, heartbeat, reap, release, Beat, Cancelled,
-    Failure,
+    cancel, claim, complete, confirm_cancel, fail, heartbeat, pause, reap, release, resume, Beat,
+    Cancelled, Failure, Paused,
 };
 pub use positions::queue_positions;
 pub use records::{checkpoint, complete_with_artifacts, event, metric, Completion, NewArtifact};

@@ -155,7 +155,7 @@ pub(super) async fn run(
                 }
                 drop(ack);
             }
-            // What the heartbeats learned: cancellation requested, or the job lost.
+            // What the heartbeats learned: cancellation or a pause requested, or the job lost.
             Ok(()) = standing.changed() => {
                 let now = *standing.borrow_and_update();
                 if now.lost && abort.is_none() {
@@ -163,6 +163,11 @@ pub(super) async fn run(
                 }
                 if now.lost || now.cancel_requested {
                     cancel.store(true, Ordering::SeqCst);
+                }
+                // A pause drains as a shutdown does: checkpoint at the next step, hand back.
+                // Withdrawn before that step, training goes on.
+                if !draining {
+                    drain.store(now.pause_requested, Ordering::SeqCst);
                 }
             }
         }

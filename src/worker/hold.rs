@@ -26,6 +26,8 @@ use crate::queue::{self, Lease, QueueError};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Standing {
     pub cancel_requested: bool,
+    /// Checkpoint at the next step and hand the job back (it waits `paused`).
+    pub pause_requested: bool,
     /// The job is no longer surely this worker's: stop and write nothing more.
     pub lost: bool,
 }
@@ -100,13 +102,13 @@ impl Held {
             match queue::heartbeat(db, &self.lease, cfg, progress.as_ref()).await {
                 Ok(b) => {
                     self.renewed(sent_at);
-                    if b.cancel_requested {
-                        self.standing.send_if_modified(|s| {
-                            let was = s.cancel_requested;
-                            s.cancel_requested = true;
-                            !was
-                        });
-                    }
+                    self.standing.send_if_modified(|s| {
+                        let was = *s;
+                        // A cancellation stands once seen; a pause may be withdrawn (resume).
+                        s.cancel_requested |= b.cancel_requested;
+                        s.pause_requested = b.pause_requested;
+                        *s != was
+                    });
                 }
                 Err(QueueError::LeaseLost(_)) => return self.give_up(),
                 // Unreachable past the lease: a reaper may have handed the job on.

@@ -246,10 +246,20 @@ pub async fn try_run_one(ctx: &WorkerCtx) -> Result<Outcome, WorkerError> {
         }
         Err(Stop::Lost) => return Ok(Outcome::LostLease { job_id: job.id }),
         Err(Stop::Drained(step)) => {
-            let msg = format!(
-                "handed back at shutdown after step {step}; the next worker resumes from there"
-            );
-            let _ = status(ctx, &lease, EventLevel::Info, &msg, None).await;
+            let paused = lease.standing().borrow().pause_requested;
+            let (msg, data) = if paused {
+                // A status event's message is the new status, as the queue logs them.
+                (
+                    "paused".to_string(),
+                    Some(serde_json::json!({"after_step": step})),
+                )
+            } else {
+                let m = format!(
+                    "handed back at shutdown after step {step}; the next worker resumes from there"
+                );
+                (m, None)
+            };
+            let _ = status(ctx, &lease, EventLevel::Info, &msg, data).await;
             return match lease
                 .persist("release", || queue::release(db, &lease))
                 .await
