@@ -152,19 +152,19 @@ function jobsView(view) {
           "tr",
           { "data-job": j.id },
           el("td", {}, el("a", { href: `#/jobs/${j.id}`, class: "mono" }, j.id)),
-          el("td", {}, badge(j.status)),
+          el("td", {}, badge(j.service_status || j.status)),
           el(
             "td",
             {},
             j.status === "queued"
               ? el("span", { class: "hint", "data-queue-position": j.queue_position }, `#${j.queue_position + 1} in queue · ETA ${ago(j.estimated_finish)}`)
-              : j.status === "running" || j.status === "cancelling"
+              : j.status === "running"
                 ? progressBar(j)
                 : j.status === "succeeded" && j.result && j.result.eval && j.result.eval.accuracy !== undefined
                   ? el("span", { class: "hint" }, `accuracy ${(j.result.eval.accuracy * 100).toFixed(1)}%`)
                   : ""
           ),
-          el("td", { class: "hide-sm" }, j.method.type),
+          el("td", { class: "hide-sm" }, j.training_method.type),
           el("td", { class: "hide-sm" }, j.model),
           el("td", { class: "hide-sm" }, time(j.created_at)),
           el("td", { class: "hide-sm" }, time(j.started_at)),
@@ -240,11 +240,11 @@ function jobView(view, id) {
   async function refresh() {
     job = await api(`/v1/fine_tuning/jobs/${id}`);
     if (!alive(gen)) return;
-    head.replaceChildren(el("h1", {}, "Job ", el("span", { class: "mono" }, job.id), " ", badge(job.status)));
+    head.replaceChildren(el("h1", {}, "Job ", el("span", { class: "mono" }, job.id), " ", badge(job.service_status || job.status)));
     kv(info, [
       ["Base model", job.model],
-      ["Method", job.method.type],
-      ["Status", badge(job.status)],
+      ["Method", job.training_method.type],
+      ["Status", badge(job.service_status || job.status)],
       ["Progress", job.status === "running" ? progressBar(job) : job.trained_steps != null ? `${job.trained_steps} steps` : "—"],
       ["Queue position", job.queue_position ?? "—"],
       ["Estimated finish", job.estimated_finish ? `${time(job.estimated_finish)} (${ago(job.estimated_finish)})` : "—"],
@@ -258,10 +258,16 @@ function jobView(view, id) {
       ["Error", job.error ? `${job.error.code}: ${job.error.message}` : "—"],
       ["Merge", job.merge ? job.merge.status : "—"],
     ]);
-    kv(hyper, Object.entries(job.method.hyperparameters).map(([k, v]) => [k, v === null ? "—" : String(v)]));
+    kv(hyper, Object.entries(job.training_method.hyperparameters).map(([k, v]) => [k, v === null ? "—" : String(v)]));
     actions.replaceChildren(
       ...[
-        !FINAL.has(job.status) && job.status !== "cancelling"
+        (job.service_status === "queued" || job.service_status === "running")
+          ? el("button", { class: "secondary", type: "button", id: "pause-btn", onclick: () => pauseOrResume("pause") }, "Pause")
+          : null,
+        job.service_status === "paused"
+          ? el("button", { class: "secondary", type: "button", id: "resume-btn", onclick: () => pauseOrResume("resume") }, "Resume")
+          : null,
+        !FINAL.has(job.status) && job.service_status !== "cancelling"
           ? el("button", { class: "danger", type: "button", id: "cancel-btn", onclick: cancel }, "Cancel job")
           : null,
         job.status === "succeeded" && !job.merge
@@ -311,6 +317,16 @@ function jobView(view, id) {
     }
   }
 
+  async function pauseOrResume(what) {
+    try {
+      await api(`/v1/fine_tuning/jobs/${id}/${what}`, { method: "POST" });
+      toast(what === "pause" ? "Pause requested: the job stops at its next step" : "Resumed: queued from its latest checkpoint");
+      await refresh();
+    } catch (e) {
+      toast(e.message);
+    }
+  }
+
   async function merge() {
     try {
       await api(`/v1/fine_tuning/jobs/${id}/merge`, { method: "POST" });
@@ -342,7 +358,7 @@ function jobView(view, id) {
   }
 
   function addEvent(e) {
-    const li = el("li", { class: e.level, "data-type": e.type }, `${new Date(e.created_at * 1000).toLocaleTimeString()}  ${e.message}`);
+    const li = el("li", { class: e.level, "data-type": e.category || e.type }, `${new Date(e.created_at * 1000).toLocaleTimeString()}  ${e.message}`);
     log.append(li);
     log.scrollTop = log.scrollHeight;
     const d = e.data;
@@ -351,7 +367,7 @@ function jobView(view, id) {
       else if (d.step !== undefined && d.loss !== undefined) points.train.set(d.step, d);
       drawCharts();
     }
-    if (e.type === "status") refresh().catch(() => {});
+    if (e.category === "status") refresh().catch(() => {});
   }
 
   (async () => {

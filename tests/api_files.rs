@@ -198,17 +198,50 @@ async fn upload_list_get_content_delete(db: PgPool) {
         (l2["data"][0]["id"].as_str(), l2["has_more"].as_bool()),
         (Some(id.as_str()), Some(false))
     );
-    let (s, v, _) = call(
-        &st,
-        "GET",
-        "/v1/files?limit=1000",
-        Some(&key),
-        Body::empty(),
-        None,
-    )
-    .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_eq!(v["error"]["param"], "limit");
+    // OpenAI's list parameters: pages up to 10,000, order, purpose; an unknown cursor, a
+    // parameter given twice or one the list does not take is a 400 naming it.
+    let list = |q: &str| {
+        let uri = format!("/v1/files?{q}");
+        let (st, key) = (st.clone(), key.clone());
+        async move {
+            let (s, v, _) = call(&st, "GET", &uri, Some(&key), Body::empty(), None).await;
+            (s, v)
+        }
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (s, v) = list("limit=10000").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(ids(&v), [f2["id"].as_str().unwrap(), id.as_str()]);
+    assert_eq!(v["data"][0]["status"], "processed");
+    let (_, v) = list("order=asc").await;
+    assert_eq!(ids(&v), [id.as_str(), f2["id"].as_str().unwrap()]);
+    let (_, v) = list(&format!("order=asc&limit=1&after={id}")).await;
+    assert_eq!(ids(&v), [f2["id"].as_str().unwrap()]);
+    let (_, v) = list("purpose=fine-tune").await;
+    assert_eq!(ids(&v).len(), 2);
+    let (_, v) = list("purpose=batch").await;
+    assert!(ids(&v).is_empty());
+    for (q, param) in [
+        ("limit=10001", "limit"),
+        ("limit=0", "limit"),
+        ("after=file_000000000000000000000000", "after"),
+        ("after=", "after"),
+        ("order=sideways", "order"),
+        ("order=asc&order=desc", "order"),
+        ("metadata[team]=nlp", "metadata[team]"),
+        ("colour=blue", "colour"),
+    ] {
+        let (s, v) = list(q).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert_eq!(v["error"]["param"], param, "{q}: {v}");
+    }
 
     let (s, g, _) = call(
         &st,
@@ -412,7 +445,10 @@ const ROUTED: &[(&str, &str)] = &[
     ("GET", "/v1/fine_tuning/jobs"),
     ("POST", "/v1/fine_tuning/jobs"),
     ("GET", "/v1/fine_tuning/jobs/{id}"),
+    ("POST", "/v1/fine_tuning/jobs/estimate"),
     ("POST", "/v1/fine_tuning/jobs/{id}/cancel"),
+    ("POST", "/v1/fine_tuning/jobs/{id}/pause"),
+    ("POST", "/v1/fine_tuning/jobs/{id}/resume"),
     ("GET", "/v1/fine_tuning/jobs/{id}/events"),
     ("GET", "/v1/fine_tuning/jobs/{id}/metrics"),
     ("GET", "/v1/fine_tuning/jobs/{id}/checkpoints"),

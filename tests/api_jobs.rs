@@ -126,7 +126,7 @@ fn sse_events(body: &[u8]) -> Vec<(String, Value)> {
 async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
     let e = env(db.clone());
     let st = &e.st;
-    let (_, key) = tenant_key(st, "acme").await;
+    let (tenant, key) = tenant_key(st, "acme").await;
     let key = key.as_str();
 
     // Models: the folder's two, with their architecture.
@@ -208,8 +208,37 @@ async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
     assert_eq!(job["status"], "queued");
     assert_eq!(job["queue_position"], 0);
     assert!(job["estimated_finish"].as_i64().unwrap() >= job["created_at"].as_i64().unwrap());
-    assert_eq!(job["method"]["type"], "sparsegrad");
+    assert_eq!(job["training_method"]["type"], "sparsegrad");
+    // OpenAI's shape beside it, as its SDKs validate it.
+    assert_eq!(job["method"]["type"], "supervised");
+    assert_eq!(job["organization_id"], tenant.as_str());
+    assert_eq!(
+        job["method"]["supervised"]["hyperparameters"],
+        job["hyperparameters"]
+    );
+    assert_eq!(job["hyperparameters"]["learning_rate_multiplier"], 10.0);
+    assert!(job["hyperparameters"]["batch_size"].is_u64());
     assert_eq!(job["metadata"]["team"], "nlp");
+    // Lists filter on metadata (every pair given); an unknown cursor is a 400.
+    for (q, want) in [
+        ("metadata[team]=nlp", 1),
+        ("metadata[team]=vision", 0),
+        ("metadata[team]=nlp&metadata[other]=x", 0),
+    ] {
+        let (s, v) = get(st, &format!("/v1/fine_tuning/jobs?{q}"), key).await;
+        assert_eq!(s, StatusCode::OK, "{q}: {v}");
+        assert_eq!(v["data"].as_array().unwrap().len(), want, "{q}: {v}");
+    }
+    let (s, v) = get(st, "/v1/fine_tuning/jobs?after=ftjob_nope", key).await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("after"))
+    );
+    let (s, v) = get(st, "/v1/fine_tuning/jobs?purpose=fine-tune", key).await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("purpose"))
+    );
     assert_eq!(job["training_file"], tid);
     assert_eq!(job["validation_file"], vid);
     assert_eq!(job["seed"], 3);
@@ -790,8 +819,8 @@ async fn cancel_queued_and_running_jobs_and_other_tenants_see_nothing(db: PgPool
     )
     .await;
     assert_eq!(
-        (s, v["status"].clone()),
-        (StatusCode::OK, json!("cancelling"))
+        (s, v["service_status"].clone(), v["status"].clone()),
+        (StatusCode::OK, json!("cancelling"), json!("running"))
     );
     let (_, v) = post_json(
         st,

@@ -162,7 +162,7 @@ async fn upload_train_follow_download_merge_predict_over_http(db: PgPool) {
         .collect();
     let statuses: Vec<&str> = events
         .iter()
-        .filter(|e| e["type"] == "status")
+        .filter(|e| e["category"] == "status" && e["type"] == "message")
         .map(|e| e["message"].as_str().unwrap())
         .collect();
     assert_eq!(statuses, ["queued", "running", "succeeded"], "{text}");

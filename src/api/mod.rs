@@ -13,13 +13,13 @@ pub mod metrics;
 pub mod models;
 pub mod objects;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::Router;
 use secrecy::ExposeSecret;
-use serde::Deserialize;
 use sqlx::PgPool;
 
 use crate::config::Config;
@@ -220,18 +220,81 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A list's query string, as OpenAI documents it: `after`, `limit`, `order` (`asc` /
+/// `desc`), and the filters `purpose` (files) and `metadata[key]=value` (jobs). A name given
+/// twice or one no list knows is a 400 naming it; each list refuses the filters it lacks.
+#[derive(Debug, Default)]
 pub struct ListQuery {
     pub after: Option<String>,
     pub limit: Option<i64>,
+    pub order: Option<String>,
+    pub purpose: Option<String>,
+    pub metadata: BTreeMap<String, String>,
 }
 
+/// The most `metadata[…]` filters one list accepts (a job has at most 16 pairs).
+const MAX_METADATA_FILTERS: usize = 16;
+
 impl ListQuery {
-    pub fn page(&self) -> ApiResult<Page> {
+    fn parse(q: &str) -> ApiResult<Self> {
+        let bad = |param: &str, msg: String| ApiError::invalid(msg, Some(param), "invalid_query");
+        let mut out = ListQuery::default();
+        let mut seen = std::collections::HashSet::new();
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            if !seen.insert(k.to_string()) {
+                return Err(bad(&k, format!("`{k}` is given twice")));
+            }
+            let v = v.into_owned();
+            match &*k {
+                "after" if v.is_empty() => {
+                    return Err(bad(
+                        "after",
+                        "is empty (leave it out for the first page)".into(),
+                    ))
+                }
+                "after" => out.after = Some(v),
+                "limit" => {
+                    out.limit = Some(
+                        v.parse()
+                            .map_err(|_| bad("limit", format!("`{v}` is not an integer")))?,
+                    )
+                }
+                "order" if v == "asc" || v == "desc" => out.order = Some(v),
+                "order" => return Err(bad("order", "one of asc, desc".into())),
+                "purpose" => out.purpose = Some(v),
+                _ => match k
+                    .strip_prefix("metadata[")
+                    .and_then(|m| m.strip_suffix(']'))
+                {
+                    Some(key) if !key.is_empty() && key.len() <= 64 && v.len() <= 512 => {
+                        if out.metadata.len() >= MAX_METADATA_FILTERS {
+                            return Err(bad(
+                                &k,
+                                format!("at most {MAX_METADATA_FILTERS} metadata filters"),
+                            ));
+                        }
+                        out.metadata.insert(key.to_string(), v);
+                    }
+                    Some(_) => {
+                        return Err(bad(
+                            &k,
+                            "metadata keys are 1-64 characters, values at most 512".into(),
+                        ))
+                    }
+                    None => return Err(bad(&k, format!("unknown query parameter `{k}`"))),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// The page asked for: `limit` in `1..=max_limit` (20 when absent), newest first unless
+    /// `order=asc`, filtered by `filter` (see [`Page::filter`]).
+    pub fn page(&self, max_limit: i64) -> ApiResult<Page> {
         let limit = self.limit.unwrap_or(20);
-        if !(1..=100).contains(&limit) {
+        if !(1..=max_limit).contains(&limit) {
             return Err(ApiError::invalid(
-                "must be between 1 and 100",
+                format!("must be between 1 and {max_limit}"),
                 Some("limit"),
                 "invalid_limit",
             ));
@@ -239,11 +302,61 @@ impl ListQuery {
         Ok(Page {
             after: self.after.clone(),
             limit,
+            ascending: self.order.as_deref() == Some("asc"),
+            filter: None,
         })
+    }
+
+    /// Refuses the parameters this list does not take (all but `after` and `limit`, less
+    /// those in `takes`).
+    pub fn only(&self, takes: &[&str]) -> ApiResult<()> {
+        let given = [
+            ("order", self.order.is_some()),
+            ("purpose", self.purpose.is_some()),
+            ("metadata", !self.metadata.is_empty()),
+        ];
+        for (name, is) in given {
+            if is && !takes.contains(&name) {
+                let param = match name {
+                    "metadata" => format!(
+                        "metadata[{}]",
+                        self.metadata
+                            .keys()
+                            .next()
+                            .map(String::as_str)
+                            .unwrap_or_default()
+                    ),
+                    n => n.to_string(),
+                };
+                return Err(ApiError::invalid(
+                    format!("this list does not take `{param}`"),
+                    Some(&param),
+                    "invalid_query",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
-pub type ListParams = Query<ListQuery>;
+/// A page's cursor names no row of this list (a 400, not an empty page).
+pub fn unknown_cursor(after: &str) -> ApiError {
+    ApiError::invalid(
+        format!("no item `{after}` in this list to continue after"),
+        Some("after"),
+        "invalid_cursor",
+    )
+}
+
+/// The list query of a request, parsed (see [`ListQuery`]).
+pub struct ListParams(pub ListQuery);
+
+impl<S: Send + Sync> FromRequestParts<S> for ListParams {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> ApiResult<Self> {
+        ListQuery::parse(parts.uri.query().unwrap_or_default()).map(ListParams)
+    }
+}
 
 /// A query-string extractor whose rejections name the parameter, in the error envelope.
 pub struct Query<T>(pub T);

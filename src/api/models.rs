@@ -23,11 +23,11 @@ pub fn router() -> Router<AppState> {
         .route("/models/{id}", get(get_one))
 }
 
-fn object(m: &BaseModel, owned_by: &str, created: Option<i64>) -> ModelObject {
+fn object(m: &BaseModel, owned_by: &str) -> ModelObject {
     ModelObject {
         id: m.id.clone(),
         object: "model",
-        created,
+        created: m.created.unwrap_or(0),
         owned_by: owned_by.to_string(),
         architecture: m.architecture.clone(),
         hidden_size: m.config.get("hidden_size").cloned(),
@@ -49,6 +49,7 @@ fn row_model(r: &ModelRow) -> BaseModel {
         source: ModelSource::Storage {
             prefix: r.object_prefix.clone(),
         },
+        created: Some(r.created_at.timestamp()),
     }
 }
 
@@ -61,14 +62,10 @@ async fn list(
         let shared = tokio::task::spawn_blocking(move || catalog::list_dir(&dir))
             .await
             .map_err(ApiError::internal)?;
-        data.extend(shared.iter().map(|m| object(m, "system", None)));
+        data.extend(shared.iter().map(|m| object(m, "system")));
     }
     for r in registered_models::list(&st.db, &tenant).await? {
-        data.push(object(
-            &row_model(&r),
-            &tenant,
-            Some(r.created_at.timestamp()),
-        ));
+        data.push(object(&row_model(&r), &tenant));
     }
     Ok(axum::Json(List::new(data, false)))
 }
@@ -79,14 +76,10 @@ async fn get_one(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<ModelObject>> {
     if let Some(r) = registered_models::get(&st.db, &tenant, &id).await? {
-        return Ok(axum::Json(object(
-            &row_model(&r),
-            &tenant,
-            Some(r.created_at.timestamp()),
-        )));
+        return Ok(axum::Json(object(&row_model(&r), &tenant)));
     }
     match find_model(&st, &tenant, &id).await? {
-        Some(m) => Ok(axum::Json(object(&m, "system", None))),
+        Some(m) => Ok(axum::Json(object(&m, "system"))),
         None => Err(ApiError::not_found("model", &id)),
     }
 }
@@ -252,11 +245,7 @@ async fn create(
         created_at: chrono::Utc::now(),
     };
     match registered_models::insert(&st.db, &row).await? {
-        Some(r) => Ok(axum::Json(object(
-            &row_model(&r),
-            &tenant,
-            Some(r.created_at.timestamp()),
-        ))),
+        Some(r) => Ok(axum::Json(object(&row_model(&r), &tenant))),
         None => {
             // A concurrent registration won; an import of ours must not linger.
             if matches!(req.source, Source::Gguf { .. }) {

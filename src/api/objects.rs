@@ -35,6 +35,8 @@ impl<T> List<T> {
     }
 }
 
+/// OpenAI's file object plus the dataset's format, task and rows. Files are validated row by
+/// row before they are stored, so every stored file is `processed`.
 #[derive(Serialize)]
 pub struct FileObject {
     pub id: String,
@@ -43,6 +45,9 @@ pub struct FileObject {
     pub created_at: i64,
     pub filename: String,
     pub purpose: String,
+    pub status: &'static str,
+    pub status_details: Option<String>,
+    pub expires_at: Option<i64>,
     pub format: String,
     pub task: String,
     pub rows: i64,
@@ -57,6 +62,9 @@ impl From<&FileRow> for FileObject {
             created_at: unix(&f.created_at),
             filename: f.filename.clone(),
             purpose: f.purpose.clone(),
+            status: "processed",
+            status_details: None,
+            expires_at: None,
             format: f.format.clone(),
             task: f.task.clone(),
             rows: f.rows,
@@ -122,7 +130,8 @@ impl ApiKeyObject {
 pub struct ModelObject {
     pub id: String,
     pub object: &'static str,
-    pub created: Option<i64>,
+    /// Unix seconds (0 where unknown: OpenAI's model object requires a number).
+    pub created: i64,
     pub owned_by: String,
     pub architecture: String,
     pub hidden_size: Option<Value>,
@@ -164,21 +173,33 @@ impl From<&JobRow> for MergeObject {
     }
 }
 
-/// A fine-tuning job: OpenAI's fields plus this service's (the method run with its resolved
-/// hyperparameters, progress, estimate, queue position and ETA, attempts, result, merge).
+/// A fine-tuning job: OpenAI's fields with OpenAI's value sets (what the SDKs validate), plus
+/// this service's (the method run with its resolved hyperparameters, progress, estimate, queue
+/// position and ETA, attempts, result, merge).
 #[derive(Serialize)]
 pub struct JobObject {
     pub id: String,
     pub object: &'static str,
     pub model: String,
     pub base_model: String,
+    pub organization_id: String,
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
-    pub status: JobStatus,
+    /// OpenAI's status: a job whose cancellation is under way is still `running`.
+    pub status: &'static str,
+    /// The service's own status, which adds `cancelling`.
+    pub service_status: JobStatus,
     pub training_file: String,
     pub validation_file: Option<String>,
-    pub method: MethodEcho,
+    /// OpenAI's: `batch_size`, `learning_rate_multiplier` (of the method's default learning
+    /// rate), `n_epochs`, as the job runs them.
+    pub hyperparameters: OpenAiHyperparameters,
+    /// OpenAI's shape: `{"type": "supervised", "supervised": {"hyperparameters": …}}`.
+    pub method: OpenAiMethod,
+    /// The method this service runs, with every resolved hyperparameter.
+    pub training_method: MethodEcho,
+    pub integrations: Option<Vec<Value>>,
     pub seed: u64,
     pub suffix: Option<String>,
     pub metadata: BTreeMap<String, String>,
@@ -191,11 +212,53 @@ pub struct JobObject {
     pub estimated_finish: Option<i64>,
     pub attempt: i32,
     pub max_attempts: i32,
+    /// OpenAI's `{code, message, param}` (a failed job's cause).
     pub error: Option<Value>,
     pub result: Option<Value>,
     pub result_files: Value,
     pub fine_tuned_model: Option<String>,
     pub merge: Option<MergeObject>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct OpenAiHyperparameters {
+    pub batch_size: Value,
+    pub learning_rate_multiplier: Value,
+    pub n_epochs: Value,
+}
+
+#[derive(Serialize)]
+pub struct OpenAiMethod {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub supervised: SupervisedMethod,
+}
+
+#[derive(Serialize)]
+pub struct SupervisedMethod {
+    pub hyperparameters: OpenAiHyperparameters,
+}
+
+impl JobStatus {
+    /// The status among OpenAI's values.
+    pub fn openai(self) -> &'static str {
+        match self {
+            JobStatus::Cancelling => "running",
+            // OpenAI's SDKs know no `paused`: it waits for its turn once resumed.
+            JobStatus::Paused => "queued",
+            s => s.as_str(),
+        }
+    }
+}
+
+/// A stored error in OpenAI's shape: `code` and `message` strings, `param` or null.
+pub fn openai_error(e: &Value) -> Value {
+    let text = |k: &str| e.get(k).and_then(Value::as_str).map(str::to_string);
+    serde_json::json!({
+        "code": text("code").unwrap_or_else(|| "error".into()),
+        "message": text("message").unwrap_or_else(|| e.to_string()),
+        "param": text("param"),
+    })
 }
 
 /// A dry run's answer: what the job would be, and what it would cost.
@@ -215,8 +278,11 @@ pub struct EventObject {
     pub object: &'static str,
     pub created_at: i64,
     pub level: EventLevel,
+    /// OpenAI's `message` or `metrics`.
     #[serde(rename = "type")]
-    pub kind: EventType,
+    pub kind: &'static str,
+    /// The service's finer kind: `status` (a status change), `message` or `metrics`.
+    pub category: EventType,
     pub message: String,
     pub data: Option<Value>,
 }
@@ -233,11 +299,45 @@ impl From<&EventRow> for EventObject {
             object: "fine_tuning.job.event",
             created_at: unix(&e.created_at),
             level: e.level,
-            kind: e.kind,
+            kind: match e.kind {
+                EventType::Metrics => "metrics",
+                EventType::Status | EventType::Message => "message",
+            },
+            category: e.kind,
             message: e.message.clone(),
-            data: e.data.clone(),
+            data: match (e.kind, &e.data) {
+                (EventType::Metrics, Some(d)) => Some(openai_metrics(d)),
+                (_, d) => d.clone(),
+            },
         }
     }
+}
+
+/// A metrics event's data with OpenAI's names added beside the service's: `step`,
+/// `train_loss` (a training step's `loss`), `valid_loss` and `valid_mean_token_accuracy` /
+/// `valid_accuracy` (an evaluation's).
+fn openai_metrics(d: &Value) -> Value {
+    let mut d = d.clone();
+    let Some(m) = d.as_object_mut() else {
+        return d;
+    };
+    if let Some(l) = m.get("loss").cloned() {
+        m.entry("train_loss").or_insert(l);
+    }
+    if let Some(Value::Object(ev)) = m.get("eval").cloned() {
+        if let Some(l) = ev.get("loss") {
+            m.entry("valid_loss").or_insert(l.clone());
+        }
+        for (from, to) in [
+            ("token_accuracy", "valid_mean_token_accuracy"),
+            ("accuracy", "valid_accuracy"),
+        ] {
+            if let Some(a) = ev.get(from) {
+                m.entry(to).or_insert(a.clone());
+            }
+        }
+    }
+    d
 }
 
 /// A point on a job's curves: its kind and step, then the recorded figures.
@@ -275,6 +375,10 @@ pub struct CheckpointObject {
     pub id: String,
     pub object: &'static str,
     pub fine_tuning_job_id: String,
+    /// A name for the checkpoint (OpenAI's field; this service serves final models only).
+    pub fine_tuned_model_checkpoint: String,
+    /// OpenAI's: the step, and the training loss recorded at it.
+    pub metrics: Value,
     pub step_number: i32,
     pub attempt: i32,
     pub bytes: i64,
@@ -282,11 +386,13 @@ pub struct CheckpointObject {
 }
 
 impl CheckpointObject {
-    pub fn new(c: &CheckpointRow, job_id: &str) -> Self {
+    pub fn new(c: &CheckpointRow, job_id: &str, model: &str, train_loss: Option<f64>) -> Self {
         CheckpointObject {
             id: c.id.clone(),
             object: "fine_tuning.job.checkpoint",
             fine_tuning_job_id: job_id.to_string(),
+            fine_tuned_model_checkpoint: format!("ft:{model}:{job_id}:ckpt-step-{}", c.step),
+            metrics: serde_json::json!({"step": c.step, "train_loss": train_loss}),
             step_number: c.step,
             attempt: c.attempt,
             bytes: c.bytes,

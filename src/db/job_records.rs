@@ -48,13 +48,12 @@ pub async fn get(
     .await
 }
 
-/// A tenant's fine-tuning jobs, newest first; `(rows, has_more)`.
-pub async fn list(
-    db: impl PgExecutor<'_>,
-    tenant: &str,
-    page: &Page,
-) -> sqlx::Result<(Vec<JobRow>, bool)> {
-    super::newest_first(db, ("jobs", COLS, "kind = 'fine_tune'"), tenant, page).await
+/// A tenant's fine-tuning jobs whose metadata holds every pair of `page.filter` (an object,
+/// or none); `(rows, has_more)`.
+pub async fn list(db: &sqlx::PgPool, tenant: &str, page: &Page) -> super::PageResult<JobRow> {
+    let filter =
+        "kind = 'fine_tune' and ($4::jsonb is null or spec->'api'->'metadata' @> $4::jsonb)";
+    super::keyset_page(db, ("jobs", COLS, filter), tenant, page).await
 }
 
 /// The latest merge asked for a fine-tune, if any.
@@ -77,6 +76,17 @@ pub struct EventRow {
     pub kind: EventType,
     pub message: String,
     pub data: Option<serde_json::Value>,
+}
+
+/// Whether event `id` is one of the job's (a list cursor must name one).
+pub async fn has_event(db: impl PgExecutor<'_>, job_id: &str, id: i64) -> sqlx::Result<bool> {
+    let row: Option<(i32,)> =
+        sqlx::query_as("select 1 from job_events where job_id = $1 and id = $2")
+            .bind(job_id)
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(row.is_some())
 }
 
 /// Events of a job in either order: `newest_first` for the cursor list (ids below `after`),

@@ -23,39 +23,69 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", hex::encode(b))
 }
 
-/// A cursor page: `limit` rows after `after` (newest first), and whether more follow.
-#[derive(Clone, Debug)]
+/// A cursor page: `limit` rows after `after` (newest first unless `ascending`), and whether
+/// more follow.
+#[derive(Clone, Debug, Default)]
 pub struct Page {
     pub after: Option<String>,
     pub limit: i64,
+    pub ascending: bool,
+    /// The list's own filter value (bound as `$4` of its filter SQL): a file purpose, a job's
+    /// metadata pairs.
+    pub filter: Option<serde_json::Value>,
 }
 
-/// A page of a tenant's rows of `table` (those `filter` keeps), newest first, after the row
-/// `page.after`: keyset pagination on `(created_at, id)`, so a page costs the same however
-/// deep it is. `table`, `cols` and `filter` are this crate's constants, never input.
-async fn newest_first<T>(
-    db: impl sqlx::PgExecutor<'_>,
+/// A page, or why there is none: the cursor names no row of the list.
+pub type PageResult<T> = sqlx::Result<Option<(Vec<T>, bool)>>;
+
+/// A page of a tenant's rows of `table` (those `filter` keeps; it may read `$4`, the page's
+/// filter value as jsonb, null when absent) after the row `page.after`: keyset pagination on
+/// `(created_at, id)`, so a page costs the same however deep it is. `None` when `after` is no
+/// row of the tenant's list. `table`, `cols` and `filter` are this crate's constants, never
+/// input.
+async fn keyset_page<T>(
+    db: &sqlx::PgPool,
     (table, cols, filter): (&str, &str, &str),
     tenant: &str,
     page: &Page,
-) -> sqlx::Result<(Vec<T>, bool)>
+) -> PageResult<T>
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
+    if let Some(after) = &page.after {
+        let known: Option<(i32,)> = sqlx::query_as(&format!(
+            "select 1 from {table} where id = $1 and tenant_id = $2 and {}",
+            filter.replace("$4", "$3")
+        ))
+        .bind(after)
+        .bind(tenant)
+        .bind(&page.filter)
+        .fetch_optional(db)
+        .await?;
+        if known.is_none() {
+            return Ok(None);
+        }
+    }
+    let (cmp, dir) = if page.ascending {
+        (">", "asc")
+    } else {
+        ("<", "desc")
+    };
     let rows: Vec<T> = sqlx::query_as(&format!(
         "select {cols} from {table}
           where tenant_id = $1 and {filter}
-            and ($2::text is null or (created_at, id) <
+            and ($2::text is null or (created_at, id) {cmp}
                  (select created_at, id from {table} where id = $2 and tenant_id = $1))
-          order by created_at desc, id desc
+          order by created_at {dir}, id {dir}
           limit $3"
     ))
     .bind(tenant)
     .bind(&page.after)
     .bind(page.limit + 1)
+    .bind(&page.filter)
     .fetch_all(db)
     .await?;
-    Ok(cut_page(rows, page.limit))
+    Ok(Some(cut_page(rows, page.limit)))
 }
 
 /// Rows fetched with `limit + 1` cut to `limit`, and whether there were more.

@@ -23,6 +23,9 @@ pub struct BaseModel {
     pub architecture: String,
     pub config: serde_json::Value,
     pub source: ModelSource,
+    /// When it appeared (unix seconds): a folder's `config.json` modification time, a
+    /// registered model's registration.
+    pub created: Option<i64>,
 }
 
 /// The model folders under `dir` (each with a readable `config.json`), sorted by name.
@@ -48,7 +51,13 @@ pub fn in_dir(dir: &Path, name: &str) -> Option<BaseModel> {
 
 fn from_dir(path: &Path, name: &str) -> Option<BaseModel> {
     let (arch, config) = sparsegrad_engine::pretrained::read_config(path).ok()?;
+    let created = std::fs::metadata(path.join("config.json"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs() as i64);
     Some(BaseModel {
+        created,
         id: name.to_string(),
         architecture: arch.as_str().into(),
         config,

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use super::objects::{Deleted, FileObject, List};
-use super::{AppState, ListParams, Query, Tenant};
+use super::{unknown_cursor, AppState, ListParams, Query, Tenant};
 use crate::db::datasets::{self, FileRow};
 use crate::db::new_id;
 use crate::error::{ApiError, ApiResult};
@@ -210,9 +210,15 @@ fn over_quota_during_upload() -> ApiError {
 async fn list(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
-    Query(q): ListParams,
+    ListParams(q): ListParams,
 ) -> ApiResult<axum::Json<List<FileObject>>> {
-    let (rows, more) = datasets::list(&st.db, &tenant, &q.page()?).await?;
+    q.only(&["order", "purpose"])?;
+    // OpenAI's files list pages up to 10,000.
+    let mut page = q.page(10_000)?;
+    page.filter = q.purpose.clone().map(serde_json::Value::String);
+    let (rows, more) = datasets::list(&st.db, &tenant, &page)
+        .await?
+        .ok_or_else(|| unknown_cursor(page.after.as_deref().unwrap_or_default()))?;
     Ok(axum::Json(List::new(
         rows.iter().map(FileObject::from).collect(),
         more,

@@ -11,6 +11,7 @@ use super::job_for;
 use crate::api::objects::{ArtifactObject, CheckpointObject, List, MetricObject};
 use crate::api::{AppState, Tenant};
 use crate::db::job_records::{self as records, ArtifactRow, JobRow};
+use crate::domain::MetricKind;
 use crate::error::{ApiError, ApiResult};
 
 pub(super) async fn metrics(
@@ -29,9 +30,20 @@ pub(super) async fn checkpoints(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<List<CheckpointObject>>> {
-    job_for(&st, &tenant, &id).await?;
+    let job = job_for(&st, &tenant, &id).await?;
+    let model = job.spec["model"].as_str().unwrap_or_default().to_string();
     let rows = records::checkpoints(&st.db, &id).await?;
-    let data = rows.iter().map(|c| CheckpointObject::new(c, &id)).collect();
+    // OpenAI's checkpoints carry the training loss at their step: from the job's curve.
+    let losses: std::collections::HashMap<i32, f64> = records::metrics(&st.db, &id)
+        .await?
+        .into_iter()
+        .filter(|m| m.kind == MetricKind::Train)
+        .filter_map(|m| Some((m.step, m.data.get("loss")?.as_f64()?)))
+        .collect();
+    let data = rows
+        .iter()
+        .map(|c| CheckpointObject::new(c, &id, &model, losses.get(&c.step).copied()))
+        .collect();
     Ok(axum::Json(List::new(data, false)))
 }
 

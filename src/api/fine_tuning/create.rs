@@ -15,7 +15,7 @@ use crate::db::datasets::{self, FileRow};
 use crate::db::{self, job_records as records, registered_models};
 use crate::domain::estimate::estimate;
 use crate::domain::job::MethodEcho;
-use crate::domain::request::{check_request, resolve, CreateJob};
+use crate::domain::request::{check_request, resolve_request, CreateJob};
 use crate::domain::{
     catalog, ApiMeta, BaseModel, FileRef, FineTune, JobKind, JobSpec, ModelSource,
 };
@@ -32,6 +32,7 @@ pub async fn find_model(st: &AppState, tenant: &str, name: &str) -> ApiResult<Op
             source: ModelSource::Storage {
                 prefix: m.object_prefix,
             },
+            created: Some(m.created_at.timestamp()),
         }));
     }
     let Some(dir) = st.cfg.models_dir.clone() else {
@@ -87,6 +88,27 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    create_or_estimate(tenant, st, headers, body, false).await
+}
+
+/// `POST /v1/fine_tuning/jobs/estimate`: the dry run under its own route, so a client whose
+/// `jobs.create` expects a job object (the OpenAI SDKs) never gets an estimate from it.
+pub(super) async fn estimate_only(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    create_or_estimate(tenant, st, headers, body, true).await
+}
+
+async fn create_or_estimate(
+    tenant: String,
+    st: AppState,
+    headers: HeaderMap,
+    body: Bytes,
+    estimate_only: bool,
+) -> ApiResult<Response> {
     let req: CreateJob =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
             .map_err(|e| {
@@ -95,7 +117,7 @@ pub(super) async fn create(
                 ApiError::invalid(e.into_inner().to_string(), param.as_deref(), "invalid_json")
             })?;
     check_request(&req)?;
-    let mut resolved = resolve(req.method.as_ref(), req.seed)?;
+    let mut resolved = resolve_request(&req)?;
     let model = find_model(&st, &tenant, &req.model).await?.ok_or_else(|| {
         ApiError::invalid(
             format!("no base model `{}` (see GET /v1/models)", req.model),
@@ -167,7 +189,7 @@ pub(super) async fn create(
         kind: resolved.method.name().into(),
         hyperparameters: resolved.hyperparameters.clone(),
     };
-    if req.dry_run {
+    if req.dry_run || estimate_only {
         return Ok(axum::Json(EstimateObject {
             object: "fine_tuning.job.estimate",
             model: req.model,

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use super::job_for;
 use crate::api::limits::StreamSlot;
 use crate::api::objects::{event_id, EventObject, List};
-use crate::api::{AppState, ListParams, Query, Tenant};
+use crate::api::{AppState, ListParams, Tenant};
 use crate::db::job_records::{self as records, EventRow};
 use crate::db::listen::JobWatch;
 use crate::domain::JobKind;
@@ -33,21 +33,29 @@ pub(super) async fn events(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
     Path(id): Path<String>,
-    Query(p): ListParams,
+    ListParams(p): ListParams,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    p.only(&[])?;
     job_for(&st, &tenant, &id).await?;
     let wants_stream = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_stream {
-        let page = p.page()?;
+        let page = p.page(100)?;
         let after = page
             .after
             .as_deref()
             .map(|a| event_cursor(a, "after"))
             .transpose()?;
+        if let Some(a) = after {
+            if !records::has_event(&st.db, &id, a).await? {
+                return Err(crate::api::unknown_cursor(
+                    page.after.as_deref().unwrap_or_default(),
+                ));
+            }
+        }
         let (rows, more) = records::events(&st.db, &id, after, page.limit, true).await?;
         let data = rows.iter().map(EventObject::from).collect();
         return Ok(axum::Json(List::new(data, more)).into_response());

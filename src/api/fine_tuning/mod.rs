@@ -23,8 +23,11 @@ pub use create::find_model;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/fine_tuning/jobs", post(create::create).get(read::list))
+        .route("/fine_tuning/jobs/estimate", post(create::estimate_only))
         .route("/fine_tuning/jobs/{id}", get(read::get_one))
         .route("/fine_tuning/jobs/{id}/cancel", post(read::cancel))
+        .route("/fine_tuning/jobs/{id}/pause", post(read::pause))
+        .route("/fine_tuning/jobs/{id}/resume", post(read::resume))
         .route("/fine_tuning/jobs/{id}/events", get(events::events))
         .route("/fine_tuning/jobs/{id}/metrics", get(artifacts::metrics))
         .route(

@@ -5,14 +5,19 @@ use std::collections::HashMap;
 
 use axum::extract::{Path, State};
 use chrono::Utc;
+use sparsegrad_engine::train::Epochs;
 
 use super::job_for;
-use crate::api::objects::{JobObject, List, MergeObject};
-use crate::api::{AppState, ListParams, Query, Tenant};
+use crate::api::objects::{
+    openai_error, JobObject, List, MergeObject, OpenAiHyperparameters, OpenAiMethod,
+    SupervisedMethod,
+};
+use crate::api::{unknown_cursor, AppState, ListParams, Tenant};
 use crate::db::job_records::{self as records, JobRow};
-use crate::domain::{JobSpec, JobStatus};
+use crate::domain::request::SUPERVISED;
+use crate::domain::{FineTune, JobSpec, JobStatus};
 use crate::error::{ApiError, ApiResult};
-use crate::queue::{self, Cancelled};
+use crate::queue::{self, Cancelled, Paused};
 
 /// What a job object needs beyond its row, fetched for a whole page at once.
 #[derive(Default)]
@@ -89,18 +94,29 @@ fn render(j: &JobRow, x: &Extras) -> ApiResult<JobObject> {
         Some(s) => format!("ft:{}:{s}:{}", run.model, j.id),
         None => format!("ft:{}:{}", run.model, j.id),
     });
+    let hyperparameters = openai_hyperparameters(&run);
     Ok(JobObject {
         id: j.id.clone(),
         object: "fine_tuning.job",
         model: run.model.clone(),
         base_model: run.model,
+        organization_id: j.tenant_id.clone(),
         created_at: j.created_at.timestamp(),
         started_at: j.started_at.map(|t| t.timestamp()),
         finished_at: j.finished_at.map(|t| t.timestamp()),
-        status: j.status,
+        status: j.status.openai(),
+        service_status: j.status,
         training_file: run.training_file.id,
         validation_file: run.validation_file.map(|f| f.id),
-        method: api.method,
+        method: OpenAiMethod {
+            kind: SUPERVISED,
+            supervised: SupervisedMethod {
+                hyperparameters: hyperparameters.clone(),
+            },
+        },
+        hyperparameters,
+        training_method: api.method,
+        integrations: None,
         seed: api.seed,
         suffix: api.suffix,
         metadata: api.metadata,
@@ -113,7 +129,7 @@ fn render(j: &JobRow, x: &Extras) -> ApiResult<JobObject> {
         estimated_finish,
         attempt: j.attempt,
         max_attempts: j.max_attempts,
-        error: j.error.clone(),
+        error: j.error.as_ref().map(openai_error),
         result: j.result.clone(),
         result_files: result
             .and_then(|r| r.get("result_files"))
@@ -124,12 +140,34 @@ fn render(j: &JobRow, x: &Extras) -> ApiResult<JobObject> {
     })
 }
 
+/// The loop's settings under OpenAI's names: the learning rate as a multiple of the
+/// method's default.
+fn openai_hyperparameters(run: &FineTune) -> OpenAiHyperparameters {
+    let lr = run.train.lr / run.method.default_lr();
+    OpenAiHyperparameters {
+        batch_size: run.train.batch_size.into(),
+        // Four significant digits: 3e-4 over 1e-3 is 0.3, not 0.30000000000000004.
+        learning_rate_multiplier: format!("{lr:.4e}").parse::<f64>().unwrap_or(lr).into(),
+        n_epochs: match run.train.epochs {
+            Epochs::Fixed(n) => n.into(),
+            Epochs::Auto => "auto".into(),
+        },
+    }
+}
+
 pub(super) async fn list(
     Tenant(tenant): Tenant,
     State(st): State<AppState>,
-    Query(p): ListParams,
+    ListParams(p): ListParams,
 ) -> ApiResult<axum::Json<List<JobObject>>> {
-    let (rows, more) = records::list(&st.db, &tenant, &p.page()?).await?;
+    p.only(&["metadata"])?;
+    let mut page = p.page(100)?;
+    if !p.metadata.is_empty() {
+        page.filter = Some(serde_json::to_value(&p.metadata).map_err(ApiError::internal)?);
+    }
+    let (rows, more) = records::list(&st.db, &tenant, &page)
+        .await?
+        .ok_or_else(|| unknown_cursor(page.after.as_deref().unwrap_or_default()))?;
     let x = extras(&st, &rows).await?;
     let data = rows
         .iter()
@@ -160,4 +198,46 @@ pub(super) async fn cancel(
     }
     let j = job_for(&st, &tenant, &id).await?;
     Ok(axum::Json(job_object(&st, &j).await?))
+}
+
+/// `pause`: a queued job stops at once; a running one checkpoints at its next step and waits
+/// `paused` (`service_status`) until resumed.
+pub(super) async fn pause(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<JobObject>> {
+    let r = queue::pause(&st.db, &tenant, &id).await?;
+    pause_answer(&st, &tenant, &id, r, "paused").await
+}
+
+/// `resume`: a paused job is queued again and continues from its latest checkpoint.
+pub(super) async fn resume(
+    Tenant(tenant): Tenant,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<JobObject>> {
+    let r = queue::resume(&st.db, &tenant, &id).await?;
+    pause_answer(&st, &tenant, &id, r, "resumed").await
+}
+
+async fn pause_answer(
+    st: &AppState,
+    tenant: &str,
+    id: &str,
+    r: Paused,
+    verb: &str,
+) -> ApiResult<axum::Json<JobObject>> {
+    match r {
+        Paused::NotFound => return Err(ApiError::not_found("fine-tuning job", id)),
+        Paused::Conflict(s) => {
+            return Err(ApiError::conflict(
+                format!("a {s} job cannot be {verb}"),
+                "invalid_job_status",
+            ))
+        }
+        Paused::Now | Paused::Requested | Paused::Already => {}
+    }
+    let j = job_for(st, tenant, id).await?;
+    Ok(axum::Json(job_object(st, &j).await?))
 }
