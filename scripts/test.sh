@@ -24,6 +24,11 @@ else
   cargo test --locked --workspace --no-fail-fast "$@"
 fi
 
+# The official OpenAI Python SDK in strict mode against a real server + worker.
+if [ $# -eq 0 ]; then
+  ./scripts/sdk-test.sh
+fi
+
 # The dashboard in a real browser against a real server + worker (skipped with a notice when
 # chromium or node is missing outside CI; .ci/run installs both).
 if [ $# -eq 0 ]; then
