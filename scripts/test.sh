@@ -24,9 +24,11 @@ else
   cargo test --locked --workspace --no-fail-fast "$@"
 fi
 
-# The official OpenAI Python SDK in strict mode against a real server + worker.
+# The official OpenAI Python SDK in strict mode, then the contract (openapi.yaml linted, and
+# fuzzed by schemathesis), against a real server + worker.
 if [ $# -eq 0 ]; then
   ./scripts/sdk-test.sh
+  ./scripts/contract-test.sh
 fi
 
 # The dashboard in a real browser against a real server + worker (skipped with a notice when

@@ -68,6 +68,18 @@ impl ApiError {
             Some("not_found"),
         )
     }
+    /// A 404 about one request field (a cursor that names nothing).
+    pub fn not_found_param(message: impl Into<String>, param: &str, code: &'static str) -> Self {
+        ApiError {
+            param: Some(param.to_string()),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                message,
+                Some(code),
+            )
+        }
+    }
     pub fn conflict(message: impl Into<String>, code: &'static str) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict_error", message, Some(code))
     }

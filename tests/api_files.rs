@@ -228,10 +228,16 @@ async fn upload_list_get_content_delete(db: PgPool) {
     assert_eq!(ids(&v).len(), 2);
     let (_, v) = list("purpose=batch").await;
     assert!(ids(&v).is_empty());
+    let (s, v) = list("after=file_000000000000000000000000").await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (StatusCode::NOT_FOUND, Some("after")),
+        "{v}"
+    );
+    assert_eq!(v["error"]["code"], "cursor_not_found");
     for (q, param) in [
         ("limit=10001", "limit"),
         ("limit=0", "limit"),
-        ("after=file_000000000000000000000000", "after"),
         ("after=", "after"),
         ("order=sideways", "order"),
         ("order=asc&order=desc", "order"),

@@ -232,7 +232,7 @@ async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
     let (s, v) = get(st, "/v1/fine_tuning/jobs?after=ftjob_nope", key).await;
     assert_eq!(
         (s, v["error"]["param"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("after"))
+        (StatusCode::NOT_FOUND, Some("after"))
     );
     let (s, v) = get(st, "/v1/fine_tuning/jobs?purpose=fine-tune", key).await;
     assert_eq!(

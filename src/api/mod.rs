@@ -158,7 +158,12 @@ fn nul_param(req: &axum::extract::Request) -> Option<String> {
     for pair in uri.query().unwrap_or_default().split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if nul(k) || nul(v) {
-            return Some(k.to_string());
+            // The parameter as the client named it (decoded), NULs shown as `\0`.
+            let name = form_urlencoded::parse(k.as_bytes())
+                .next()
+                .map(|(n, _)| n.replace('\0', "\\0"))
+                .unwrap_or_else(|| k.to_string());
+            return Some(name);
         }
     }
     let template = req
@@ -339,12 +344,12 @@ impl ListQuery {
     }
 }
 
-/// A page's cursor names no row of this list (a 400, not an empty page).
+/// A page's cursor names no item of this list: a 404 naming `after`, not an empty page.
 pub fn unknown_cursor(after: &str) -> ApiError {
-    ApiError::invalid(
+    ApiError::not_found_param(
         format!("no item `{after}` in this list to continue after"),
-        Some("after"),
-        "invalid_cursor",
+        "after",
+        "cursor_not_found",
     )
 }
 

@@ -117,7 +117,12 @@ fn check_key(tenant: &str, key: &str, param: &str) -> ApiResult<String> {
             "invalid_storage_key",
         ));
     }
+    // A key the store cannot name (control characters, a part it refuses) is the request's
+    // fault, not a storage error.
     let ok = !k.is_empty()
+        && k.len() <= 1024
+        && !k.chars().any(char::is_control)
+        && object_store::path::Path::parse(k).is_ok()
         && !k.split('/').any(|s| s == ".." || s == "." || s.is_empty())
         && !k.starts_with("jobs/")
         && (!k.starts_with("tenants/") || k.starts_with(&own));
@@ -125,7 +130,8 @@ fn check_key(tenant: &str, key: &str, param: &str) -> ApiResult<String> {
         Ok(k.to_string())
     } else {
         Err(ApiError::invalid(
-            "a storage key outside `jobs/` and other tenants' space, without `.`/`..` segments",
+            "a storage key (at most 1,024 characters, no control characters) outside `jobs/` \
+             and other tenants' space, without `.`/`..` segments",
             Some(param),
             "invalid_storage_key",
         ))

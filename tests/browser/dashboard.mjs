@@ -191,7 +191,7 @@ try {
   await page.locator("#merge-btn").click();
   await page.locator('#artifacts [data-kind="merged"][data-artifact="model.safetensors"]').waitFor({ timeout: 120_000 });
 
-  step("cancel a second job");
+  step("pause, resume and cancel a second job");
   const second = await http("/v1/fine_tuning/jobs", keyA, {
     method: "POST",
     body: JSON.stringify({
@@ -205,6 +205,10 @@ try {
   await page.locator(`tr[data-job="${jobId}"] .badge[data-status="succeeded"]`).waitFor();
   await page.screenshot({ path: join(SHOTS, "jobs-list.png"), fullPage: true });
   await page.locator(`tr[data-job="${second.json.id}"] a`).click();
+  await page.locator("#pause-btn").click();
+  await page.locator('h1 .badge[data-status="paused"]').waitFor({ timeout: 180_000 });
+  await page.locator("#resume-btn").click();
+  await page.locator('h1 .badge:not([data-status="paused"])').waitFor({ timeout: 30_000 });
   await page.locator("#cancel-btn").click();
   await page.locator('h1 .badge[data-status="cancelled"]').waitFor({ timeout: 180_000 });
 

@@ -87,7 +87,7 @@ def main():
     assert [f.id for f in client.files.list(purpose="batch")] == []
     assert len(client.files.list(limit=10_000).data) == 3
     expect(openai.BadRequestError, lambda: client.files.list(limit=10_001), param="limit")
-    expect(openai.BadRequestError, lambda: client.files.list(after="file_nope"), param="after")
+    expect(openai.NotFoundError, lambda: client.files.list(after="file_nope"), param="after")
     assert client.files.delete(extra.id).deleted
     expect(openai.NotFoundError, lambda: client.files.retrieve(extra.id))
     expect(openai.NotFoundError, lambda: rival.files.retrieve(train.id))
@@ -168,7 +168,7 @@ def main():
     shaped = [j.id for j in client.fine_tuning.jobs.list(metadata={"shape": "own"})]
     assert shaped == [own.id], shaped
     assert [j.id for j in rival.fine_tuning.jobs.list()] == []
-    expect(openai.BadRequestError, lambda: client.fine_tuning.jobs.list(after="ftjob_nope"), param="after")
+    expect(openai.NotFoundError, lambda: client.fine_tuning.jobs.list(after="ftjob_nope"), param="after")
 
     # The dry run under its own route (jobs.create always answers a job).
     est = client.post(
