@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The official OpenAI Python SDK (pinned with hashes in tests/sdk/requirements.txt, in its own
 # virtualenv .venv-sdk) in strict mode against a real server + worker (the debug binary
-# scripts/test.sh built) on a scratch database: tests/sdk/test_openai_sdk.py.
+# scripts/test.sh built) on a scratch database: tests/sdk/test_openai_sdk.py; then the Python
+# client (clients/python) installed from the repo: tests/sdk/test_client.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATABASE_URL:?DATABASE_URL names the Postgres server}"
@@ -34,8 +35,12 @@ cleanup() {
 }
 trap cleanup EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.2; done
+# The Python client from the repo, as a user installs it (its dependencies are pinned above).
+.venv-sdk/bin/pip install -q --no-deps --no-build-isolation ./clients/python
 if ! BASE_URL="http://127.0.0.1:$PORT" ADMIN_KEY="$ADMIN" FIXTURES="$FIX" \
-     .venv-sdk/bin/python tests/sdk/test_openai_sdk.py; then
+     .venv-sdk/bin/python tests/sdk/test_openai_sdk.py ||
+   ! BASE_URL="http://127.0.0.1:$PORT" ADMIN_KEY="$ADMIN" FIXTURES="$FIX" \
+     .venv-sdk/bin/python tests/sdk/test_client.py; then
   echo "--- server log (tail)" >&2; tail -n 40 "$WORK/server.log" >&2
   exit 1
 fi
