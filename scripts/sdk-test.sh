@@ -39,7 +39,7 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && b
 .venv-sdk/bin/pip install -q --no-deps --no-build-isolation ./clients/python
 if ! BASE_URL="http://127.0.0.1:$PORT" ADMIN_KEY="$ADMIN" FIXTURES="$FIX" \
      .venv-sdk/bin/python tests/sdk/test_openai_sdk.py ||
-   ! BASE_URL="http://127.0.0.1:$PORT" ADMIN_KEY="$ADMIN" FIXTURES="$FIX" \
+   ! BASE_URL="http://127.0.0.1:$PORT" ADMIN_KEY="$ADMIN" FIXTURES="$FIX" SPARSEGRAD_BIN="$PWD/$BIN" \
      .venv-sdk/bin/python tests/sdk/test_client.py; then
   echo "--- server log (tail)" >&2; tail -n 40 "$WORK/server.log" >&2
   exit 1

@@ -186,14 +186,22 @@ pub fn load_for_inference(
     device: &candle_core::Device,
 ) -> Result<(Model, TextTokenizer, Option<LabelMap>)> {
     let tok = TextTokenizer::from_dir(model_dir)?;
+    // A merged folder (the service's merge, or a client's) says its head in config.json.
+    let mut folder_labels = None;
     let task = match (artifact, task) {
         (Some(a), _) => a.descriptor.task.clone(),
         (None, Some(t)) => t,
         (None, None) => {
             let (arch, raw) = read_config(model_dir)?;
-            arch.parse(&raw)?.default_task().ok_or_else(|| {
-                Error::param("task", "give a task (or an artifact) for an encoder model")
-            })?
+            match crate::models::head_of_config(&raw) {
+                Some((t, labels)) => {
+                    folder_labels = labels;
+                    t
+                }
+                None => arch.parse(&raw)?.default_task().ok_or_else(|| {
+                    Error::param("task", "give a task (or an artifact) for an encoder model")
+                })?,
+            }
         }
     };
     let opts = LoadOptions {
@@ -214,6 +222,8 @@ pub fn load_for_inference(
         }
         a.apply(&mut model)?;
     }
-    let labels = artifact.and_then(|a| a.descriptor.labels.clone());
+    let labels = artifact
+        .and_then(|a| a.descriptor.labels.clone())
+        .or(folder_labels);
     Ok((model, tok, labels))
 }

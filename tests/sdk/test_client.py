@@ -1,13 +1,15 @@
 """clients/python (sparsegrad_client) against a real server and worker (scripts/sdk-test.sh):
 every method's delta — SparseGrad, LoRA, full, MeProp on MiniLM-L6 classification and
 SparseGrad on a 4-layer SmolLM2 — downloaded (resumably, checksummed), applied to the base
-model folder with numpy alone, and compared tensor by tensor with the service's own merge.
+model folder with numpy alone, and compared tensor by tensor with the service's own merge; the applied folder's predictions
+(`sparsegrad predict` on it, no delta) equal the service's predictions for the job.
 
-Environment: BASE_URL, ADMIN_KEY, FIXTURES.
+Environment: BASE_URL, ADMIN_KEY, FIXTURES, SPARSEGRAD_BIN (the binary the server runs).
 """
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -66,6 +68,19 @@ def compare(mine_dir, theirs_dir, base_dir, label):
     return worst, len(changed)
 
 
+def cli_predict(model_dir, inputs):
+    """`sparsegrad predict` on a plain model folder (no artifact)."""
+    path = os.path.join(model_dir, "inputs.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(i) + "\n" for i in inputs)
+    out = subprocess.run(
+        [os.environ["SPARSEGRAD_BIN"], "predict", "--model", model_dir, "--inputs-file", path,
+         "--max-new-tokens", "8"],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout)
+
+
 def main():
     client = Client(BASE, admin_key())
     jsonl = lambda *p: os.path.join(FIX, "data", *p)
@@ -102,6 +117,18 @@ def main():
             if a["kind"] == "merged" and a["name"] in ("model.safetensors", "config.json"):
                 client.download(a, os.path.join(theirs, a["name"]))
         worst = compare(mine, theirs, base_dir, label)
+        # The applied folder predicts as the service predicts for the job (the folder run by
+        # the service's own command line, without the delta).
+        inputs = [{"prompt": "Hi! How are you today?"}] if model == SMOL else [
+            {"text": "a gorgeous, witty film"}, {"text": "tedious and overlong"}]
+        served = client.predict(job_id, inputs, max_new_tokens=8)
+        local = cli_predict(mine, inputs)
+        for s_, l_ in zip(served, local):
+            if "completion" in s_:
+                assert s_["completion"] == l_["completion"], (label, s_, l_)
+            else:
+                assert s_["label"] == l_["label"], (label, s_, l_)
+                assert np.allclose(s_["probabilities"], l_["probabilities"], atol=1e-5), (label, s_, l_)
         print(f"{label}: applied == merged (max relative difference {worst[0]:.2e}; {worst[1]} tensors changed)")
 
     # Downloads resume from a partial file, and a corrupt one is refused, not kept.
@@ -142,9 +169,6 @@ def main():
     back = st.read(p)
     assert back.dtypes["w"] == "BF16" and np.allclose(back["w"], a, rtol=1e-2), back["w"]
 
-    # Predictions through the client.
-    preds = client.predict(jobs[0][2], [{"text": "a gorgeous, witty film"}])
-    assert len(preds) == 1 and "label" in preds[0], preds
     print("sparsegrad_client: every delta applied equals the service's merge")
 
 

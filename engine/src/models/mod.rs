@@ -551,9 +551,72 @@ pub(crate) fn classifier_config(
     c
 }
 
+/// The head a merged encoder's `config.json` declares ([`classifier_config`] wrote it): a
+/// `…ForSequenceClassification` architecture with its `num_labels`, `problem_type` and
+/// `id2label` names. `None` for anything else (a bare encoder, a causal LM).
+pub fn head_of_config(raw: &Value) -> Option<(Task, Option<crate::data::LabelMap>)> {
+    let classifier = raw
+        .get("architectures")?
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .any(|a| a.ends_with("ForSequenceClassification"));
+    if !classifier {
+        return None;
+    }
+    if raw.get("problem_type").and_then(Value::as_str) == Some("regression") {
+        return Some((Task::Regression, None));
+    }
+    let id2label = raw.get("id2label").and_then(Value::as_object);
+    let n = raw
+        .get("num_labels")
+        .and_then(Value::as_u64)
+        .map(|n| n as usize)
+        .or(id2label.map(|m| m.len()))
+        .unwrap_or(2);
+    // Bounded like any head the service trains; names only when every index 0..n has one.
+    if !(2..=crate::data::MAX_CLASSES).contains(&n) {
+        return None;
+    }
+    let names: Option<Vec<String>> = id2label.and_then(|m| {
+        (0..n)
+            .map(|i| m.get(&i.to_string())?.as_str().map(str::to_string))
+            .collect()
+    });
+    let labels = names.map(|names| crate::data::LabelMap { names });
+    Some((Task::Classification { num_labels: n }, labels))
+}
+
 #[cfg(test)]
 mod tests {
     use super::is_norm_param;
+
+    #[test]
+    fn a_merged_config_names_its_head() {
+        use super::{classifier_config, head_of_config, Task};
+        let raw = serde_json::json!({"model_type": "bert", "architectures": ["BertModel"]});
+        assert!(head_of_config(&raw).is_none());
+        let names = ["neg".to_string(), "pos".to_string(), "mixed".to_string()];
+        let c = classifier_config(
+            &raw,
+            "BertForSequenceClassification",
+            &Task::Classification { num_labels: 3 },
+            Some(&names),
+        );
+        let (t, labels) = head_of_config(&c).unwrap();
+        assert_eq!(t, Task::Classification { num_labels: 3 });
+        assert_eq!(labels.unwrap().names, names);
+        let r = classifier_config(
+            &raw,
+            "BertForSequenceClassification",
+            &Task::Regression,
+            None,
+        );
+        assert_eq!(head_of_config(&r).unwrap().0, Task::Regression);
+        let mut huge = c.clone();
+        huge["num_labels"] = 1_000_000.into();
+        assert!(head_of_config(&huge).is_none());
+    }
 
     #[test]
     fn norm_params_are_found_by_module_name() {
