@@ -19,6 +19,7 @@ WORK="$(mktemp -d)"
 PORT="${BROWSER_TEST_PORT:-18090}"
 ADMIN="browser-admin-$$"
 DATABASE_URL="$ROOT/$DB" "$BIN" serve --workers 1 --lease-secs 10 --admin-key "$ADMIN" \
+  --webhook-allow-hosts 127.0.0.1 \
   --listen "127.0.0.1:$PORT" --data-dir "$WORK" --models-dir "$FIX/models" \
   >"$WORK/server.log" 2>&1 &
 PID=$!

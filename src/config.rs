@@ -102,6 +102,24 @@ pub struct Config {
     /// to ten minutes), with jitter.
     #[arg(long, env = "SPARSEGRAD_RETRY_BASE_SECS", default_value_t = 10.0)]
     pub retry_base_secs: f64,
+    /// Hosts (names or IP literals, comma-separated) webhook deliveries may reach although
+    /// they are not public addresses, and over plain http: a local receiver, a trusted relay.
+    /// Everything else must be https to a public address.
+    #[arg(long, env = "SPARSEGRAD_WEBHOOK_ALLOW_HOSTS", value_delimiter = ',')]
+    pub webhook_allow_hosts: Vec<String>,
+    /// Attempts per webhook delivery before it is marked failed.
+    #[arg(long, env = "SPARSEGRAD_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8)]
+    pub webhook_max_attempts: i32,
+    /// Seconds before a failed delivery's first retry, doubling per attempt (up to an hour).
+    #[arg(
+        long,
+        env = "SPARSEGRAD_WEBHOOK_RETRY_BASE_SECS",
+        default_value_t = 10.0
+    )]
+    pub webhook_retry_base_secs: f64,
+    /// Most webhook endpoints one tenant may register.
+    #[arg(long, env = "SPARSEGRAD_MAX_WEBHOOK_ENDPOINTS", default_value_t = 16)]
+    pub max_webhook_endpoints: i64,
     /// Where workers train: `auto` (the first GPU when the binary was built with CUDA and one
     /// is present, else the CPU), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "SPARSEGRAD_DEVICE", default_value = "auto")]
@@ -167,6 +185,15 @@ impl Config {
             allow_http: self.s3_allow_http,
             max_retries: Some(self.s3_max_retries),
             retry_timeout: Some(Duration::from_secs(self.s3_retry_timeout_secs.max(1))),
+        }
+    }
+
+    pub fn webhooks(&self) -> crate::webhooks::WebhookConfig {
+        crate::webhooks::WebhookConfig {
+            allow_hosts: self.webhook_allow_hosts.clone(),
+            max_attempts: self.webhook_max_attempts.clamp(1, 100),
+            retry_base: Duration::from_secs_f64(self.webhook_retry_base_secs.clamp(0.0, 3600.0)),
+            ..Default::default()
         }
     }
 

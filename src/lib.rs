@@ -4,7 +4,8 @@
 //! requests, estimates and base models are), [`db`] (reads per aggregate), [`queue`] (every
 //! change to a job's lifecycle), [`storage`] (objects and local model copies), [`worker`]
 //! (claims jobs and drives the engine on its own thread), [`inference`] (loaded models for
-//! predictions), [`server`] (runs API and workers until shutdown), [`fsck`] (the object store
+//! predictions), [`webhooks`] (signed deliveries of job events), [`server`] (runs API and
+//! workers until shutdown), [`fsck`] (the object store
 //! checked against the database), one typed [`config`] and one API [`error`] type. Beside it,
 //! [`tools`]: the command line, engine commands on local files, fixtures, benchmarks and the
 //! GPU check. The training engine is the
@@ -23,4 +24,5 @@ pub mod server;
 pub mod shutdown;
 pub mod storage;
 pub mod tools;
+pub mod webhooks;
 pub mod worker;

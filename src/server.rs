@@ -209,6 +209,12 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
         (cfg.queue().lease / 4).max(Duration::from_secs(1)),
         stop.clone(),
     ));
+    let webhooks = tokio::spawn(crate::webhooks::delivery_loop(
+        db.clone(),
+        cfg.webhooks(),
+        Duration::from_secs(1),
+        stop.clone(),
+    ));
     let mut workers = Vec::new();
     let cancels = crate::db::listen::JobSignals::new(db.clone(), crate::queue::CANCEL_CHANNEL);
     let queued = crate::db::listen::JobSignals::new(db.clone(), crate::queue::QUEUED_CHANNEL);
@@ -265,6 +271,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
         tracing::warn!("jobs still running after {WORKER_DRAIN:?}: left to their leases");
     }
     let _ = reaper.await;
+    let _ = webhooks.await;
     Ok(())
 }
 

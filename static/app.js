@@ -112,6 +112,7 @@ function route() {
   if (page === "jobs" && id) jobView(view, id);
   else if (page === "new") newJobView(view);
   else if (page === "files") filesView(view);
+  else if (page === "webhooks") webhooksView(view);
   else jobsView(view);
 }
 
@@ -602,6 +603,78 @@ function filesView(view) {
     drop.classList.remove("over");
     const f = e.dataTransfer.files[0];
     if (f) send(f);
+  });
+  list().catch((e) => toast(e.message));
+}
+
+// ---- webhooks --------------------------------------------------------------------------
+
+const WEBHOOK_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"];
+
+function webhooksView(view) {
+  const url = el("input", { id: "webhook-url", type: "url", required: true, placeholder: "https://example.com/hooks/fine-tuning", style: "min-width:24rem" });
+  const boxes = WEBHOOK_EVENTS.map((e) => el("label", { class: "check" }, el("input", { type: "checkbox", value: e, checked: true, "data-event": e }), ` ${e.replace("fine_tuning.job.", "")}`));
+  const msg = el("p", { id: "webhook-msg", role: "alert" });
+  const form = el("form", { id: "webhook-form", class: "card" },
+    el("div", {}, el("label", { for: "webhook-url" }, "Endpoint URL"), url),
+    el("fieldset", {}, el("legend", {}, "Events"), ...boxes),
+    el("button", { type: "submit" }, "Add endpoint"), msg,
+    el("p", { class: "hint" }, "Each job that succeeds, fails or is cancelled is POSTed there as OpenAI's event, signed (Standard Webhooks) with the endpoint's secret, and retried until it answers 2xx. https to a public address only."));
+  const tbody = el("tbody");
+  const detail = el("section", { id: "deliveries" });
+  view.append(
+    el("h1", {}, "Webhooks"), form,
+    el("table", { id: "webhooks-table", "aria-label": "Webhook endpoints" },
+      el("thead", {}, el("tr", {}, el("th", {}, "URL"), el("th", { class: "hide-sm" }, "Events"), el("th", { class: "hide-sm" }, "Added"), el("th", {}, ""))),
+      tbody),
+    detail);
+
+  async function list() {
+    const r = await api("/v1/webhooks?limit=100");
+    tbody.replaceChildren(...r.data.map((w) =>
+      el("tr", { "data-webhook": w.id },
+        el("td", {}, el("button", { class: "link", type: "button", onclick: () => deliveries(w) }, w.url), el("div", { class: "hint mono" }, w.id)),
+        el("td", { class: "hide-sm" }, w.events.map((e) => e.replace("fine_tuning.job.", "")).join(", ")),
+        el("td", { class: "hide-sm" }, time(w.created_at)),
+        el("td", {}, el("button", { class: "danger", type: "button", "aria-label": `Delete ${w.url}`, onclick: () => del(w) }, "Delete")))));
+    if (!r.data.length) tbody.append(el("tr", {}, el("td", { colspan: 4, class: "hint" }, "No endpoints yet.")));
+  }
+
+  async function deliveries(w) {
+    const r = await api(`/v1/webhooks/${w.id}/deliveries?limit=50`);
+    detail.replaceChildren(el("h2", {}, "Deliveries to ", el("span", { class: "mono" }, w.url)),
+      r.data.length
+        ? el("ul", { class: "events" }, ...r.data.map((d) =>
+            el("li", { "data-delivery": d.id, "data-status": d.status },
+              `${time(d.created_at)}  ${d.type} · ${d.fine_tuning_job_id} · ${d.status} · `,
+              d.attempts.map((a) => `#${a.attempt} ${a.status_code ?? a.error ?? "—"}`).join(", ") || "not attempted yet")))
+        : el("p", { class: "hint" }, "Nothing delivered yet."));
+  }
+
+  async function del(w) {
+    if (!confirm(`Delete the endpoint ${w.url}?`)) return;
+    try {
+      await api(`/v1/webhooks/${w.id}`, { method: "DELETE" });
+      detail.replaceChildren();
+      await list();
+    } catch (e) {
+      toast(e.message);
+    }
+  }
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    msg.className = "";
+    const events = boxes.map((b) => b.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
+    try {
+      const w = await api("/v1/webhooks", { method: "POST", body: { url: url.value, events } });
+      msg.replaceChildren("Added. Its signing secret, shown once: ", el("code", { id: "webhook-secret" }, w.secret));
+      url.value = "";
+      await list();
+    } catch (x) {
+      msg.className = "error";
+      msg.textContent = x.message;
+    }
   });
   list().catch((e) => toast(e.message));
 }

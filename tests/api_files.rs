@@ -465,6 +465,11 @@ const ROUTED: &[(&str, &str)] = &[
     ),
     ("POST", "/v1/fine_tuning/jobs/{id}/merge"),
     ("POST", "/v1/fine_tuning/jobs/{id}/predict"),
+    ("GET", "/v1/webhooks"),
+    ("POST", "/v1/webhooks"),
+    ("GET", "/v1/webhooks/{id}"),
+    ("DELETE", "/v1/webhooks/{id}"),
+    ("GET", "/v1/webhooks/{id}/deliveries"),
 ];
 
 #[sqlx::test(migrations = "./migrations")]

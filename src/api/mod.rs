@@ -12,6 +12,7 @@ pub mod methods;
 pub mod metrics;
 pub mod models;
 pub mod objects;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -76,6 +77,7 @@ pub fn router(state: AppState) -> Router {
                 .merge(methods::router())
                 .merge(models::router())
                 .merge(fine_tuning::router())
+                .merge(webhooks::router())
                 .route_layer(axum::middleware::from_fn(reject_nul)),
         )
         .layer(axum::middleware::from_fn(envelope))

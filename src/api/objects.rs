@@ -436,3 +436,87 @@ pub struct PredictionsObject<T> {
     pub fine_tuning_job_id: String,
     pub data: Vec<T>,
 }
+
+/// A webhook endpoint. Its signing secret is shown once, when it is registered.
+#[derive(Serialize)]
+pub struct WebhookEndpointObject {
+    pub id: String,
+    pub object: &'static str,
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl WebhookEndpointObject {
+    pub fn new(e: &crate::db::webhooks::EndpointRow, with_secret: bool) -> Self {
+        WebhookEndpointObject {
+            id: e.id.clone(),
+            object: "webhook_endpoint",
+            url: e.url.clone(),
+            events: e.events.clone(),
+            created_at: unix(&e.created_at),
+            secret: with_secret.then(|| e.secret.clone()),
+        }
+    }
+}
+
+/// One event sent (or being sent) to an endpoint, with every attempt.
+#[derive(Serialize)]
+pub struct WebhookDeliveryObject {
+    /// The message id (`webhook-id`), the same on every retry.
+    pub id: String,
+    pub object: &'static str,
+    pub endpoint_id: String,
+    pub fine_tuning_job_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `pending` (waiting for its next attempt), `delivering`, `succeeded` or `failed`.
+    pub status: String,
+    pub attempts: Vec<WebhookAttemptObject>,
+    pub next_attempt_at: Option<i64>,
+    pub created_at: i64,
+    pub delivered_at: Option<i64>,
+    /// The body sent, as OpenAI's event object.
+    pub payload: Value,
+}
+
+#[derive(Serialize)]
+pub struct WebhookAttemptObject {
+    pub attempt: i32,
+    pub at: i64,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i32,
+}
+
+impl WebhookDeliveryObject {
+    pub fn new(
+        d: &crate::db::webhooks::DeliveryRow,
+        attempts: &[crate::db::webhooks::AttemptRow],
+    ) -> Self {
+        WebhookDeliveryObject {
+            id: d.id.clone(),
+            object: "webhook.delivery",
+            endpoint_id: d.endpoint_id.clone(),
+            fine_tuning_job_id: d.job_id.clone(),
+            kind: d.event_type.clone(),
+            status: d.status.clone(),
+            attempts: attempts
+                .iter()
+                .map(|a| WebhookAttemptObject {
+                    attempt: a.attempt,
+                    at: unix(&a.at),
+                    status_code: a.status_code,
+                    error: a.error.clone(),
+                    duration_ms: a.duration_ms,
+                })
+                .collect(),
+            next_attempt_at: (d.status == "pending").then(|| unix(&d.next_attempt_at)),
+            created_at: unix(&d.created_at),
+            delivered_at: d.delivered_at.as_ref().map(unix),
+            payload: d.payload.clone(),
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod job_records;
 pub mod listen;
 pub mod registered_models;
 pub mod tenants;
+pub mod webhooks;
 
 /// Whether the database answers (readiness).
 pub async fn ping(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<()> {

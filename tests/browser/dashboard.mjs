@@ -2,6 +2,7 @@
 // server + worker + Postgres (started by scripts/browser-test.sh). Exits non-zero on the
 // first failed check. Screenshots go to $SCREENSHOTS.
 import { createHash } from "node:crypto";
+import { createServer } from "node:http";
 import { mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import assert from "node:assert/strict";
@@ -65,6 +66,22 @@ try {
   await page.getByRole("button", { name: "Sign in" }).click();
   await page.locator("#jobs-table").waitFor();
   assert.equal(await page.evaluate(() => location.href.includes("sg-")), false, "the key is not in the URL");
+
+  step("webhooks: register a local receiver (the server allows 127.0.0.1)");
+  const hooks = [];
+  const receiver = createServer((req, res) => {
+    let body = "";
+    req.on("data", (c) => (body += c));
+    req.on("end", () => { hooks.push({ headers: req.headers, body }); res.writeHead(204).end(); });
+  });
+  await new Promise((ok) => receiver.listen(0, "127.0.0.1", ok));
+  await page.getByRole("link", { name: "Webhooks" }).click();
+  await page.locator("#webhooks-table").waitFor();
+  await page.fill("#webhook-url", `http://127.0.0.1:${receiver.address().port}/hook`);
+  await page.getByRole("button", { name: "Add endpoint" }).click();
+  await page.locator("#webhook-secret").waitFor();
+  assert.match(await page.locator("#webhook-secret").textContent(), /^whsec_/);
+  await page.locator("#webhooks-table tr[data-webhook]").waitFor();
 
   step("upload a bad dataset: rejected with its line");
   await page.getByRole("link", { name: "Datasets" }).click();
@@ -230,6 +247,21 @@ try {
   assert.ok(overflow <= 1, `no horizontal scrolling at phone width (${overflow}px)`);
   await page.screenshot({ path: join(SHOTS, "jobs-list-phone.png"), fullPage: true });
   await page.setViewportSize({ width: 1280, height: 900 });
+
+  step("webhooks: the finished and the cancelled job were delivered, signed");
+  await page.getByRole("link", { name: "Webhooks" }).click();
+  await page.locator("#webhooks-table tr[data-webhook] button.link").click();
+  for (let i = 0; i < 60 && (await page.locator('[data-delivery][data-status="succeeded"]').count()) < 2; i++) {
+    await page.waitForTimeout(500);
+    await page.locator("#webhooks-table tr[data-webhook] button.link").click();
+  }
+  assert.equal(await page.locator('[data-delivery][data-status="succeeded"]').count(), 2);
+  const types = hooks.map((h) => JSON.parse(h.body).type).sort();
+  assert.deepEqual(types, ["fine_tuning.job.cancelled", "fine_tuning.job.succeeded"]);
+  assert.ok(hooks.every((h) => h.headers["webhook-signature"].startsWith("v1,") && h.headers["webhook-id"]));
+  await page.screenshot({ path: join(SHOTS, "webhooks.png"), fullPage: true });
+  receiver.close();
+  await page.getByRole("link", { name: "Jobs" }).click();
 
   step("another tenant sees none of the first tenant's jobs");
   await page.getByRole("button", { name: "Sign out" }).click();
