@@ -519,3 +519,45 @@ async fn a_job_runnable_now_is_announced_to_idle_workers(pool: PgPool) {
         Some(queue::QUEUED_KEY)
     );
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_pause_requested_before_a_failed_or_lost_attempt_still_pauses(pool: PgPool) {
+    tenant(&pool, "t1").await;
+    let err = serde_json::json!({"code": "infrastructure_error", "message": "disk", "param": null});
+    // A retryable failure while the pause is pending: paused, not queued, and not claimed.
+    queue::enqueue(&pool, &job("j1", "t1")).await.unwrap();
+    let (_, l) = queue::claim(&pool, "w", &cfg()).await.unwrap().unwrap();
+    assert_eq!(
+        queue::pause(&pool, "t1", "j1").await.unwrap(),
+        queue::Paused::Requested
+    );
+    let s = queue::fail(&pool, &l, Failure::Infrastructure, &err, &cfg())
+        .await
+        .unwrap();
+    assert_eq!(s, "paused");
+    // Past any backoff: still not claimed (only resume queues it again).
+    let later = cfg();
+    later.clock.advance(Duration::from_secs(3600));
+    assert!(queue::claim(&pool, "w", &later).await.unwrap().is_none());
+    // A worker that died with the pause pending: reaped into paused.
+    queue::enqueue(&pool, &job("j2", "t1")).await.unwrap();
+    let (_, l2) = queue::claim(&pool, "w", &cfg()).await.unwrap().unwrap();
+    assert_eq!(l2.job_id, "j2");
+    queue::pause(&pool, "t1", "j2").await.unwrap();
+    expire_lease(&pool, "j2").await;
+    assert_eq!(queue::reap(&pool, &cfg()).await.unwrap(), 1);
+    assert_eq!(status(&pool, "j2").await.0, "paused");
+    // Resumed, both run again; a user error still fails at once whatever was requested.
+    for id in ["j1", "j2"] {
+        assert_eq!(
+            queue::resume(&pool, "t1", id).await.unwrap(),
+            queue::Paused::Now
+        );
+    }
+    let (_, l3) = queue::claim(&pool, "w", &cfg()).await.unwrap().unwrap();
+    queue::pause(&pool, "t1", &l3.job_id).await.unwrap();
+    let s = queue::fail(&pool, &l3, Failure::User, &err, &cfg())
+        .await
+        .unwrap();
+    assert_eq!(s, "failed");
+}

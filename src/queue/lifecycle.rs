@@ -142,8 +142,9 @@ pub enum Failure {
     Infrastructure,
 }
 
-/// Records a failed attempt; returns the job's new status (`queued` for a retry, `failed`, or
-/// `cancelled` when cancellation was requested meanwhile).
+/// Records a failed attempt; returns the job's new status (`queued` for a retry — `paused`
+/// when a pause was requested meanwhile —, `failed`, or `cancelled` when cancellation was
+/// requested meanwhile).
 pub async fn fail(
     db: impl PgExecutor<'_>,
     lease: &Lease,
@@ -155,9 +156,11 @@ pub async fn fail(
     let now = now_sql(7);
     let row: Option<(JobStatus,)> = sqlx::query_as(&format!(
         "update jobs set
-                status = case when {retry} then 'queued'
+                status = case when {retry} and pause_requested then 'paused'
+                              when {retry} then 'queued'
                               when cancel_requested then 'cancelled'
                               else 'failed' end,
+                pause_requested = false,
                 run_after = {now} + make_interval(secs => $6),
                 finished_at = case when {retry} then null else now() end,
                 error = $4, worker_id = null, lease_expires_at = null
