@@ -473,3 +473,61 @@ fn full_fine_tuning_steps_match_pytorch() {
     );
     assert_eq!(worst_update.len(), 2, "the reference has steps 1 and 10");
 }
+
+/// Generation with the key/value cache on real weights (SmolLM2, 4 layers, grouped-query
+/// attention 9 heads over 3): the same greedy tokens as recomputing the whole sequence for
+/// every token, and the same logits at every step.
+#[test]
+fn smollm2_cached_generation_equals_recomputation() {
+    let Some(fx) = common::fixtures() else { return };
+    let opts = LoadOptions {
+        task: Task::CausalLm,
+        dtype: DType::F32,
+        device: Device::Cpu,
+        seed: 0,
+    };
+    let (model, _) = load_model(&fx.smollm2_4l, &opts).unwrap();
+    let tok = TextTokenizer::from_dir(&fx.smollm2_4l).unwrap();
+    let prompt = tok
+        .inner
+        .encode("The quick brown fox jumps over the lazy dog because", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let full = |ids: &[u32]| {
+        let t = ids.len();
+        let batch = sparsegrad_engine::models::Batch {
+            input_ids: Tensor::from_vec(ids.to_vec(), (1, t), &Device::Cpu).unwrap(),
+            token_type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
+            attention_mask: Tensor::ones((1, t), DType::F32, &Device::Cpu).unwrap(),
+            labels: sparsegrad_engine::models::Labels::None,
+            num_tokens: t,
+            batch_size: 1,
+        };
+        let l = model.forward(&batch, &mut Ctx::inference()).unwrap();
+        l.narrow(1, t - 1, 1).unwrap().flatten_all().unwrap()
+    };
+    let mut cache = sparsegrad_engine::models::KvCache::default();
+    let (mut ids, mut unseen) = (prompt.clone(), prompt.clone());
+    let mut worst = 0f64;
+    for _ in 0..16 {
+        let step = Tensor::from_vec(unseen.clone(), (1, unseen.len()), &Device::Cpu).unwrap();
+        let l = model.decode(&step, &mut cache).unwrap().unwrap();
+        let last = l
+            .narrow(1, l.dim(1).unwrap() - 1, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let reference = full(&ids);
+        worst = worst.max(sparsegrad_engine::testing::max_abs_diff(&last, &reference));
+        let next = last.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(
+            next,
+            reference.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+        );
+        ids.push(next);
+        unseen = vec![next];
+    }
+    assert!(worst <= 1e-4, "cached logits differ by {worst}");
+    assert_eq!(cache.len, ids.len() - 1);
+}

@@ -47,6 +47,24 @@ pub enum BenchWhat {
     /// small jobs (a scratch database, a local file store), claim latency into idle workers
     /// and cancel latency of a running job.
     Workers(super::bench_service::BenchWorkersArgs),
+    /// Greedy decoding of a causal LM: the time per generated token with the key/value cache
+    /// and recomputing the whole sequence, at several context lengths, and the cache's size.
+    Decode(BenchDecodeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDecodeArgs {
+    /// Model folder (default: the SmolLM2-135M-Instruct fixture).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Context lengths (prompt tokens) to decode after.
+    #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
+    pub context: Vec<usize>,
+    /// Tokens generated per measurement.
+    #[arg(long, default_value_t = 16)]
+    pub tokens: usize,
+    #[command(flatten)]
+    pub fixtures: super::cli::FixturesArgs,
 }
 
 #[derive(Args, Debug)]
@@ -99,7 +117,84 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Upload(u) => super::bench_service::upload(u),
         BenchWhat::Streams(a) => super::bench_service::streams(a),
         BenchWhat::Workers(a) => super::bench_service::workers(a),
+        BenchWhat::Decode(a) => bench_decode(a),
     }
+}
+
+fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use sparsegrad_engine::models::{Batch, KvCache, Labels, Task};
+    use sparsegrad_engine::nn::Ctx;
+    let dir = match &a.model {
+        Some(m) => m.clone(),
+        None => super::fixtures::ensure(&a.fixtures.root())?.smollm2,
+    };
+    let opts = sparsegrad_engine::pretrained::LoadOptions {
+        task: Task::CausalLm,
+        dtype: DType::F32,
+        device: Device::Cpu,
+        seed: 0,
+    };
+    let (model, _) = sparsegrad_engine::pretrained::load_model(&dir, &opts)?;
+    let dev = Device::Cpu;
+    let argmax = |l: &Tensor| -> Result<u32> {
+        let last = l.dim(1)? - 1;
+        Ok(l.narrow(1, last, 1)?
+            .flatten_all()?
+            .argmax(0)?
+            .to_scalar::<u32>()?)
+    };
+    println!("model: {} · {} threads", dir.display(), rayon_threads());
+    println!("| context | with cache ms/token | recompute ms/token | speed-up | cache MiB |");
+    println!("|---|---|---|---|---|");
+    for &ctx_len in &a.context {
+        let prompt: Vec<u32> = (0..ctx_len as u32)
+            .map(|i| 100 + (i * 37) % 20_000)
+            .collect();
+        // With the cache: the prompt once, then one token per step.
+        let mut cache = KvCache::default();
+        let first = model
+            .decode(
+                &Tensor::from_vec(prompt.clone(), (1, ctx_len), &dev)?,
+                &mut cache,
+            )?
+            .ok_or_else(|| anyhow::anyhow!("this architecture has no key/value cache"))?;
+        let mut next = argmax(&first)?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..a.tokens {
+            let l = model
+                .decode(&Tensor::from_vec(vec![next], (1, 1), &dev)?, &mut cache)?
+                .expect("decoded above");
+            next = argmax(&l)?;
+        }
+        let cached = t0.elapsed().as_secs_f64() * 1e3 / a.tokens as f64;
+        // Recomputing: the whole sequence per token.
+        let mut ids = prompt.clone();
+        let t0 = std::time::Instant::now();
+        for _ in 0..a.tokens {
+            let t = ids.len();
+            let batch = Batch {
+                input_ids: Tensor::from_vec(ids.clone(), (1, t), &dev)?,
+                token_type_ids: Tensor::zeros((1, t), DType::U32, &dev)?,
+                attention_mask: Tensor::ones((1, t), DType::F32, &dev)?,
+                labels: Labels::None,
+                num_tokens: t,
+                batch_size: 1,
+            };
+            ids.push(argmax(&model.forward(&batch, &mut Ctx::inference())?)?);
+        }
+        let full = t0.elapsed().as_secs_f64() * 1e3 / a.tokens as f64;
+        println!(
+            "| {ctx_len} | {cached:.1} | {full:.1} | {:.1}× | {:.1} |",
+            full / cached,
+            cache.bytes() as f64 / 1048576.0
+        );
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn bench_train(a: BenchTrainArgs) -> Result<()> {

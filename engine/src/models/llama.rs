@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{Arch, ArchEntry, Architecture, Batch, MlpKind, ParamShape, Task};
+use super::{Arch, ArchEntry, Architecture, Batch, KvCache, MlpKind, ParamShape, Task};
 use crate::nn::fused::{rope_heads, scaled_masked_softmax, swiglu, MaskRows};
 use crate::nn::{rope_tables, Ctx, Param, Weights};
 use crate::{Error, Result};
@@ -112,19 +112,38 @@ impl LlamaConfig {
         batch: &Batch,
         ctx: &mut Ctx,
     ) -> Result<(Tensor, &'static str)> {
-        let (b, t) = batch.input_ids.dims2()?;
+        self.hidden(w, &batch.input_ids, ctx, None)
+    }
+
+    /// The final hidden states of `ids (B, T)` and the output projection's name. With a
+    /// cache, `ids` follow the `cache.len` tokens it holds: their keys and values are reused
+    /// (positions continue from there) and the new ones appended.
+    fn hidden(
+        &self,
+        w: &Weights,
+        ids: &Tensor,
+        ctx: &mut Ctx,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, &'static str)> {
+        let (b, t) = ids.dims2()?;
         let (nh, nkv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
-        let dev = batch.input_ids.device();
+        let dev = ids.device();
         let dtype = w.dtype;
-        let (cos, sin) = rope_tables(t, hd, self.rope_theta, dtype, dev)?;
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let (cos, sin) = rope_tables(past + t, hd, self.rope_theta, dtype, dev)?;
+        let (cos, sin) = if past > 0 {
+            (cos.narrow(0, past, t)?, sin.narrow(0, past, t)?)
+        } else {
+            (cos, sin)
+        };
         // Grouped-query attention without repeating K and V: the `rep` query heads that share
         // a KV head are stacked along the rows, `(B, KV, rep·T, D)`, so one matmul per KV head
         // serves them all and the causal mask is tiled `rep` times.
         let rep = nh / nkv;
-        let mask = causal_mask(t, rep, dtype, dev)?;
+        let mask = causal_mask(t, past, rep, dtype, dev)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let eps = self.rms_norm_eps;
-        let mut h = w.embedding(EMBED, &batch.input_ids)?;
+        let mut h = w.embedding(EMBED, ids)?;
         for i in 0..self.num_hidden_layers {
             let l = |sub: &str| layer(i, sub);
             let x = w.rms_norm(&l(INPUT_NORM), &h, eps)?;
@@ -134,6 +153,21 @@ impl LlamaConfig {
             let q = rope_heads(&q.reshape((b, t, nh, hd))?, &cos, &sin)?;
             let k = rope_heads(&k.reshape((b, t, nkv, hd))?, &cos, &sin)?;
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let (k, v) = match cache.as_deref_mut() {
+                None => (k, v),
+                Some(c) => {
+                    let (k, v) = match c.layers.get(i) {
+                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                        None => (k, v),
+                    };
+                    if i < c.layers.len() {
+                        c.layers[i] = (k.clone(), v.clone());
+                    } else {
+                        c.layers.push((k.clone(), v.clone()));
+                    }
+                    (k, v)
+                }
+            };
             let q = q.reshape((b, nkv, rep * t, hd))?;
             let probs =
                 scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
@@ -150,10 +184,22 @@ impl LlamaConfig {
             let m = w.linear(&l(DOWN), &swiglu(&g, &u)?, ctx)?;
             h = (h + m)?;
         }
+        if let Some(c) = cache {
+            c.len += t;
+        }
         let h = w.rms_norm(FINAL_NORM, &h, eps)?;
         let head = if w.contains(LM_HEAD) { LM_HEAD } else { EMBED };
         let hidden = h.dim(D::Minus1)?;
         Ok((h.reshape(((), hidden))?, head))
+    }
+
+    /// The logits of `(B·T, H)` hidden states through the output projection.
+    fn project(&self, w: &Weights, h2: &Tensor, head: &str) -> Result<Tensor> {
+        Ok(match w.params.get(head) {
+            Some(Param::Trainable(v)) => h2.matmul(&v.as_tensor().t()?)?,
+            Some(Param::Frozen(t)) => crate::nn::frozen_linear(h2, t, None)?,
+            None => return Err(Error::Model("missing lm_head".into())),
+        })
     }
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -186,20 +232,23 @@ impl LlamaConfig {
     }
 }
 
-/// The causal mask for `rep` query heads stacked along the rows: `(rep·T, T)`.
+/// The causal mask for `t` new queries after `past` cached tokens, `rep` query heads stacked
+/// along the rows: `(rep·t, past + t)`; query `i` sees keys `0..=past + i`.
 fn causal_mask(
     t: usize,
+    past: usize,
     rep: usize,
     dtype: candle_core::DType,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
+    let tk = past + t;
     let m: Vec<f32> = (0..rep * t)
         .flat_map(|r| {
-            let i = r % t;
-            (0..t).map(move |j| if j > i { -1e9 } else { 0.0 })
+            let i = past + r % t;
+            (0..tk).map(move |j| if j > i { -1e9 } else { 0.0 })
         })
         .collect();
-    Ok(Tensor::from_vec(m, (rep * t, t), device)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(m, (rep * t, tk), device)?.to_dtype(dtype)?)
 }
 
 impl Architecture for LlamaConfig {
@@ -272,12 +321,12 @@ impl Architecture for LlamaConfig {
     fn forward(&self, w: &Weights, _task: &Task, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor> {
         let (b, t) = batch.input_ids.dims2()?;
         let (h2, head) = self.hidden_and_head(w, batch, ctx)?;
-        let logits = match w.params.get(head) {
-            Some(Param::Trainable(v)) => h2.matmul(&v.as_tensor().t()?)?,
-            Some(Param::Frozen(t)) => crate::nn::frozen_linear(&h2, t, None)?,
-            None => return Err(Error::Model("missing lm_head".into())),
-        };
-        Ok(logits.reshape((b, t, ()))?)
+        Ok(self.project(w, &h2, head)?.reshape((b, t, ()))?)
+    }
+    fn decode(&self, w: &Weights, ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
+        let (b, t) = ids.dims2()?;
+        let (h2, head) = self.hidden(w, ids, &mut Ctx::inference(), Some(cache))?;
+        Ok(Some(self.project(w, &h2, head)?.reshape((b, t, ()))?))
     }
     fn lm_hidden(
         &self,

@@ -59,6 +59,12 @@ pub trait Architecture: Send + Sync {
     fn attention_linears(&self) -> Vec<String>;
     /// Logits: `(B, num_labels)` for classification, `(B,)` for regression, `(B, T, V)` for LM.
     fn forward(&self, w: &Weights, task: &Task, batch: &Batch, ctx: &mut Ctx) -> Result<Tensor>;
+    /// Causal LM, incremental: next-token logits `(B, T, V)` for `ids (B, T)` following the
+    /// `cache.len` tokens whose keys and values `cache` holds (appending the new ones), so
+    /// generation computes each token once. `None` where the architecture has no cache.
+    fn decode(&self, _w: &Weights, _ids: &Tensor, _cache: &mut KvCache) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Causal LM: the final hidden states `(B·T, H)` and the output projection's weight name,
     /// so the loss can be taken a chunk of rows at a time ([`crate::nn::chunked_lm_loss`]).
     fn lm_hidden(
@@ -332,6 +338,25 @@ impl MlpKind {
 }
 
 /// A loaded model: an architecture, the task it is set up for, and its weights.
+/// Keys and values of the tokens a causal LM has seen, per layer (`(B, KV heads, len, D)`,
+/// after RoPE), for [`Model::decode`].
+#[derive(Debug, Default)]
+pub struct KvCache {
+    pub(crate) layers: Vec<(Tensor, Tensor)>,
+    /// Tokens held.
+    pub len: usize,
+}
+
+impl KvCache {
+    /// Bytes the cache holds.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
 pub struct Model {
     pub arch: Arch,
     pub task: Task,
@@ -358,6 +383,15 @@ impl Model {
             batch,
             ctx,
         )
+    }
+
+    /// Next-token logits of `ids (B, T)` after what `cache` holds (see
+    /// [`Architecture::decode`]); `None` where the architecture has no cache.
+    pub fn decode(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
+        let ctx = Ctx::inference();
+        let view = self.view(&ctx);
+        self.architecture
+            .decode(view.as_ref().unwrap_or(&self.weights), ids, cache)
     }
 
     /// Under [`Ctx::inference`], the weights detached (when any trains); otherwise `None`.

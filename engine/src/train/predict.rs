@@ -65,27 +65,44 @@ pub fn predict(
                 .encode(text.as_str(), special)
                 .map_err(|e| Error::Tokenizer(e.to_string()))?;
             let mut ids = enc.get_ids().to_vec();
+            if ids.is_empty() {
+                return Err(Error::param("inputs", "the prompt has no tokens"));
+            }
             let prompt_len = ids.len();
+            // Each token is computed once: the cache keeps the keys and values of what came
+            // before (the whole sequence is recomputed per token only for an architecture
+            // without one).
+            let mut cache = crate::models::KvCache::default();
+            let mut unseen = ids.clone();
             for _ in 0..max_new_tokens {
                 if ids.len() >= max_seq_len {
                     break;
                 }
-                let t = ids.len();
-                let batch = crate::models::Batch {
-                    input_ids: Tensor::from_vec(ids.clone(), (1, t), &device)?,
-                    token_type_ids: Tensor::zeros((1, t), DType::U32, &device)?,
-                    attention_mask: Tensor::ones((1, t), dtype, &device)?,
-                    labels: Labels::None,
-                    num_tokens: t,
-                    batch_size: 1,
-                };
-                let logits = model.forward(&batch, &mut Ctx::inference())?.detach();
+                let step = Tensor::from_vec(unseen.clone(), (1, unseen.len()), &device)?;
+                let logits = match model.decode(&step, &mut cache)? {
+                    Some(l) => l,
+                    None => {
+                        let t = ids.len();
+                        let batch = crate::models::Batch {
+                            input_ids: Tensor::from_vec(ids.clone(), (1, t), &device)?,
+                            token_type_ids: Tensor::zeros((1, t), DType::U32, &device)?,
+                            attention_mask: Tensor::ones((1, t), dtype, &device)?,
+                            labels: Labels::None,
+                            num_tokens: t,
+                            batch_size: 1,
+                        };
+                        model.forward(&batch, &mut Ctx::inference())?
+                    }
+                }
+                .detach();
+                let last = logits.dim(1)? - 1;
                 let next = logits
-                    .narrow(1, t - 1, 1)?
+                    .narrow(1, last, 1)?
                     .flatten_all()?
                     .argmax(0)?
                     .to_scalar::<u32>()?;
                 ids.push(next);
+                unseen = vec![next];
                 if Some(next) == tok.eos_id {
                     break;
                 }
