@@ -635,6 +635,53 @@ fn causal_lm_generates_and_bf16_trains() {
 }
 
 #[test]
+fn sampled_completions_repeat_with_their_seed_and_end_at_a_stop_sequence() {
+    use sparsegrad_engine::train::{predict_with, Sampling};
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("model");
+    write_tiny_model_dir(&mdir, Arch::Llama, 3).unwrap();
+    let tok = sparsegrad_engine::data::TextTokenizer::from_dir(&mdir).unwrap();
+    let (model, _, _) = sparsegrad_engine::pipeline::load_for_inference(
+        &mdir,
+        None,
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let prompt = [PredictInput::Prompt {
+        prompt: "hello how are".into(),
+    }];
+    let text =
+        |s: &Sampling| match &predict_with(&model, &tok, None, &prompt, 64, 12, s).unwrap()[0] {
+            Prediction::Text { completion } => completion.clone(),
+            other => panic!("{other:?}"),
+        };
+    let greedy = text(&Sampling::default());
+    let hot = |seed| Sampling {
+        temperature: 1.5,
+        seed,
+        ..Default::default()
+    };
+    assert_eq!(text(&hot(1)), text(&hot(1)));
+    let draws: std::collections::BTreeSet<String> = (0..8).map(|s| text(&hot(s))).collect();
+    assert!(draws.len() > 1, "eight seeds, one completion: {draws:?}");
+    // A stop sequence taken from the greedy completion ends it just before.
+    let words: Vec<&str> = greedy.split_whitespace().collect();
+    assert!(words.len() >= 3, "{greedy:?}");
+    let stop = words[2].to_string();
+    let cut = text(&Sampling {
+        stop: vec![stop.clone()],
+        ..Default::default()
+    });
+    assert_eq!(
+        cut,
+        greedy[..greedy.find(&stop).unwrap()],
+        "{greedy:?} stop {stop:?}"
+    );
+}
+
+#[test]
 fn sparsegrad_trains_bf16_weights_and_bf16_bases_apply() {
     let tmp = tempfile::tempdir().unwrap();
     let mdir = tmp.path().join("model");

@@ -365,6 +365,18 @@ pub struct PredictArgs {
     pub max_seq_len: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Causal LMs: 0 (the default) is greedy; higher samples more freely (at most 2).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Causal LMs: sample only from the most likely tokens whose probabilities reach this.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Causal LMs: the sampling stream's seed (the same seed, the same completion).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Causal LMs: end a completion at this text (repeat for several, at most 4).
+    #[arg(long)]
+    pub stop: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -176,13 +176,20 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             );
         }
     }
-    let preds = sparsegrad_engine::train::predict(
+    let sampling = sparsegrad_engine::train::Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop: a.stop.clone(),
+    };
+    let preds = sparsegrad_engine::train::predict_with(
         &model,
         &tok,
         labels.as_ref(),
         &inputs,
         a.max_seq_len,
         a.max_new_tokens,
+        &sampling,
     )?;
     println!("{}", serde_json::to_string_pretty(&preds)?);
     Ok(())

@@ -15,5 +15,5 @@ pub use eval::evaluate;
 pub use events::{
     peak_rss_bytes, reset_peak_rss, rss_bytes, EvalMetrics, Event, Progress, TrainIo, TrainSummary,
 };
-pub use predict::{predict, PredictInput, Prediction};
+pub use predict::{predict, predict_with, PredictInput, Prediction, Sampling};
 pub use trainer::train;
