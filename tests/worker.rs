@@ -68,6 +68,19 @@ async fn env(db: &PgPool, storage: Option<Storage>) -> Env {
     }
 }
 
+/// A worker whose heartbeat comes an hour apart (and a lease to match): only a notification
+/// (`job_cancel`, also used for pauses) can reach it within a test's time.
+fn hourly_heartbeat(ctx: &WorkerCtx) -> WorkerCtx {
+    WorkerCtx {
+        heartbeat: Duration::from_secs(3600),
+        queue: QueueConfig {
+            lease: Duration::from_secs(7200),
+            ..ctx.queue.clone()
+        },
+        ..ctx.clone()
+    }
+}
+
 async fn enqueue(db: &PgPool, id: &str, spec: &FineTune) {
     queue::enqueue(
         db,
@@ -284,14 +297,7 @@ async fn a_cancel_reaches_a_running_job_without_waiting_for_its_heartbeat(db: Pg
     .await;
     // A heartbeat an hour apart (and a lease to match): only the `job_cancel` notification
     // can stop this job within the guard.
-    let ctx = WorkerCtx {
-        heartbeat: Duration::from_secs(3600),
-        queue: QueueConfig {
-            lease: Duration::from_secs(7200),
-            ..e.ctx.queue.clone()
-        },
-        ..e.ctx.clone()
-    };
+    let ctx = hourly_heartbeat(&e.ctx);
     let run = tokio::spawn(async move { try_run_one(&ctx).await.unwrap() });
     wait_for_event(&db, "job_p", "step 3/").await;
     assert_eq!(
@@ -427,14 +433,7 @@ async fn a_paused_job_checkpoints_waits_and_resumes_where_it_stopped(db: PgPool)
 
     // Running: the worker hears the pause at once (an hourly heartbeat would not), checkpoints
     // and hands the job back paused.
-    let ctx = WorkerCtx {
-        heartbeat: Duration::from_secs(3600),
-        queue: QueueConfig {
-            lease: Duration::from_secs(7200),
-            ..e.ctx.queue.clone()
-        },
-        ..e.ctx.clone()
-    };
+    let ctx = hourly_heartbeat(&e.ctx);
     let run = tokio::spawn(async move { try_run_one(&ctx).await.unwrap() });
     wait_for_event(&db, "job_z", "step 3/").await;
     assert_eq!(
