@@ -100,8 +100,40 @@ pub async fn reaper_loop(
     db: PgPool,
     queue: crate::queue::QueueConfig,
     every: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
+    periodically(every, stop, || async {
+        match crate::queue::reap(&db, &queue).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("reaped {n} jobs with expired leases"),
+            Err(e) => tracing::warn!("reaping failed: {e}"),
+        }
+    })
+    .await
+}
+
+/// Sends due webhook deliveries every `every` until shutdown (every `serve` and `worker`
+/// process runs this; `SKIP LOCKED` spreads the deliveries across them).
+pub async fn webhook_loop(
+    db: PgPool,
+    cfg: crate::webhooks::WebhookConfig,
+    every: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    periodically(every, stop, || async {
+        if let Err(e) = crate::webhooks::deliver_due(&db, &cfg).await {
+            tracing::warn!("webhook deliveries: {e}");
+        }
+    })
+    .await
+}
+
+/// Runs `pass` at each tick of `every` (a late tick is not made up) until shutdown.
+async fn periodically<F, Fut>(every: Duration, mut stop: watch::Receiver<bool>, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -109,11 +141,7 @@ pub async fn reaper_loop(
             _ = tick.tick() => {}
             _ = until_true(&mut stop) => return,
         }
-        match crate::queue::reap(&db, &queue).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("reaped {n} jobs with expired leases"),
-            Err(e) => tracing::warn!("reaping failed: {e}"),
-        }
+        pass().await;
     }
 }
 
@@ -209,7 +237,7 @@ pub async fn run(cfg: Config, api: bool) -> Result<()> {
         (cfg.queue().lease / 4).max(Duration::from_secs(1)),
         stop.clone(),
     ));
-    let webhooks = tokio::spawn(crate::webhooks::delivery_loop(
+    let webhooks = tokio::spawn(webhook_loop(
         db.clone(),
         cfg.webhooks(),
         Duration::from_secs(1),

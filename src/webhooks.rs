@@ -1,7 +1,7 @@
 //! Webhook delivery: Standard Webhooks signatures, the guard that keeps deliveries off the
-//! service's own network, and the loop every `serve`/`worker` process runs to send what the
-//! `jobs_terminal_webhooks` trigger queued (claimed with `SKIP LOCKED`, retried with backoff,
-//! at least once).
+//! service's own network, and [`deliver_due`], which `server::webhook_loop` runs to send what
+//! the `jobs_terminal_webhooks` trigger queued (claimed with `SKIP LOCKED`, retried with
+//! backoff, at least once).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tokio::sync::watch;
 
 use crate::db::webhooks::{self as store, Outcome};
 
@@ -280,27 +279,6 @@ pub async fn deliver_due(db: &sqlx::PgPool, cfg: &WebhookConfig) -> sqlx::Result
                     Err(e) => tracing::warn!("webhook delivery task: {e}"),
                 }
             }
-        }
-    }
-}
-
-/// Delivers every `every` until shutdown (every `serve` and `worker` process runs one;
-/// `SKIP LOCKED` spreads deliveries across them).
-pub async fn delivery_loop(
-    db: sqlx::PgPool,
-    cfg: WebhookConfig,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = crate::shutdown::until_true(&mut stop) => return,
-        }
-        if let Err(e) = deliver_due(&db, &cfg).await {
-            tracing::warn!("webhook deliveries: {e}");
         }
     }
 }

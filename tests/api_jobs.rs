@@ -229,6 +229,21 @@ async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
         assert_eq!(s, StatusCode::OK, "{q}: {v}");
         assert_eq!(v["data"].as_array().unwrap().len(), want, "{q}: {v}");
     }
+    // Filters are bounded: at most 16, keys 1-64 characters, values at most 512.
+    let many: Vec<String> = (0..17).map(|i| format!("metadata[k{i}]=v")).collect();
+    let long_key = format!("metadata[{}]=v", "k".repeat(65));
+    let long_value = format!("metadata[team]={}", "v".repeat(513));
+    for q in [many.join("&"), long_key, long_value] {
+        let (s, v) = get(st, &format!("/v1/fine_tuning/jobs?{q}"), key).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]["param"]
+                .as_str()
+                .unwrap()
+                .starts_with("metadata["),
+            "{v}"
+        );
+    }
     let (s, v) = get(st, "/v1/fine_tuning/jobs?after=ftjob_nope", key).await;
     assert_eq!(
         (s, v["error"]["param"].as_str()),
@@ -740,6 +755,8 @@ async fn cancel_queued_and_running_jobs_and_other_tenants_see_nothing(db: PgPool
     for (m, path) in [
         ("GET", ""),
         ("POST", "/cancel"),
+        ("POST", "/pause"),
+        ("POST", "/resume"),
         ("GET", "/events"),
         ("GET", "/metrics"),
         ("GET", "/checkpoints"),

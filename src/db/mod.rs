@@ -53,16 +53,18 @@ async fn keyset_page<T>(
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
+    // The filter value is bound only where the list's filter reads it.
+    let filtered = filter.contains("$4");
     if let Some(after) = &page.after {
-        let known: Option<(i32,)> = sqlx::query_as(&format!(
+        let sql = format!(
             "select 1 from {table} where id = $1 and tenant_id = $2 and {}",
             filter.replace("$4", "$3")
-        ))
-        .bind(after)
-        .bind(tenant)
-        .bind(&page.filter)
-        .fetch_optional(db)
-        .await?;
+        );
+        let mut q = sqlx::query_as(&sql).bind(after).bind(tenant);
+        if filtered {
+            q = q.bind(&page.filter);
+        }
+        let known: Option<(i32,)> = q.fetch_optional(db).await?;
         if known.is_none() {
             return Ok(None);
         }
@@ -72,20 +74,22 @@ where
     } else {
         ("<", "desc")
     };
-    let rows: Vec<T> = sqlx::query_as(&format!(
+    let sql = format!(
         "select {cols} from {table}
           where tenant_id = $1 and {filter}
             and ($2::text is null or (created_at, id) {cmp}
                  (select created_at, id from {table} where id = $2 and tenant_id = $1))
           order by created_at {dir}, id {dir}
           limit $3"
-    ))
-    .bind(tenant)
-    .bind(&page.after)
-    .bind(page.limit + 1)
-    .bind(&page.filter)
-    .fetch_all(db)
-    .await?;
+    );
+    let mut q = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(&page.after)
+        .bind(page.limit + 1);
+    if filtered {
+        q = q.bind(&page.filter);
+    }
+    let rows: Vec<T> = q.fetch_all(db).await?;
     Ok(Some(cut_page(rows, page.limit)))
 }
 

@@ -77,19 +77,7 @@ impl Sampling {
 
     /// The next token from `logits` (one vocabulary row).
     pub fn pick(&self, logits: &[f32], rng: &mut impl rand::Rng) -> u32 {
-        let argmax = || {
-            logits
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                    if v > bv {
-                        (i, v)
-                    } else {
-                        (bi, bv)
-                    }
-                })
-                .0 as u32
-        };
+        let argmax = || argmax(logits) as u32;
         if self.temperature <= 0.0 {
             return argmax();
         }
@@ -276,14 +264,7 @@ pub fn predict_with(
                 let probs = crate::nn::softmax_last_dim(&logits.to_dtype(DType::F32)?)?
                     .squeeze(0)?
                     .to_vec1::<f32>()?;
-                let (index, _) =
-                    probs
-                        .iter()
-                        .enumerate()
-                        .fold(
-                            (0, f32::MIN),
-                            |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
-                        );
+                let index = argmax(&probs);
                 let label = labels
                     .and_then(|l| l.names.get(index).cloned())
                     .unwrap_or_else(|| index.to_string());
@@ -296,6 +277,20 @@ pub fn predict_with(
         }
     }
     Ok(out)
+}
+
+/// The index of the largest value (the first of equal ones; 0 for an empty slice).
+fn argmax(xs: &[f32]) -> usize {
+    xs.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
 }
 
 /// Where the first of `stop` begins in `text`, if any.
