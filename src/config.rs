@@ -76,6 +76,34 @@ pub struct Config {
     /// Predictions at once by one API process (more answer 429).
     #[arg(long, env = "SPARSEGRAD_MAX_CONCURRENT_PREDICTS", default_value_t = 4)]
     pub max_concurrent_predicts: usize,
+    /// Inference requests (predictions and completions) admitted at once by one API process,
+    /// queued or running; more answer 429.
+    #[arg(long, env = "SPARSEGRAD_INFERENCE_MAX_QUEUE", default_value_t = 64)]
+    pub inference_max_queue: usize,
+    /// Inference requests one tenant may have admitted at once on one API process.
+    #[arg(
+        long,
+        env = "SPARSEGRAD_INFERENCE_MAX_PER_TENANT",
+        default_value_t = 16
+    )]
+    pub inference_max_per_tenant: usize,
+    /// MiB of fine-tunes kept resident for inference beyond their base models (least
+    /// recently used leave first).
+    #[arg(
+        long,
+        env = "SPARSEGRAD_INFERENCE_DELTA_BUDGET_MB",
+        default_value_t = 2048
+    )]
+    pub inference_delta_budget_mb: usize,
+    /// Base models kept loaded for inference.
+    #[arg(long, env = "SPARSEGRAD_INFERENCE_MAX_BASES", default_value_t = 2)]
+    pub inference_max_bases: usize,
+    /// Most tokens one completion may ask for (`max_tokens`).
+    #[arg(long, env = "SPARSEGRAD_MAX_COMPLETION_TOKENS", default_value_t = 1024)]
+    pub max_completion_tokens: usize,
+    /// Most tokens of prompt plus completion (also bounded by the model's positions).
+    #[arg(long, env = "SPARSEGRAD_MAX_CONTEXT_TOKENS", default_value_t = 4096)]
+    pub max_context_tokens: usize,
     /// Most open client connections; more wait in the listen backlog.
     #[arg(long, env = "SPARSEGRAD_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,

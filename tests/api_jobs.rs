@@ -507,7 +507,7 @@ async fn a_job_from_upload_to_merge_and_predict(db: PgPool) {
     )
     .await;
     assert_eq!(again["data"], p["data"]);
-    assert_eq!(st.predictor.loads(), 1);
+    assert_eq!(st.inference.loads(), 1);
     assert!(preds
         .iter()
         .all(|p| ["pos", "neg"].contains(&p["label"].as_str().unwrap())));

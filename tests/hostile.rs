@@ -418,7 +418,15 @@ async fn a_failed_merge_can_be_asked_again_and_a_merge_id_is_not_a_job(db: PgPoo
 #[sqlx::test(migrations = "./migrations")]
 async fn forty_concurrent_first_predictions_all_succeed(db: PgPool) {
     // The predict gate opened wide: this is about the shared download, not the gate.
-    let e = env_with(db.clone(), &["--max-concurrent-predicts", "40"]);
+    let e = env_with(
+        db.clone(),
+        &[
+            "--max-concurrent-predicts",
+            "40",
+            "--inference-max-per-tenant",
+            "40",
+        ],
+    );
     let (_, key) = tenant_key(&e.st, "acme").await;
     let id = succeeded_job(&e, &key).await;
     let body = json!({"inputs": [{"text": "a good film"}]});
@@ -431,7 +439,7 @@ async fn forty_concurrent_first_predictions_all_succeed(db: PgPool) {
         assert_eq!(s, StatusCode::OK, "{v}");
     }
     // The model was loaded once; no temporary download was left behind.
-    assert_eq!(e.st.predictor.loads(), 1);
+    assert_eq!(e.st.inference.loads(), 1);
     let deltas = e.tmp.path().join("data/cache/deltas");
     let names: Vec<String> = std::fs::read_dir(&deltas)
         .unwrap()

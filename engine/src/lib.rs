@@ -35,6 +35,7 @@ pub mod optim;
 pub mod pipeline;
 pub mod pretrained;
 pub mod rng;
+pub mod serve;
 pub mod testing;
 pub mod topk;
 pub mod train;

@@ -488,6 +488,26 @@ fn merged_model_equals_in_memory_fine_tuned_model() {
             "{arch:?}: applied artifact differs by {d_apply} (bf16 bases: {bf16_bases})"
         );
 
+        // The delta applied in the forward pass over a shared base (what the server serves).
+        let (base, _, _) = load_for_inference(
+            &mdir,
+            None,
+            Some(loaded.descriptor.task.clone()),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let served = sparsegrad_engine::serve::overlay(&base, &loaded).unwrap();
+        let d_overlay = max_abs_diff(
+            &trained,
+            &served.model.forward(&batch, &mut Ctx::eval()).unwrap(),
+        );
+        assert!(
+            d_overlay <= tol.max(1e-5),
+            "{arch:?}: the overlay differs by {d_overlay} (bf16 bases: {bf16_bases})"
+        );
+        assert!(served.bytes > 0, "{arch:?}: an overlay that holds nothing");
+
         // merged folder loads as an ordinary checkpoint
         let merged = tmp.path().join("merged");
         merge(&mdir, &loaded, &merged, 0).unwrap();
@@ -770,5 +790,123 @@ fn mlp_scope_estimate_counts_the_parameters_it_trains() {
         let shape = model.architecture.shape();
         assert_eq!(mlp - head, shape.mlp_scope_extra(), "{arch:?}");
         assert_eq!(Scope::Mlp.extra_params(&shape), mlp - head);
+    }
+}
+
+/// Serving: one decoding step over sequences of three different fine-tunes and the base
+/// (different prompt lengths, one joining mid-way with its whole prompt) gives each sequence
+/// the logits it gets alone, and alone an overlay decodes as the delta applied to the weights.
+#[test]
+fn a_step_mixing_three_deltas_equals_each_delta_alone() {
+    use sparsegrad_engine::models::KvCache;
+    use sparsegrad_engine::serve::{decode_step, overlay, StepSeq};
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("model");
+    write_tiny_model_dir(&mdir, Arch::Llama, 1).unwrap();
+    let data = write_data(tmp.path(), Arch::Llama, 24, 2);
+    let cancel = AtomicBool::new(false);
+    let methods = [
+        sparsegrad(Support::Fixed, Scope::Mlp),
+        lora(),
+        MethodSpec::Full(Default::default()),
+    ];
+    let (base, _, _) =
+        load_for_inference(&mdir, None, Some(Task::CausalLm), DType::F32, &Device::Cpu).unwrap();
+    let mut models: Vec<Model> = Vec::new();
+    for method in methods {
+        let out = run_job(
+            &spec(&mdir, &data, method, 4),
+            &Device::Cpu,
+            TrainIo::new(&mut |_| {}, &cancel),
+        )
+        .unwrap();
+        let served = overlay(&base, &out.artifact).unwrap();
+        // Alone, the overlay decodes as the delta applied to the weights.
+        let (applied, _, _) =
+            load_for_inference(&mdir, Some(&out.artifact), None, DType::F32, &Device::Cpu).unwrap();
+        let ids =
+            candle_core::Tensor::from_vec(vec![3u32, 8, 13, 21, 34], (1, 5), &Device::Cpu).unwrap();
+        let a = served
+            .model
+            .decode(&ids, &mut KvCache::default())
+            .unwrap()
+            .unwrap();
+        let b = applied
+            .decode(&ids, &mut KvCache::default())
+            .unwrap()
+            .unwrap();
+        let d = max_abs_diff(&a, &b);
+        assert!(d <= 1e-5, "overlay vs applied: {d}");
+        models.push(served.model);
+    }
+    models.push(base);
+    // The fine-tunes differ from the base and from each other (so mixing them is tested).
+    let probe = candle_core::Tensor::from_vec(vec![3u32, 8, 13], (1, 3), &Device::Cpu).unwrap();
+    let outs: Vec<candle_core::Tensor> = models
+        .iter()
+        .map(|m| m.decode(&probe, &mut KvCache::default()).unwrap().unwrap())
+        .collect();
+    for i in 0..outs.len() {
+        for j in i + 1..outs.len() {
+            let d = max_abs_diff(&outs[i], &outs[j]);
+            assert!(d > 1e-3, "models {i} and {j} agree ({d})");
+        }
+    }
+    // (model, prompt, the step it joins at); the two sequences of model 0 are not adjacent.
+    let seqs: Vec<(usize, Vec<u32>, usize)> = vec![
+        (0, vec![5, 9, 14], 0),
+        (1, vec![7, 7, 2, 40, 11, 3], 0),
+        (0, vec![12], 0),
+        (2, vec![30, 1, 4, 4], 0),
+        (3, vec![6, 17, 28, 39, 2, 13, 24], 2),
+    ];
+    let steps = 6;
+    let argmax = |row: &candle_core::Tensor| -> u32 { row.argmax(0).unwrap().to_scalar().unwrap() };
+    // Alone: each sequence's logits per step, and the greedy tokens it feeds back.
+    let mut alone: Vec<Vec<candle_core::Tensor>> = Vec::new();
+    let mut fed: Vec<Vec<Vec<u32>>> = Vec::new();
+    for (m, prompt, _) in &seqs {
+        let mut cache = KvCache::default();
+        let (mut logits, mut inputs) = (Vec::new(), Vec::new());
+        let mut unseen = prompt.clone();
+        for _ in 0..steps {
+            let t = unseen.len();
+            let ids = candle_core::Tensor::from_vec(unseen.clone(), (1, t), &Device::Cpu).unwrap();
+            let l = models[*m].decode(&ids, &mut cache).unwrap().unwrap();
+            let row = l.narrow(1, t - 1, 1).unwrap().flatten_all().unwrap();
+            inputs.push(unseen.clone());
+            unseen = vec![argmax(&row)];
+            logits.push(row);
+        }
+        alone.push(logits);
+        fed.push(inputs);
+    }
+    let mut caches: Vec<KvCache> = seqs.iter().map(|_| KvCache::default()).collect();
+    for step in 0..steps + 2 {
+        let mut batch: Vec<(usize, StepSeq<'_>)> = Vec::new();
+        for (i, ((m, _, join), cache)) in seqs.iter().zip(caches.iter_mut()).enumerate() {
+            if step < *join || step - join >= steps {
+                continue;
+            }
+            batch.push((
+                i,
+                StepSeq {
+                    model: &models[*m],
+                    ids: &fed[i][step - join],
+                    cache,
+                },
+            ));
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let (who, mut seqs_now): (Vec<usize>, Vec<StepSeq<'_>>) = batch.into_iter().unzip();
+        let logits = decode_step(&mut seqs_now).unwrap();
+        for (row, &i) in who.iter().enumerate() {
+            let got = logits.get(row).unwrap();
+            let want = &alone[i][step - seqs[i].2];
+            let d = max_abs_diff(&got, want);
+            assert!(d <= 1e-4, "step {step}, sequence {i}: {d}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! objects of [`objects`]; they hold no SQL.
 
 pub mod admin;
+pub mod completions;
 pub mod dashboard;
 pub mod files;
 pub mod fine_tuning;
@@ -27,7 +28,7 @@ use crate::config::Config;
 use crate::db::tenants::key_hash;
 use crate::db::Page;
 use crate::error::{ApiError, ApiResult};
-use crate::inference::Predictor;
+use crate::inference::Engine;
 use crate::storage::Storage;
 
 /// Cheap handles shared by every handler.
@@ -37,7 +38,8 @@ pub struct AppState {
     pub storage: Storage,
     pub cfg: Arc<Config>,
     pub http: Arc<metrics::HttpMetrics>,
-    pub predictor: Arc<Predictor>,
+    /// The inference engine (its own thread): every model the API runs.
+    pub inference: Engine,
     pub gates: Arc<limits::Gates>,
     /// Wakes event streams when their job has news (one LISTEN per process).
     pub signals: crate::db::listen::JobSignals,
@@ -50,7 +52,15 @@ impl AppState {
             db,
             storage,
             http: Default::default(),
-            predictor: Default::default(),
+            inference: Engine::start(
+                &cfg.device,
+                crate::inference::Limits {
+                    max_queue: cfg.inference_max_queue,
+                    max_per_tenant: cfg.inference_max_per_tenant,
+                    delta_budget_bytes: cfg.inference_delta_budget_mb << 20,
+                    max_bases: cfg.inference_max_bases,
+                },
+            ),
             gates: Arc::new(limits::Gates::new(&cfg)),
             cfg,
         }
@@ -73,6 +83,7 @@ pub fn router(state: AppState) -> Router {
             "/v1",
             Router::new()
                 .merge(admin::router())
+                .merge(completions::router())
                 .merge(files::router())
                 .merge(methods::router())
                 .merge(models::router())
@@ -412,7 +423,21 @@ where
             Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::from_status(e.status(), &e.body_text()))
             }
-            Err(e) => Err(ApiError::invalid(e.body_text(), None, "invalid_json")),
+            Err(e) => {
+                let text = e.body_text();
+                let param = json_error_path(&text);
+                Err(ApiError::invalid(text, param.as_deref(), "invalid_json"))
+            }
         }
     }
+}
+
+/// The field a body's deserialisation error is about, from axum's message
+/// (`… target type: messages[0].role: unknown variant …`); `None` for the body as a whole.
+fn json_error_path(text: &str) -> Option<String> {
+    let rest = text.split_once("target type: ")?.1;
+    let (path, _) = rest.split_once(": ")?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_.[]".contains(c);
+    (!path.is_empty() && path != "." && path.len() <= 256 && path.chars().all(plain))
+        .then(|| path.to_string())
 }

@@ -243,6 +243,17 @@ pub struct JobSpec {
     pub api: ApiMeta,
 }
 
+impl JobSpec {
+    /// The model name a succeeded fine-tune is served under (OpenAI's form):
+    /// `ft:{model}[:{suffix}]:{job id}`. The job id is always the last segment.
+    pub fn fine_tuned_model(&self, job_id: &str) -> String {
+        match &self.api.suffix {
+            Some(s) => format!("ft:{}:{s}:{job_id}", self.run.model),
+            None => format!("ft:{}:{job_id}", self.run.model),
+        }
+    }
+}
+
 /// `jobs.spec` of a merge: the fine-tune's base model and delta.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MergeSpec {

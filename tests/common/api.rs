@@ -71,7 +71,7 @@ pub fn serve_over_http(st: &AppState) {
     SERVED.lock().unwrap().push((st.cfg.clone(), addr));
 }
 
-fn served(st: &AppState) -> Option<std::net::SocketAddr> {
+pub fn served(st: &AppState) -> Option<std::net::SocketAddr> {
     let s = SERVED.lock().unwrap();
     s.iter()
         .find(|(c, _)| Arc::ptr_eq(c, &st.cfg))

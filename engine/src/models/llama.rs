@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::{Arch, ArchEntry, Architecture, Batch, KvCache, MlpKind, ParamShape, Task};
 use crate::nn::fused::{rope_heads, scaled_masked_softmax, swiglu, MaskRows};
 use crate::nn::{rope_tables, Ctx, Param, Weights};
+use crate::serve::RowGroups;
 use crate::{Error, Result};
 
 pub const ENTRY: ArchEntry = ArchEntry {
@@ -193,6 +194,92 @@ impl LlamaConfig {
         Ok((h.reshape(((), hidden))?, head))
     }
 
+    /// One decoding step over sequences of different overlays and context lengths: every
+    /// sequence's new tokens are rows of one `(N, H)` activation, so each linear layer runs
+    /// once per distinct weight tensor (see [`RowGroups`]); attention, which reads each
+    /// sequence's own cache, runs per sequence. The logits after each one's last new token.
+    fn step(&self, seqs: &mut [crate::serve::StepSeq<'_>]) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
+        let rep = nh / nkv;
+        let first = &seqs[0].model.weights;
+        let (dev, dtype) = (first.device.clone(), first.dtype);
+        let groups = RowGroups::new(seqs.iter().map(|s| (s.ids.len(), &s.model.weights)));
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let span: Vec<(usize, usize, usize)> = seqs
+            .iter()
+            .scan(0, |row, s| {
+                let r = *row;
+                *row += s.ids.len();
+                Some((r, s.ids.len(), s.cache.len))
+            })
+            .collect();
+        let longest = span.iter().map(|&(_, t, past)| past + t).max().unwrap_or(0);
+        let (cos, sin) = rope_tables(longest, hd, self.rope_theta, dtype, &dev)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let eps = self.rms_norm_eps;
+        let n = ids.len();
+        let mut h = groups.embedding(EMBED, &Tensor::from_vec(ids, n, &dev)?)?;
+        for i in 0..self.num_hidden_layers {
+            let l = |sub: &str| layer(i, sub);
+            let x = groups.rms_norm(&l(INPUT_NORM), &h, eps)?;
+            let q = groups.linear(&l(Q), &x)?;
+            let k = groups.linear(&l(K), &x)?;
+            let v = groups.linear(&l(V), &x)?;
+            let mut attended = Vec::with_capacity(seqs.len());
+            for (s, &(r, t, past)) in seqs.iter_mut().zip(&span) {
+                let (cos, sin) = (cos.narrow(0, past, t)?, sin.narrow(0, past, t)?);
+                let q = rope_heads(&q.narrow(0, r, t)?.reshape((1, t, nh, hd))?, &cos, &sin)?;
+                let k = rope_heads(&k.narrow(0, r, t)?.reshape((1, t, nkv, hd))?, &cos, &sin)?;
+                let v = v
+                    .narrow(0, r, t)?
+                    .reshape((1, t, nkv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let c = &mut *s.cache;
+                let (k, v) = match c.layers.get(i) {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                    None => (k, v),
+                };
+                if i < c.layers.len() {
+                    c.layers[i] = (k.clone(), v.clone());
+                } else {
+                    c.layers.push((k.clone(), v.clone()));
+                }
+                let mask = causal_mask(t, past, rep, dtype, &dev)?;
+                let q = q.reshape((1, nkv, rep * t, hd))?;
+                let probs =
+                    scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
+                attended.push(
+                    probs
+                        .matmul(&v)?
+                        .reshape((1, nh, t, hd))?
+                        .transpose(1, 2)?
+                        .reshape((t, nh * hd))?,
+                );
+            }
+            let a = groups.linear(&l(O), &Tensor::cat(&attended, 0)?)?;
+            h = (h + a)?;
+            let x = groups.rms_norm(&l(POST_NORM), &h, eps)?;
+            let g = groups.linear(&l(GATE), &x)?;
+            let u = groups.linear(&l(UP), &x)?;
+            let m = groups.linear(&l(DOWN), &swiglu(&g, &u)?)?;
+            h = (h + m)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.len += s.ids.len();
+        }
+        let last: Vec<u32> = span.iter().map(|&(r, t, _)| (r + t - 1) as u32).collect();
+        let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
+        let lasts = RowGroups::new(seqs.iter().map(|s| (1, &s.model.weights)));
+        let h = lasts.rms_norm(FINAL_NORM, &h, eps)?;
+        let head = if first.contains(LM_HEAD) {
+            LM_HEAD
+        } else {
+            EMBED
+        };
+        lasts.project(head, &h)
+    }
+
     /// The logits of `(B·T, H)` hidden states through the output projection.
     fn project(&self, w: &Weights, h2: &Tensor, head: &str) -> Result<Tensor> {
         Ok(match w.params.get(head) {
@@ -327,6 +414,9 @@ impl Architecture for LlamaConfig {
         let (b, t) = ids.dims2()?;
         let (h2, head) = self.hidden(w, ids, &mut Ctx::inference(), Some(cache))?;
         Ok(Some(self.project(w, &h2, head)?.reshape((b, t, ()))?))
+    }
+    fn decode_rows(&self, seqs: &mut [crate::serve::StepSeq<'_>]) -> Result<Option<Tensor>> {
+        self.step(seqs).map(Some)
     }
     fn lm_hidden(
         &self,

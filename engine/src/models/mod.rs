@@ -65,6 +65,11 @@ pub trait Architecture: Send + Sync {
     fn decode(&self, _w: &Weights, _ids: &Tensor, _cache: &mut KvCache) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// Causal LM, one step over sequences of different overlays and lengths (see
+    /// [`crate::serve::decode_step`]): the logits after each sequence's last new token.
+    fn decode_rows(&self, _seqs: &mut [crate::serve::StepSeq<'_>]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Causal LM: the final hidden states `(B·T, H)` and the output projection's weight name,
     /// so the loss can be taken a chunk of rows at a time ([`crate::nn::chunked_lm_loss`]).
     fn lm_hidden(

@@ -35,6 +35,9 @@ pub enum Adapter {
     Lora { scale: f64, dropout: f64 },
     /// The frozen weight's gradient goes to a method-owned hook instead of a GradStore.
     Hook(Arc<dyn WeightGradHook>),
+    /// A served fine-tune's sparse update, applied in the forward pass: `y += x (P S Qᵀ)ᵀ`
+    /// without ever forming `P S Qᵀ` (see [`crate::serve`]).
+    Sparse(Arc<crate::serve::SparseDelta>),
 }
 
 /// Every parameter of a model under its canonical Hugging Face name, plus per-linear adapters.
@@ -191,15 +194,14 @@ impl Weights {
                     Param::Frozen(t) => super::linear::frozen_linear_bias(&x2, t, bias, hook)?,
                 };
                 if let Some((scale, dropout)) = lora {
-                    let a = self.get(&format!("{prefix}.lora_A.weight"))?;
-                    let b = self.get(&format!("{prefix}.lora_B.weight"))?;
                     let xd = match ctx.rng.as_mut() {
                         Some(rng) => super::dropout(&x2, dropout, rng)?,
                         None => x2.clone(),
                     };
-                    // Scale the rank-r product, not the full-width one.
-                    let delta = (xd.matmul(&a.t()?)? * scale)?.matmul(&b.t()?)?;
-                    y = (y + delta)?;
+                    y = (y + self.lora_delta(prefix, &xd, scale)?)?;
+                }
+                if let Some(Adapter::Sparse(d)) = adapter {
+                    y = (y + d.apply(&x2)?)?;
                 }
                 y
             }
@@ -207,6 +209,24 @@ impl Weights {
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// `s · (x Aᵀ) Bᵀ`: a LoRA adapter's contribution (the rank-r product scaled, not the
+    /// full-width one).
+    fn lora_delta(&self, prefix: &str, x2: &Tensor, scale: f64) -> Result<Tensor> {
+        let a = self.get(&format!("{prefix}.lora_A.weight"))?;
+        let b = self.get(&format!("{prefix}.lora_B.weight"))?;
+        Ok((x2.matmul(&a.t()?)? * scale)?.matmul(&b.t()?)?)
+    }
+
+    /// What the layer's adapter adds to `x2 Wᵀ (+ b)` at inference (`x2`: `(rows, in)`), if
+    /// it has one that adds anything then.
+    pub fn adapter_delta(&self, prefix: &str, x2: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self.adapters.get(prefix) {
+            Some(Adapter::Lora { scale, .. }) => Some(self.lora_delta(prefix, x2, *scale)?),
+            Some(Adapter::Sparse(d)) => Some(d.apply(x2)?),
+            Some(Adapter::Hook(_)) | None => None,
+        })
     }
 
     pub fn embedding(&self, name: &str, ids: &Tensor) -> Result<Tensor> {

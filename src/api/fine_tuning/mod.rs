@@ -19,6 +19,7 @@ use crate::domain::JobKind;
 use crate::error::{ApiError, ApiResult};
 
 pub use create::find_model;
+pub(crate) use predict::{busy, inference_error, served_key};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -14,7 +14,7 @@ use crate::db::job_records::{self as records, ArtifactRow, JobRow};
 use crate::db::new_id;
 use crate::domain::{ArtifactKind, FineTune, JobKind, JobStatus, MergeSpec, UserFacing};
 use crate::error::{ApiError, ApiResult};
-use crate::inference::{InferenceError, PredictRequest};
+use crate::inference::{Busy, InferenceError, ModelKey, PredictRequest};
 use crate::queue::{self, NewJob};
 use crate::storage::local_copy::materialize;
 
@@ -94,7 +94,7 @@ pub(super) async fn predict(
     Json(req): Json<PredictBody>,
 ) -> ApiResult<axum::Json<PredictionsObject<Prediction>>> {
     let job = job_for(&st, &tenant, &id).await?;
-    let (delta, run) = succeeded_delta(&st, &job, "used for predictions").await?;
+    let (key, run) = served_key(&st, &job).await?;
     if req.inputs.is_empty() || req.inputs.len() > MAX_PREDICT_INPUTS {
         return Err(ApiError::invalid(
             format!("give 1 to {MAX_PREDICT_INPUTS} inputs"),
@@ -111,11 +111,35 @@ pub(super) async fn predict(
         ));
     }
     let _permit = st.gates.predict()?;
+    let ticket = st.inference.admit(&tenant).map_err(busy)?;
+    let preds = st
+        .inference
+        .predict(
+            ticket,
+            PredictRequest {
+                key,
+                inputs: req.inputs,
+                max_seq_len: run.max_seq_len,
+                max_new_tokens: max_new,
+            },
+        )
+        .await
+        .map_err(|e| inference_error(e, "inputs"))?;
+    Ok(axum::Json(PredictionsObject {
+        object: "fine_tuning.job.predictions",
+        fine_tuning_job_id: id,
+        data: preds,
+    }))
+}
+
+/// The local files a succeeded fine-tune runs from: its base model folder and its delta
+/// (downloaded once into the content-addressed cache; a delta never changes once stored).
+pub(crate) async fn served_key(st: &AppState, job: &JobRow) -> ApiResult<(ModelKey, FineTune)> {
+    let (delta, run) = succeeded_delta(st, job, "used for inference").await?;
     let cache = st.cfg.data_dir.join("cache");
     let model_dir = materialize(&st.storage, &run.base, &cache.join("models"))
         .await
         .map_err(ApiError::internal)?;
-    // Content-addressed: a delta never changes once stored.
     let local = cache
         .join("deltas")
         .join(format!("{}.safetensors", delta.sha256));
@@ -124,30 +148,37 @@ pub(super) async fn predict(
             .download_checked(&delta.object_key, &local, Some(&delta.sha256))
             .await?;
     }
-    let preds = st
-        .predictor
-        .predict(PredictRequest {
-            model_dir,
-            delta: local,
-            delta_sha256: delta.sha256,
-            inputs: req.inputs,
-            max_seq_len: run.max_seq_len,
-            max_new_tokens: max_new,
-        })
-        .await
-        .map_err(|e| match e {
-            InferenceError::Engine(e) => {
-                let f = UserFacing::from(&e);
-                if !f.user_error {
-                    return ApiError::internal(e);
-                }
-                ApiError::invalid(&f.reason, Some(&f.param_or("inputs")), "invalid_value")
+    let key = ModelKey {
+        model_dir,
+        delta: Some((local, delta.sha256)),
+    };
+    Ok((key, run))
+}
+
+/// The engine is full: 429 with a retry hint.
+pub(crate) fn busy(b: Busy) -> ApiError {
+    let code = if b.per_tenant {
+        "too_many_inference_requests"
+    } else {
+        "server_busy"
+    };
+    ApiError::too_many(b.message, code, 2)
+}
+
+/// An engine error as the API answers it: the request's fault → 400 about `param` (or the
+/// field the engine named), anything else → 500 with the cause logged.
+pub(crate) fn inference_error(e: InferenceError, param: &str) -> ApiError {
+    match e {
+        InferenceError::Invalid { param, message } => {
+            ApiError::invalid(message, Some(param), "invalid_value")
+        }
+        InferenceError::Engine(e) => {
+            let f = UserFacing::from(&e);
+            if !f.user_error {
+                return ApiError::internal(e);
             }
-            other => ApiError::internal(other),
-        })?;
-    Ok(axum::Json(PredictionsObject {
-        object: "fine_tuning.job.predictions",
-        fine_tuning_job_id: id,
-        data: preds,
-    }))
+            ApiError::invalid(&f.reason, Some(&f.param_or(param)), "invalid_value")
+        }
+        other => ApiError::internal(other),
+    }
 }

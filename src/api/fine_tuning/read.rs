@@ -60,6 +60,7 @@ pub(super) async fn job_object(st: &AppState, j: &JobRow) -> ApiResult<JobObject
 fn render(j: &JobRow, x: &Extras) -> ApiResult<JobObject> {
     let spec: JobSpec = serde_json::from_value(j.spec.clone())
         .map_err(|e| ApiError::internal(format!("job {}: spec: {e}", j.id)))?;
+    let fine_tuned_model = (j.status == JobStatus::Succeeded).then(|| spec.fine_tuned_model(&j.id));
     let (run, api) = (spec.run, spec.api);
     let queued = x.queued.get(&j.id);
     let now = Utc::now();
@@ -90,10 +91,6 @@ fn render(j: &JobRow, x: &Extras) -> ApiResult<JobObject> {
             .or_else(|| progress.and_then(|p| p.get(progress_key)))
             .and_then(|v| v.as_u64())
     };
-    let fine_tuned_model = (j.status == JobStatus::Succeeded).then(|| match &api.suffix {
-        Some(s) => format!("ft:{}:{s}:{}", run.model, j.id),
-        None => format!("ft:{}:{}", run.model, j.id),
-    });
     let hyperparameters = openai_hyperparameters(&run);
     Ok(JobObject {
         id: j.id.clone(),
