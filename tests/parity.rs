@@ -531,3 +531,147 @@ fn smollm2_cached_generation_equals_recomputation() {
     assert!(worst <= 1e-4, "cached logits differ by {worst}");
     assert_eq!(cache.len, ids.len() - 1);
 }
+
+/// Serving without merging, on real weights: a fine-tune applied in the forward pass over the
+/// shared base (`serve::overlay`) gives the merged model's logits, for SparseGrad, LoRA and
+/// full fine-tuning on MiniLM-L6 (rt_polarity) and SmolLM2-4L (chitchat); and one decoding
+/// step over SmolLM2 sequences of the three fine-tunes equals each run alone.
+#[test]
+fn overlays_equal_merged_models_on_minilm_and_smollm2() {
+    use sparsegrad_engine::artifact::merge;
+    use sparsegrad_engine::methods::{LoraConfig, LoraTargets, MethodSpec, SparseGradConfig};
+    use sparsegrad_engine::models::KvCache;
+    use sparsegrad_engine::pipeline::{load_for_inference, run_job, RunSpec};
+    use sparsegrad_engine::serve::{decode_step, overlay, StepSeq};
+    use sparsegrad_engine::train::{TrainConfig, TrainIo};
+    let Some(fx) = common::fixtures() else { return };
+    let methods = [
+        MethodSpec::Sparsegrad(SparseGradConfig {
+            basis_steps: 2,
+            ..Default::default()
+        }),
+        MethodSpec::Lora(LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            targets: LoraTargets::All,
+            ..Default::default()
+        }),
+        MethodSpec::Full(Default::default()),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, dir, train) in [
+        ("minilm", &fx.minilm, &fx.rt_polarity_train),
+        ("smollm2-4l", &fx.smollm2_4l, &fx.chitchat_train),
+    ] {
+        let tok = TextTokenizer::from_dir(dir).unwrap();
+        let sentences = [
+            "a gripping, beautifully acted story",
+            "The plot never quite comes together.",
+            "hello, how are you today?",
+        ];
+        let mut served = Vec::new();
+        let mut base = None;
+        for (m, method) in methods.iter().enumerate() {
+            let spec = RunSpec {
+                model_dir: dir.clone(),
+                model_name: None,
+                train_file: train.clone(),
+                valid_file: None,
+                task: None,
+                method: method.clone(),
+                train: TrainConfig {
+                    max_steps: Some(2),
+                    batch_size: 8,
+                    lr: 1e-3,
+                    seed: 1,
+                    ..TrainConfig::default()
+                },
+                max_seq_len: 32,
+                dtype: None,
+                limit_train: Some(16),
+                limit_valid: None,
+            };
+            let cancel = std::sync::atomic::AtomicBool::new(false);
+            let out = run_job(&spec, &Device::Cpu, TrainIo::new(&mut |_| {}, &cancel)).unwrap();
+            let art = out.artifact;
+            drop(out.model);
+            let merged = tmp.path().join(format!("{name}-{m}"));
+            merge(dir, &art, &merged, 0).unwrap();
+            let (merged_model, _, _) = load_for_inference(
+                &merged,
+                None,
+                Some(art.descriptor.task.clone()),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let b = base.get_or_insert_with(|| {
+                load_for_inference(
+                    dir,
+                    None,
+                    Some(art.descriptor.task.clone()),
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .0
+            });
+            let o = overlay(b, &art).unwrap();
+            let pad = b.pad_id();
+            let batch = labelled_batch(&tok, &sentences, &[0, 1, 0], pad);
+            let want = merged_model.forward(&batch, &mut Ctx::inference()).unwrap();
+            let got = o.model.forward(&batch, &mut Ctx::inference()).unwrap();
+            let moved = sparsegrad_engine::testing::max_abs_diff(
+                &want,
+                &b.forward(&batch, &mut Ctx::inference()).unwrap(),
+            );
+            let d = sparsegrad_engine::testing::max_abs_diff(&got, &want);
+            eprintln!(
+                "{name} {}: overlay vs merged {d:.2e} (the fine-tune moved logits by {moved:.2e}); \
+                 overlay holds {:.1} MiB",
+                method.name(),
+                o.bytes as f64 / (1 << 20) as f64
+            );
+            assert!(
+                moved > 1e-4,
+                "{name} {}: nothing was trained",
+                method.name()
+            );
+            assert!(d <= 1e-4, "{name} {}: {d}", method.name());
+            served.push(o.model);
+        }
+        if name != "smollm2-4l" {
+            continue;
+        }
+        // One step over sequences of the three fine-tunes, prompts of different lengths.
+        let prompts: Vec<Vec<u32>> = sentences
+            .iter()
+            .map(|s| tok.inner.encode(*s, false).unwrap().get_ids().to_vec())
+            .collect();
+        let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::default()).collect();
+        let mut seqs: Vec<StepSeq<'_>> = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(i, cache)| StepSeq {
+                model: &served[i],
+                ids: &prompts[i],
+                cache,
+            })
+            .collect();
+        let mixed = decode_step(&mut seqs).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let ids = Tensor::from_vec(p.clone(), (1, p.len()), &Device::Cpu).unwrap();
+            let alone = served[i]
+                .decode(&ids, &mut KvCache::default())
+                .unwrap()
+                .unwrap();
+            let alone = alone
+                .narrow(1, p.len() - 1, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            let d = sparsegrad_engine::testing::max_abs_diff(&mixed.get(i).unwrap(), &alone);
+            assert!(d <= 1e-4, "sequence {i} in the mixed step: {d}");
+        }
+    }
+}
