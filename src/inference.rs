@@ -385,10 +385,9 @@ impl Worker {
     fn guarded(&mut self, f: impl FnOnce(&mut Self)) {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))).is_err() {
             tracing::error!("the inference engine caught a panic; failing its running streams");
-            for s in self.streams.drain(..) {
-                let _ = s.out.send(GenEvent::Failed(InferenceError::Thread(
-                    "the model failed".into(),
-                )));
+            while !self.streams.is_empty() {
+                let e = GenEvent::Failed(InferenceError::Thread("the model failed".into()));
+                self.finish(self.streams.len() - 1, e);
             }
         }
     }
@@ -449,13 +448,14 @@ impl Worker {
             e.2 = now;
             return Ok(e.1.clone());
         }
-        let (model, tok, _) = sparsegrad_engine::pipeline::load_for_inference(
+        let (mut model, tok, _) = sparsegrad_engine::pipeline::load_for_inference(
             dir,
             None,
             Some(task),
             DType::F32,
             &self.device,
         )?;
+        sparsegrad_engine::serve::layout_for_serving(&mut model)?;
         self.shared.base_loads.fetch_add(1, Ordering::Relaxed);
         let b = Arc::new(Base { model, tok });
         if self.bases.len() >= self.limits.max_bases.max(1) {
@@ -485,7 +485,9 @@ impl Worker {
         }
         let art = Artifact::load(path)?;
         let base = self.base(&key.model_dir, Some(art.descriptor.task.clone()))?;
-        let o = overlay(&base.model, &art)?;
+        let mut o = overlay(&base.model, &art)?;
+        // A full fine-tune's own matrices (the base's are laid out already).
+        sparsegrad_engine::serve::layout_for_serving(&mut o.model)?;
         self.shared.overlay_loads.fetch_add(1, Ordering::Relaxed);
         let served = Arc::new(Served {
             base,
@@ -660,8 +662,7 @@ impl Worker {
         }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         for (i, ev) in done {
-            let s = self.streams.swap_remove(i);
-            let _ = s.out.send(ev);
+            self.finish(i, ev);
         }
     }
 
@@ -669,9 +670,18 @@ impl Worker {
         let mut which = which.to_vec();
         which.sort_unstable_by(|a, b| b.cmp(a));
         for i in which {
-            let s = self.streams.swap_remove(i);
-            let _ = s.out.send(ev(&s));
+            let e = ev(&self.streams[i]);
+            self.finish(i, e);
         }
+    }
+
+    /// Ends stream `i` with `ev`: its place in the engine is given back before the client
+    /// hears the end (so a client that asks again at once finds it free).
+    fn finish(&mut self, i: usize, ev: GenEvent) {
+        let s = self.streams.swap_remove(i);
+        let out = s.out.clone();
+        drop(s);
+        let _ = out.send(ev);
     }
 }
 

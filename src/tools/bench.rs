@@ -50,6 +50,10 @@ pub enum BenchWhat {
     /// Greedy decoding of a causal LM: the time per generated token with the key/value cache
     /// and recomputing the whole sequence, at several context lengths, and the cache's size.
     Decode(BenchDecodeArgs),
+    /// The inference engine serving fine-tunes of one base: tokens/s and latency percentiles
+    /// for 1, 8 and 32 concurrent streams with 1 and 8 resident fine-tunes, and the memory
+    /// each extra fine-tune costs.
+    Serve(super::bench_serve::BenchServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +122,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Streams(a) => super::bench_service::streams(a),
         BenchWhat::Workers(a) => super::bench_service::workers(a),
         BenchWhat::Decode(a) => bench_decode(a),
+        BenchWhat::Serve(a) => super::bench_serve::serve(a),
     }
 }
 

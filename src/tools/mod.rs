@@ -4,6 +4,7 @@
 //! from here but lives outside this folder.
 
 pub mod bench;
+pub mod bench_serve;
 pub mod bench_service;
 pub mod cli;
 pub mod commands;
