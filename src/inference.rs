@@ -128,6 +128,7 @@ struct Shared {
     base_loads: AtomicUsize,
     resident_deltas: AtomicUsize,
     resident_delta_bytes: AtomicUsize,
+    resident_base_bytes: AtomicUsize,
     tokens: AtomicU64,
     abandoned: AtomicU64,
     steps: AtomicU64,
@@ -185,6 +186,8 @@ pub struct Stats {
     pub base_loads: usize,
     pub resident_deltas: usize,
     pub resident_delta_bytes: usize,
+    /// Bytes of the base models' weights held.
+    pub resident_base_bytes: usize,
     pub tokens: u64,
     /// Completions dropped because their client left.
     pub abandoned: u64,
@@ -217,6 +220,7 @@ impl Engine {
             base_loads: s.base_loads.load(Ordering::Relaxed),
             resident_deltas: s.resident_deltas.load(Ordering::Relaxed),
             resident_delta_bytes: s.resident_delta_bytes.load(Ordering::Relaxed),
+            resident_base_bytes: s.resident_base_bytes.load(Ordering::Relaxed),
             tokens: s.tokens.load(Ordering::Relaxed),
             abandoned: s.abandoned.load(Ordering::Relaxed),
             steps: s.steps.load(Ordering::Relaxed),
@@ -465,6 +469,21 @@ impl Worker {
             }
         }
         self.bases.push((key, b.clone(), now));
+        let bytes: usize = self
+            .bases
+            .iter()
+            .map(|e| {
+                e.1.model
+                    .weights
+                    .params
+                    .values()
+                    .map(|p| p.tensor().elem_count() * p.tensor().dtype().size_in_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        self.shared
+            .resident_base_bytes
+            .store(bytes, Ordering::Relaxed);
         Ok(b)
     }
 

@@ -465,6 +465,8 @@ const ROUTED: &[(&str, &str)] = &[
     ),
     ("POST", "/v1/fine_tuning/jobs/{id}/merge"),
     ("POST", "/v1/fine_tuning/jobs/{id}/predict"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
     ("GET", "/v1/webhooks"),
     ("POST", "/v1/webhooks"),
     ("GET", "/v1/webhooks/{id}"),

@@ -92,6 +92,17 @@ impl Sampling {
         if !total.is_finite() || total <= 0.0 {
             return argmax();
         }
+        if self.top_p >= 1.0 {
+            // Nothing is cut: draw in index order, without sorting the vocabulary.
+            let mut u = rng.random::<f32>() * total;
+            for &(i, w) in &p {
+                if u < w {
+                    return i as u32;
+                }
+                u -= w;
+            }
+            return argmax();
+        }
         // Most likely first (ties by index, so the order is the same on every run).
         p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut kept = 0.0f32;
