@@ -147,3 +147,40 @@ export function follow(jobId, onEvent, onEnd) {
     },
   };
 }
+
+/**
+ * POSTs `body` to an OpenAI-style streaming route and calls `onChunk` with each server-sent
+ * event's JSON until `[DONE]`. Errors before the stream starts throw ApiError as `api` does.
+ */
+export async function streamSse(path, body, onChunk) {
+  const r = await fetch(path, {
+    method: "POST",
+    headers: headers({ "content-type": "application/json" }),
+    body: JSON.stringify({ ...body, stream: true }),
+  });
+  if (!r.ok) {
+    if (r.status === 401) unauthorized();
+    throw new ApiError(r.status, await r.json().catch(() => null));
+  }
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let at;
+    while ((at = buf.indexOf("\n\n")) >= 0) {
+      const event = buf.slice(0, at);
+      buf = buf.slice(at + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new ApiError(500, chunk);
+        onChunk(chunk);
+      }
+    }
+  }
+}

@@ -2,7 +2,7 @@
 // predict), datasets (upload with progress, validation errors, delete) and the new-job form
 // (model picker, method defaults, dry-run estimate). Plain ES modules, no build step.
 
-import { api, auth, download, follow, onUnauthorized, upload, ApiError } from "./api.js";
+import { api, auth, download, follow, onUnauthorized, streamSse, upload, ApiError } from "./api.js";
 import { lineChart } from "./chart.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -208,7 +208,7 @@ function jobView(view, id) {
       "section",
       { class: "card" },
       el("h2", {}, "Try it"),
-      el("label", { for: "predict-input" }, "Input (base model + this job's delta)"),
+      el("label", { for: "predict-input", id: "predict-label" }, "Input (base model + this job's delta)"),
       predictIn,
       el("div", { class: "row" }, el("button", { id: "predict-btn", type: "button", onclick: predict }, "Predict")),
       predictOut
@@ -217,6 +217,7 @@ function jobView(view, id) {
 
   const points = { train: new Map(), eval: new Map() };
   let job = null;
+  let generative = null;
 
   function drawCharts() {
     const tr = [...points.train.values()].sort((a, b) => a.step - b.step);
@@ -277,6 +278,18 @@ function jobView(view, id) {
       ].filter(Boolean)
     );
     $("#predict-btn").disabled = job.status !== "succeeded";
+    if (generative === null) {
+      // A causal LM is tried through the chat completions route, streamed, by the name the
+      // OpenAI SDKs use; an encoder through predict.
+      generative = await api(`/v1/models/${encodeURIComponent(job.model)}`)
+        .then((m) => m.architecture === "llama")
+        .catch(() => false);
+      if (!alive(gen)) return;
+      $("#predict-btn").textContent = generative ? "Generate" : "Predict";
+      $("#predict-label").textContent = generative
+        ? "Message (served as this job's fine-tuned model: base + delta in the forward pass)"
+        : "Input (base model + this job's delta)";
+    }
     if (FINAL.has(job.status) || job.merge) await refreshFiles();
   }
 
@@ -338,9 +351,29 @@ function jobView(view, id) {
     }
   }
 
+  async function generate(text) {
+    const model = job.fine_tuned_model;
+    const reply = el("p", { id: "chat-reply" });
+    predictOut.replaceChildren(el("p", { class: "hint", "data-model": model }, `model: ${model}`), reply);
+    try {
+      await streamSse(
+        "/v1/chat/completions",
+        { model, messages: [{ role: "user", content: text }], max_tokens: 64 },
+        (c) => {
+          const d = c.choices[0];
+          if (d && d.delta && d.delta.content) reply.textContent += d.delta.content;
+          if (d && d.finish_reason) reply.dataset.finish = d.finish_reason;
+        }
+      );
+    } catch (e) {
+      predictOut.append(el("p", { class: "error" }, e.message));
+    }
+  }
+
   async function predict() {
     const text = predictIn.value.trim();
     if (!text) return predictIn.focus();
+    if (generative) return generate(text);
     const input = job.task === "causal-lm" || job.model.includes("llama") ? { prompt: text } : { text };
     predictOut.replaceChildren(el("span", { class: "hint" }, "…"));
     try {

@@ -263,6 +263,36 @@ try {
   receiver.close();
   await page.getByRole("link", { name: "Jobs" }).click();
 
+  step("a causal-LM fine-tune answers in the Try-it box, streamed from /v1/chat/completions");
+  const lmRows = Array.from({ length: 16 }, (_, i) =>
+    JSON.stringify({ prompt: `Say hello number ${i}.`, completion: `Hello ${i}!` })).join("\n") + "\n";
+  const fd = new FormData();
+  fd.append("purpose", "fine-tune");
+  fd.append("file", new Blob([lmRows]), "hello.jsonl");
+  const up = await fetch(BASE + "/v1/files", { method: "POST", headers: { authorization: `Bearer ${keyA}` }, body: fd });
+  assert.equal(up.status, 200);
+  const lm = await http("/v1/fine_tuning/jobs", keyA, {
+    method: "POST",
+    body: JSON.stringify({
+      model: "smollm2-135m-instruct-4l", training_file: (await up.json()).id,
+      method: { type: "sparsegrad", hyperparameters: { max_steps: 2, batch_size: 4, max_seq_len: 32, basis_steps: 2 } },
+    }),
+  });
+  assert.equal(lm.status, 200, JSON.stringify(lm.json));
+  await page.getByRole("link", { name: "Webhooks" }).click();
+  await page.getByRole("link", { name: "Jobs" }).click();
+  await page.locator(`tr[data-job="${lm.json.id}"] a`).click();
+  await page.locator('h1 .badge[data-status="succeeded"]').waitFor({ timeout: 300_000 });
+  await page.getByRole("button", { name: "Generate" }).waitFor();
+  await page.fill("#predict-input", "Say hello number 3.");
+  await page.getByRole("button", { name: "Generate" }).click();
+  await page.locator("#chat-reply[data-finish]").waitFor({ timeout: 120_000 });
+  const served = await page.locator("#predict-out [data-model]").getAttribute("data-model");
+  const lmJob = await http(`/v1/fine_tuning/jobs/${lm.json.id}`, keyA);
+  assert.equal(served, lmJob.json.fine_tuned_model);
+  await page.screenshot({ path: join(SHOTS, "job-chat.png"), fullPage: true });
+  await page.getByRole("link", { name: "Jobs" }).click();
+
   step("another tenant sees none of the first tenant's jobs");
   await page.getByRole("button", { name: "Sign out" }).click();
   await page.getByLabel("API key").fill(keyB);
