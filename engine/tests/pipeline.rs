@@ -624,6 +624,55 @@ fn training_learns_a_simple_rule_and_predicts_labels() {
         }
         other => panic!("{other:?}"),
     }
+    // Inputs of different lengths predicted as one padded batch = each predicted alone.
+    let inputs: Vec<PredictInput> = [
+        "good",
+        "a really boring story but the music was good",
+        "hate",
+        "it was not very fun",
+    ]
+    .iter()
+    .map(|t| PredictInput::Text {
+        text: t.to_string(),
+    })
+    .collect();
+    let labels = out.artifact.descriptor.labels.as_ref();
+    let together =
+        sparsegrad_engine::train::predict(&out.model, &tok, labels, &inputs, 16, 0).unwrap();
+    for (input, batched) in inputs.iter().zip(&together) {
+        let alone = sparsegrad_engine::train::predict(
+            &out.model,
+            &tok,
+            labels,
+            std::slice::from_ref(input),
+            16,
+            0,
+        )
+        .unwrap();
+        match (&alone[0], batched) {
+            (
+                Prediction::Class {
+                    label: a,
+                    probabilities: pa,
+                    ..
+                },
+                Prediction::Class {
+                    label: b,
+                    probabilities: pb,
+                    ..
+                },
+            ) => {
+                assert_eq!(a, b);
+                let d = pa
+                    .iter()
+                    .zip(pb)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(d <= 1e-5, "{input:?}: {d}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -907,6 +956,47 @@ fn a_step_mixing_three_deltas_equals_each_delta_alone() {
             let want = &alone[i][step - seqs[i].2];
             let d = max_abs_diff(&got, want);
             assert!(d <= 1e-4, "step {step}, sequence {i}: {d}");
+        }
+    }
+}
+
+/// Regression heads predict one value per input, batched or alone alike.
+#[test]
+fn regression_predictions_are_one_value_per_input_batched_or_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("model");
+    write_tiny_model_dir(&mdir, Arch::Bert, 4).unwrap();
+    let (model, tok, _) = load_for_inference(
+        &mdir,
+        None,
+        Some(Task::Regression),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let inputs: Vec<PredictInput> = ["good", "a really boring story", "hate it"]
+        .iter()
+        .map(|t| PredictInput::Text {
+            text: t.to_string(),
+        })
+        .collect();
+    let together = sparsegrad_engine::train::predict(&model, &tok, None, &inputs, 16, 0).unwrap();
+    assert_eq!(together.len(), 3);
+    for (input, batched) in inputs.iter().zip(&together) {
+        let alone = sparsegrad_engine::train::predict(
+            &model,
+            &tok,
+            None,
+            std::slice::from_ref(input),
+            16,
+            0,
+        )
+        .unwrap();
+        match (&alone[0], batched) {
+            (Prediction::Value { value: a }, Prediction::Value { value: b }) => {
+                assert!((a - b).abs() <= 1e-5, "{input:?}: {a} vs {b}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

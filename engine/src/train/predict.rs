@@ -161,6 +161,7 @@ pub fn predict_with(
     let pad = model.pad_id();
     let (dtype, device) = (model.dtype(), model.weights.device.clone());
     let mut out = Vec::with_capacity(inputs.len());
+    let mut encoded: Vec<Example> = Vec::new();
     for (n, input) in inputs.iter().enumerate() {
         let mut rng = crate::rng::stream(sampling.seed, "sampling", n as u64);
         if model.task == Task::CausalLm {
@@ -258,37 +259,46 @@ pub fn predict_with(
         let mut types = enc.get_type_ids().to_vec();
         ids.truncate(max_seq_len);
         types.truncate(max_seq_len);
-        let ex = Example {
+        encoded.push(Example {
             ids,
             type_ids: types,
             target: crate::data::Target::Class(0),
             line: 0,
-        };
-        let batch = collate(&[&ex], pad, dtype, &device)?;
+        });
+    }
+    // Classifier inputs run as padded batches (the attention mask keeps padding out).
+    for chunk in encoded.chunks(PREDICT_BATCH) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = collate(&refs, pad, dtype, &device)?;
         let logits = model.forward(&batch, &mut Ctx::inference())?.detach();
+        let logits = logits.to_dtype(DType::F32)?;
         match model.task {
             Task::Regression => {
-                let v = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
-                out.push(Prediction::Value { value: v });
+                for value in logits.flatten_all()?.to_vec1::<f32>()? {
+                    out.push(Prediction::Value { value });
+                }
             }
             _ => {
-                let probs = crate::nn::softmax_last_dim(&logits.to_dtype(DType::F32)?)?
-                    .squeeze(0)?
-                    .to_vec1::<f32>()?;
-                let index = argmax(&probs);
-                let label = labels
-                    .and_then(|l| l.names.get(index).cloned())
-                    .unwrap_or_else(|| index.to_string());
-                out.push(Prediction::Class {
-                    label,
-                    index: index as u32,
-                    probabilities: probs,
-                });
+                let probs = crate::nn::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+                for probabilities in probs {
+                    let index = argmax(&probabilities);
+                    let label = labels
+                        .and_then(|l| l.names.get(index).cloned())
+                        .unwrap_or_else(|| index.to_string());
+                    out.push(Prediction::Class {
+                        label,
+                        index: index as u32,
+                        probabilities,
+                    });
+                }
             }
         }
     }
     Ok(out)
 }
+
+/// Classifier inputs per forward pass.
+const PREDICT_BATCH: usize = 32;
 
 /// The index of the largest value (the first of equal ones; 0 for an empty slice).
 fn argmax(xs: &[f32]) -> usize {
