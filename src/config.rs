@@ -95,6 +95,14 @@ pub struct Config {
         default_value_t = 2048
     )]
     pub inference_delta_budget_mb: usize,
+    /// MiB of key/value cache running completions may reserve together (prompt + max_tokens
+    /// each); past it, new completions wait in the engine for running ones to end.
+    #[arg(
+        long,
+        env = "SPARSEGRAD_INFERENCE_KV_BUDGET_MB",
+        default_value_t = 2048
+    )]
+    pub inference_kv_budget_mb: usize,
     /// Base models kept loaded for inference.
     #[arg(long, env = "SPARSEGRAD_INFERENCE_MAX_BASES", default_value_t = 2)]
     pub inference_max_bases: usize,

@@ -38,6 +38,9 @@ pub struct Limits {
     pub delta_budget_bytes: usize,
     /// Base models kept loaded.
     pub max_bases: usize,
+    /// Bytes of key/value cache the running completions may reserve together (each reserves
+    /// its prompt plus `max_tokens`); past it, new completions wait for running ones to end.
+    pub kv_budget_bytes: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
             max_per_tenant: 16,
             delta_budget_bytes: 2 << 30,
             max_bases: 2,
+            kv_budget_bytes: 2 << 30,
         }
     }
 }
@@ -332,6 +336,8 @@ struct Stream {
     sent: usize,
     /// Text held back in case it begins a stop sequence.
     hold: usize,
+    /// Key/value cache bytes reserved: prompt plus `max_tokens`, within the context.
+    kv_bytes: usize,
 }
 
 struct Worker {
@@ -344,6 +350,10 @@ struct Worker {
     /// delta digest → overlay, with its last use.
     deltas: Vec<(String, Arc<Served>, u64)>,
     streams: Vec<Stream>,
+    /// Completions whose cache does not fit beside the running ones yet, in arrival order.
+    waiting: std::collections::VecDeque<Stream>,
+    /// Key/value cache bytes the running streams reserve.
+    kv_reserved: usize,
     /// Which base's streams step next (round robin over bases).
     turn: usize,
 }
@@ -358,13 +368,15 @@ impl Worker {
             bases: Vec::new(),
             deltas: Vec::new(),
             streams: Vec::new(),
+            waiting: Default::default(),
+            kv_reserved: 0,
             turn: 0,
         }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
         loop {
-            if self.streams.is_empty() {
+            if self.streams.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
                     Ok(m) => self.guarded(|w| w.handle(m)),
                     Err(_) => return,
@@ -375,11 +387,15 @@ impl Worker {
                     Ok(m) => self.guarded(|w| w.handle(m)),
                     Err(mpsc::TryRecvError::Empty) => break,
                     // Every handle is gone: finish what runs, then stop.
-                    Err(mpsc::TryRecvError::Disconnected) if self.streams.is_empty() => return,
+                    Err(mpsc::TryRecvError::Disconnected)
+                        if self.streams.is_empty() && self.waiting.is_empty() =>
+                    {
+                        return
+                    }
                     Err(mpsc::TryRecvError::Disconnected) => break,
                 }
             }
-            if !self.streams.is_empty() {
+            if !self.streams.is_empty() || !self.waiting.is_empty() {
                 self.guarded(|w| w.step());
             }
         }
@@ -404,11 +420,34 @@ impl Worker {
                 let _ = reply.send(r);
             }
             Msg::Generate { ticket, req, out } => match self.start(req, ticket, out.clone()) {
-                Ok(s) => self.streams.push(s),
+                Ok(s) => {
+                    self.waiting.push_back(s);
+                    self.admit_waiting();
+                }
                 Err(e) => {
                     let _ = out.send(GenEvent::Failed(e));
                 }
             },
+        }
+    }
+
+    /// Starts waiting completions, oldest first, while their caches fit the budget (one
+    /// always runs: a lone request never waits for nothing).
+    fn admit_waiting(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.out.is_closed());
+        let gone = before - self.waiting.len();
+        self.shared
+            .abandoned
+            .fetch_add(gone as u64, Ordering::Relaxed);
+        while let Some(s) = self.waiting.front() {
+            let fits = self.kv_reserved + s.kv_bytes <= self.limits.kv_budget_bytes;
+            if !fits && !self.streams.is_empty() {
+                break;
+            }
+            let s = self.waiting.pop_front().expect("a front");
+            self.kv_reserved += s.kv_bytes;
+            self.streams.push(s);
         }
     }
 
@@ -585,6 +624,20 @@ impl Worker {
             });
         }
         let hold = req.sampling.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+        let shape = served.model().architecture.shape();
+        let per_token = 2 * shape.layers as usize * shape.kv_dim as usize * 4;
+        let kv_bytes = per_token * max_context.min(ids.len() + req.max_tokens);
+        if kv_bytes > self.limits.kv_budget_bytes {
+            return Err(InferenceError::Invalid {
+                param: "max_tokens",
+                message: format!(
+                    "the prompt and max_tokens need {} MiB of key/value cache; this server \
+                     holds at most {} MiB: ask for fewer tokens",
+                    kv_bytes >> 20,
+                    self.limits.kv_budget_bytes >> 20
+                ),
+            });
+        }
         Ok(Stream {
             served,
             _ticket: ticket,
@@ -599,20 +652,31 @@ impl Worker {
             max_context,
             sent: 0,
             hold,
+            kv_bytes,
         })
     }
 
     /// One forward pass over the running streams of one base.
     fn step(&mut self) {
         // A client that left costs nothing more.
+        let mut released = 0;
         let before = self.streams.len();
-        self.streams.retain(|s| !s.out.is_closed());
+        self.streams.retain(|s| {
+            let open = !s.out.is_closed();
+            if !open {
+                released += s.kv_bytes;
+            }
+            open
+        });
+        self.kv_reserved -= released;
         let gone = before - self.streams.len();
         if gone > 0 {
             self.shared
                 .abandoned
                 .fetch_add(gone as u64, Ordering::Relaxed);
         }
+        // Places freed since the last step go to those waiting.
+        self.admit_waiting();
         if self.streams.is_empty() {
             return;
         }
@@ -698,6 +762,7 @@ impl Worker {
     /// hears the end (so a client that asks again at once finds it free).
     fn finish(&mut self, i: usize, ev: GenEvent) {
         let s = self.streams.swap_remove(i);
+        self.kv_reserved -= s.kv_bytes;
         let out = s.out.clone();
         drop(s);
         let _ = out.send(ev);

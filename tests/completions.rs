@@ -12,7 +12,6 @@ use serde_json::{json, Value};
 use sparsegrad_engine::models::Arch;
 use sparsegrad_engine::testing::{write_tiny_model_dir, TINY_WORDS};
 use sparsegrad_service::api::AppState;
-use sparsegrad_service::queue::QueueConfig;
 use sparsegrad_service::storage::{S3Settings, Storage};
 use sparsegrad_service::worker::{try_run_one, Outcome, WorkerCtx};
 use sqlx::PgPool;
@@ -45,22 +44,7 @@ fn env_with(db: PgPool, extra: &[&str]) -> Env {
 }
 
 fn worker(e: &Env) -> WorkerCtx {
-    WorkerCtx {
-        db: e.st.db.clone(),
-        storage: e.st.storage.clone(),
-        queue: QueueConfig::default(),
-        worker_id: "w1".into(),
-        work_dir: e.tmp.path().join("work"),
-        heartbeat: std::time::Duration::from_millis(50),
-        cancels: sparsegrad_service::db::listen::JobSignals::new(
-            e.st.db.clone(),
-            sparsegrad_service::queue::CANCEL_CHANNEL,
-        ),
-        drain: tokio::sync::watch::channel(false).1,
-        cache_dir: None,
-        model_cache: e.tmp.path().join("model-cache"),
-        device: candle_core::Device::Cpu,
-    }
+    common::api::worker_ctx(&e.st, e.tmp.path())
 }
 
 fn sft_rows(n: usize, seed: u64) -> String {
@@ -480,18 +464,17 @@ async fn a_full_inference_queue_answers_429_and_frees_its_places(db: PgPool) {
     assert_eq!(e.st.inference.stats().pending, 0);
 }
 
-#[sqlx::test(migrations = "./migrations")]
-async fn a_client_that_leaves_stops_its_generation(db: PgPool) {
-    let e = env_with(
-        db,
-        &[
-            "--max-context-tokens",
-            "1000000",
-            "--max-completion-tokens",
-            "1000000",
-        ],
-    );
-    // A model that never ends on its own: no end-of-sequence token, positions to spare.
+/// A state whose `tiny-llama` never ends on its own (no end-of-sequence token, positions to
+/// spare) and whose limits allow long completions.
+fn endless(db: PgPool, extra: &[&str]) -> Env {
+    let mut flags = vec![
+        "--max-context-tokens",
+        "1000000",
+        "--max-completion-tokens",
+        "1000000",
+    ];
+    flags.extend_from_slice(extra);
+    let e = env_with(db, &flags);
     let dir = e.tmp.path().join("models/tiny-llama");
     let mut cfg: Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
@@ -502,6 +485,61 @@ async fn a_client_that_leaves_stops_its_generation(db: PgPool) {
         r#"{"pad_token": "[PAD]"}"#,
     )
     .unwrap();
+    e
+}
+
+/// The key/value cache is budgeted: a completion that could never fit is a 400 about
+/// `max_tokens`; one that does not fit beside a running one waits until it ends, then runs.
+#[sqlx::test(migrations = "./migrations")]
+async fn completions_wait_for_room_in_the_cache_budget(db: PgPool) {
+    // tiny-llama keeps 2 layers × 2 (K, V) × 8 × 4 bytes = 128 bytes per token: 1 MiB holds
+    // 8,192 tokens.
+    let e = endless(db, &["--inference-kv-budget-mb", "1"]);
+    let (_, key) = tenant_key(&e.st, "acme").await;
+    let body = json!({"model": "tiny-llama", "prompt": "hi", "max_tokens": 9000});
+    let (s, v) = post_json(&e.st, "/v1/completions", Some(&key), body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "max_tokens");
+    // 5,000 tokens each: the second waits for the first.
+    let addr = served(&e.st).unwrap();
+    let open = move |key: String| async move {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/v1/completions"))
+            .bearer_auth(&key)
+            .json(
+                &json!({"model": "tiny-llama", "prompt": "hi", "max_tokens": 5000, "stream": true}),
+            )
+            .send()
+            .await
+            .unwrap()
+    };
+    let mut first = open(key.clone()).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    first.chunk().await.unwrap().expect("the first streams");
+    let second = tokio::spawn({
+        let open = open.clone();
+        let key = key.clone();
+        async move {
+            let mut r = open(key).await;
+            r.chunk().await.unwrap().expect("the second streams");
+            std::time::Instant::now()
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "the second ran beside the first");
+    assert_eq!(e.st.inference.stats().pending, 2);
+    let left = std::time::Instant::now();
+    drop(first);
+    let started = tokio::time::timeout(std::time::Duration::from_secs(20), second)
+        .await
+        .expect("the second starts once the first is gone")
+        .unwrap();
+    assert!(started >= left);
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_client_that_leaves_stops_its_generation(db: PgPool) {
+    let e = endless(db, &[]);
     let (_, key) = tenant_key(&e.st, "acme").await;
     let addr = served(&e.st).unwrap();
     let mut r = reqwest::Client::new()

@@ -16,7 +16,6 @@ use sparsegrad_engine::models::Arch;
 use sparsegrad_engine::testing::gguf::{with, V};
 use sparsegrad_engine::testing::write_tiny_model_dir;
 use sparsegrad_service::api::AppState;
-use sparsegrad_service::queue::QueueConfig;
 use sparsegrad_service::storage::{S3Settings, Storage};
 use sparsegrad_service::worker::{try_run_one, Outcome, WorkerCtx};
 use sqlx::PgPool;
@@ -321,22 +320,7 @@ async fn a_tenant_at_its_active_job_limit_gets_429_and_replays_still_answer(db: 
 
 /// A worker on the same database and storage as `e`.
 fn worker(e: &Env) -> WorkerCtx {
-    WorkerCtx {
-        db: e.st.db.clone(),
-        storage: e.st.storage.clone(),
-        queue: QueueConfig::default(),
-        worker_id: "w1".into(),
-        work_dir: e.tmp.path().join("work"),
-        heartbeat: std::time::Duration::from_millis(50),
-        cancels: sparsegrad_service::db::listen::JobSignals::new(
-            e.st.db.clone(),
-            sparsegrad_service::queue::CANCEL_CHANNEL,
-        ),
-        drain: tokio::sync::watch::channel(false).1,
-        cache_dir: None,
-        model_cache: e.tmp.path().join("model-cache"),
-        device: candle_core::Device::Cpu,
-    }
+    common::api::worker_ctx(&e.st, e.tmp.path())
 }
 
 /// A succeeded fine-tune of tiny-bert: its id.

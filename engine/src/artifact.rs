@@ -174,7 +174,6 @@ impl Artifact {
     pub fn apply(&self, model: &mut Model) -> Result<()> {
         let w = &mut model.weights;
         let (dev, dtype) = (w.device.clone(), w.dtype);
-        let mut lora: BTreeMap<String, (Option<Tensor>, Option<Tensor>, f64)> = BTreeMap::new();
         let mut sparse: BTreeMap<String, Option<MlpKind>> = BTreeMap::new();
         let mut adds: Vec<(String, Tensor)> = Vec::new();
         for (name, entry) in &self.descriptor.entries {
@@ -201,22 +200,10 @@ impl Artifact {
                 }
                 DeltaEntry::Basis { .. } => {}
                 DeltaEntry::Add { param } => adds.push((param.clone(), t.clone())),
-                DeltaEntry::Lora { linear, scale } => {
-                    let e = lora.entry(linear.clone()).or_insert((None, None, *scale));
-                    if name.ends_with("lora_A.weight") {
-                        e.0 = Some(t.clone());
-                    } else {
-                        e.1 = Some(t.clone());
-                    }
-                }
+                DeltaEntry::Lora { .. } => {}
             }
         }
-        for (linear, (a, b, scale)) in lora {
-            let (Some(a), Some(b)) = (a, b) else {
-                return Err(Error::Artifact(format!(
-                    "LoRA pair for `{linear}` is incomplete"
-                )));
-            };
+        for (linear, (a, b, scale)) in self.lora_pairs()? {
             let wn = format!("{linear}.weight");
             let base = w.get(&wn)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
             let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
@@ -277,6 +264,34 @@ impl Artifact {
             w.insert(param, Param::Frozen(merged));
         }
         Ok(())
+    }
+
+    /// Each LoRA-adapted linear's `(A, B, scale)`, both factors present.
+    pub(crate) fn lora_pairs(&self) -> Result<BTreeMap<String, (Tensor, Tensor, f64)>> {
+        let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>, f64)> = BTreeMap::new();
+        for (name, entry) in &self.descriptor.entries {
+            let DeltaEntry::Lora { linear, scale } = entry else {
+                continue;
+            };
+            let t = self.tensors.get(name).ok_or_else(|| {
+                Error::Artifact(format!("descriptor names `{name}` but the file lacks it"))
+            })?;
+            let e = pairs.entry(linear.clone()).or_insert((None, None, *scale));
+            if name.ends_with("lora_A.weight") {
+                e.0 = Some(t.clone());
+            } else {
+                e.1 = Some(t.clone());
+            }
+        }
+        pairs
+            .into_iter()
+            .map(|(linear, (a, b, scale))| match (a, b) {
+                (Some(a), Some(b)) => Ok((linear, (a, b, scale))),
+                _ => Err(Error::Artifact(format!(
+                    "LoRA pair for `{linear}` is incomplete"
+                ))),
+            })
+            .collect()
     }
 
     /// A sparse entry's flat indices and values, checked against the weight's shape.

@@ -116,7 +116,6 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
         *n += ids.len() * 4;
         Ok(Tensor::from_vec(ids.clone(), ids.len(), &dev)?)
     };
-    let mut lora: BTreeMap<String, (Option<Tensor>, Option<Tensor>, f64)> = BTreeMap::new();
     let mut sparse: BTreeMap<String, Option<MlpKind>> = BTreeMap::new();
     let mut adds: BTreeMap<String, Tensor> = BTreeMap::new();
     for (name, entry) in &d.entries {
@@ -134,14 +133,7 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
                 }
                 w.insert(param.clone(), Param::Frozen(owned(t.clone())?));
             }
-            DeltaEntry::Lora { linear, scale } => {
-                let e = lora.entry(linear.clone()).or_insert((None, None, *scale));
-                if name.ends_with("lora_A.weight") {
-                    e.0 = Some(t.clone());
-                } else {
-                    e.1 = Some(t.clone());
-                }
-            }
+            DeltaEntry::Lora { .. } => {}
             DeltaEntry::Sparse { param, basis } => {
                 sparse.insert(param.clone(), *basis);
             }
@@ -156,12 +148,7 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
             }
         }
     }
-    for (linear, (a, b, scale)) in lora {
-        let (Some(a), Some(b)) = (a, b) else {
-            return Err(Error::Artifact(format!(
-                "LoRA pair for `{linear}` is incomplete"
-            )));
-        };
+    for (linear, (a, b, scale)) in art.lora_pairs()? {
         let (out, inp) = base.weights.get(&format!("{linear}.weight"))?.dims2()?;
         let (r, a_in) = a.dims2()?;
         if a_in != inp || b.dims() != [out, r] {

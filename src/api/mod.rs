@@ -59,6 +59,7 @@ impl AppState {
                     max_per_tenant: cfg.inference_max_per_tenant,
                     delta_budget_bytes: cfg.inference_delta_budget_mb << 20,
                     max_bases: cfg.inference_max_bases,
+                    kv_budget_bytes: cfg.inference_kv_budget_mb << 20,
                 },
             ),
             gates: Arc::new(limits::Gates::new(&cfg)),

@@ -229,3 +229,24 @@ pub async fn upload(st: &AppState, key: &str, name: &str, data: &str) -> Value {
     assert_eq!(s, StatusCode::OK, "{v}");
     v
 }
+
+/// A worker context over `st`'s database and storage, working under `dir`, on the CPU, with a
+/// quick heartbeat (each test runs the worker itself with `try_run_one`).
+pub fn worker_ctx(st: &AppState, dir: &std::path::Path) -> sparsegrad_service::worker::WorkerCtx {
+    sparsegrad_service::worker::WorkerCtx {
+        db: st.db.clone(),
+        storage: st.storage.clone(),
+        queue: sparsegrad_service::queue::QueueConfig::default(),
+        worker_id: "w1".into(),
+        work_dir: dir.join("work"),
+        heartbeat: std::time::Duration::from_millis(50),
+        cancels: sparsegrad_service::db::listen::JobSignals::new(
+            st.db.clone(),
+            sparsegrad_service::queue::CANCEL_CHANNEL,
+        ),
+        drain: tokio::sync::watch::channel(false).1,
+        cache_dir: None,
+        model_cache: dir.join("model-cache"),
+        device: candle_core::Device::Cpu,
+    }
+}

@@ -137,12 +137,10 @@ impl LlamaConfig {
         } else {
             (cos, sin)
         };
-        // Grouped-query attention without repeating K and V: the `rep` query heads that share
-        // a KV head are stacked along the rows, `(B, KV, rep·T, D)`, so one matmul per KV head
-        // serves them all and the causal mask is tiled `rep` times.
+        // Grouped-query attention without repeating K and V (see `attend`): the causal mask is
+        // tiled `rep` times.
         let rep = nh / nkv;
         let mask = causal_mask(t, past, rep, dtype, dev)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let eps = self.rms_norm_eps;
         let mut h = w.embedding(EMBED, ids)?;
         for i in 0..self.num_hidden_layers {
@@ -156,27 +154,9 @@ impl LlamaConfig {
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let (k, v) = match cache.as_deref_mut() {
                 None => (k, v),
-                Some(c) => {
-                    let (k, v) = match c.layers.get(i) {
-                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                        None => (k, v),
-                    };
-                    if i < c.layers.len() {
-                        c.layers[i] = (k.clone(), v.clone());
-                    } else {
-                        c.layers.push((k.clone(), v.clone()));
-                    }
-                    (k, v)
-                }
+                Some(c) => c.append(i, k, v)?,
             };
-            let q = q.reshape((b, nkv, rep * t, hd))?;
-            let probs =
-                scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
-            let a = probs
-                .matmul(&v)?
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
+            let a = self.attend(&q, &k, &v, &mask)?;
             let a = w.linear(&l(O), &a, ctx)?;
             h = (h + a)?;
             let x = w.rms_norm(&l(POST_NORM), &h, eps)?;
@@ -215,7 +195,6 @@ impl LlamaConfig {
             .collect();
         let longest = span.iter().map(|&(_, t, past)| past + t).max().unwrap_or(0);
         let (cos, sin) = rope_tables(longest, hd, self.rope_theta, dtype, &dev)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let eps = self.rms_norm_eps;
         let n = ids.len();
         let mut h = groups.embedding(EMBED, &Tensor::from_vec(ids, n, &dev)?)?;
@@ -235,27 +214,9 @@ impl LlamaConfig {
                     .reshape((1, t, nkv, hd))?
                     .transpose(1, 2)?
                     .contiguous()?;
-                let c = &mut *s.cache;
-                let (k, v) = match c.layers.get(i) {
-                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                    None => (k, v),
-                };
-                if i < c.layers.len() {
-                    c.layers[i] = (k.clone(), v.clone());
-                } else {
-                    c.layers.push((k.clone(), v.clone()));
-                }
+                let (k, v) = s.cache.append(i, k, v)?;
                 let mask = causal_mask(t, past, rep, dtype, &dev)?;
-                let q = q.reshape((1, nkv, rep * t, hd))?;
-                let probs =
-                    scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, &mask, MaskRows::PerQuery)?;
-                attended.push(
-                    probs
-                        .matmul(&v)?
-                        .reshape((1, nh, t, hd))?
-                        .transpose(1, 2)?
-                        .reshape((t, nh * hd))?,
-                );
+                attended.push(self.attend(&q, &k, &v, &mask)?.reshape((t, nh * hd))?);
             }
             let a = groups.linear(&l(O), &Tensor::cat(&attended, 0)?)?;
             h = (h + a)?;
@@ -278,6 +239,23 @@ impl LlamaConfig {
             EMBED
         };
         lasts.project(head, &h)
+    }
+
+    /// Grouped-query attention of RoPE'd queries `(B, heads, T, D)` over keys and values
+    /// `(B, KV heads, T', D)`: the `rep` query heads that share a KV head are stacked along the
+    /// rows, `(B, KV, rep·T, D)`, so one matmul per KV head serves them all (`mask` is tiled
+    /// to match, see [`causal_mask`]). `(B, T, heads·D)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let nkv = self.kv_heads();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = q.reshape((b, nkv, nh / nkv * t, hd))?;
+        let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, mask, MaskRows::PerQuery)?;
+        Ok(probs
+            .matmul(v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?)
     }
 
     /// The logits of `(B·T, H)` hidden states through the output projection.

@@ -353,6 +353,21 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Layer `i`'s keys and values with `k`, `v` (`(B, KV heads, new, D)`) appended after what
+    /// it held, kept for the next call and returned.
+    pub(crate) fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers.get(i) {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        if i < self.layers.len() {
+            self.layers[i] = (k.clone(), v.clone());
+        } else {
+            self.layers.push((k.clone(), v.clone()));
+        }
+        Ok((k, v))
+    }
+
     /// Bytes the cache holds.
     pub fn bytes(&self) -> usize {
         self.layers
