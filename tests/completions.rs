@@ -517,7 +517,6 @@ async fn completions_wait_for_room_in_the_cache_budget(db: PgPool) {
     assert_eq!(first.status(), StatusCode::OK);
     first.chunk().await.unwrap().expect("the first streams");
     let second = tokio::spawn({
-        let open = open.clone();
         let key = key.clone();
         async move {
             let mut r = open(key).await;
