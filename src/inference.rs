@@ -431,12 +431,23 @@ impl Worker {
         }
     }
 
-    /// Starts waiting completions, oldest first, while their caches fit the budget (one
-    /// always runs: a lone request never waits for nothing).
+    /// Drops the streams whose client left, then starts waiting completions, oldest first,
+    /// while their caches fit the budget (one always runs: a lone request never waits for
+    /// nothing).
     fn admit_waiting(&mut self) {
-        let before = self.waiting.len();
+        // A client that left, running or waiting, costs nothing more.
+        let before = self.streams.len() + self.waiting.len();
+        let mut released = 0;
+        self.streams.retain(|s| {
+            let open = !s.out.is_closed();
+            if !open {
+                released += s.kv_bytes;
+            }
+            open
+        });
+        self.kv_reserved -= released;
         self.waiting.retain(|s| !s.out.is_closed());
-        let gone = before - self.waiting.len();
+        let gone = before - self.streams.len() - self.waiting.len();
         self.shared
             .abandoned
             .fetch_add(gone as u64, Ordering::Relaxed);
@@ -659,22 +670,6 @@ impl Worker {
     /// One forward pass over the running streams of one base.
     fn step(&mut self) {
         // A client that left costs nothing more.
-        let mut released = 0;
-        let before = self.streams.len();
-        self.streams.retain(|s| {
-            let open = !s.out.is_closed();
-            if !open {
-                released += s.kv_bytes;
-            }
-            open
-        });
-        self.kv_reserved -= released;
-        let gone = before - self.streams.len();
-        if gone > 0 {
-            self.shared
-                .abandoned
-                .fetch_add(gone as u64, Ordering::Relaxed);
-        }
         // Places freed since the last step go to those waiting.
         self.admit_waiting();
         if self.streams.is_empty() {
@@ -783,7 +778,7 @@ impl Stream {
     /// stop sequence appeared (the text before it sent).
     fn advance(&mut self) -> Option<GenEvent> {
         let text = self.text();
-        if let Some(at) = stop_at(&text, &self.sampling.stop) {
+        if let Some(at) = self.sampling.stop_at(&text) {
             self.send_upto(&text, at);
             return Some(self.done("stop"));
         }
@@ -809,7 +804,7 @@ impl Stream {
     /// The rest of the text, then `Done`.
     fn finish(&mut self, reason: &'static str) -> GenEvent {
         let text = self.text();
-        let end = stop_at(&text, &self.sampling.stop).unwrap_or(text.len());
+        let end = self.sampling.stop_at(&text).unwrap_or(text.len());
         self.send_upto(&text, end);
         self.done(reason)
     }
@@ -821,9 +816,4 @@ impl Stream {
             completion_tokens: self.generated.len(),
         }
     }
-}
-
-/// Where the first of `stop` begins in `text`, if any.
-fn stop_at(text: &str, stop: &[String]) -> Option<usize> {
-    stop.iter().filter_map(|s| text.find(s.as_str())).min()
 }

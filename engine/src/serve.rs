@@ -45,6 +45,13 @@ pub struct SparseDelta {
 }
 
 impl SparseDelta {
+    /// Every tensor it holds (the bases are shared with the overlay's other matrices).
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.rows, &self.cols, &self.vals];
+        out.extend(self.q.iter().chain(self.p_t.iter()));
+        out
+    }
+
     /// `x2 ΔWᵀ` for `x2 (rows, in)`.
     pub fn apply(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
         let n = x2.dim(0)?;
@@ -66,10 +73,6 @@ impl SparseDelta {
 pub struct Overlay {
     pub model: Model,
     pub bytes: usize,
-}
-
-fn bytes_of(t: &Tensor) -> usize {
-    t.elem_count() * t.dtype().size_in_bytes()
 }
 
 /// The base model with `art` applied in the forward pass (see the module docs). `base` must
@@ -98,23 +101,11 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
         device: dev.clone(),
         dtype,
     };
-    let mut bytes = 0usize;
-    let mut owned = |t: Tensor| -> Result<Tensor> {
-        let t = t.to_dtype(dtype)?.to_device(&dev)?;
-        bytes += bytes_of(&t);
-        Ok(t)
-    };
+    let owned = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&dev)?) };
     let tensor = |name: &str| {
         art.tensors.get(name).ok_or_else(|| {
             Error::Artifact(format!("descriptor names `{name}` but the file lacks it"))
         })
-    };
-    let shape_of =
-        |param: &str| -> Result<Vec<usize>> { Ok(base.weights.get(param)?.dims().to_vec()) };
-    let mut index_bytes = 0usize;
-    let owned_index = |ids: Vec<u32>, n: &mut usize| -> Result<Tensor> {
-        *n += ids.len() * 4;
-        Ok(Tensor::from_vec(ids.clone(), ids.len(), &dev)?)
     };
     let mut sparse: BTreeMap<String, Option<MlpKind>> = BTreeMap::new();
     let mut adds: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -184,15 +175,12 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
         w.insert(param, Param::Frozen(owned(merged)?));
     }
     // Each basis is trimmed to the columns some support of its type uses, once per type.
-    // Per matrix: each value's row, column and value.
-    type Support = (Vec<u32>, Vec<u32>, Vec<f32>);
+    // Per matrix: its shape, each value's row and column, the values.
+    type Support = ((usize, usize), Vec<u32>, Vec<u32>, Vec<f32>);
     let mut supports: BTreeMap<String, Support> = BTreeMap::new();
     let mut used: BTreeMap<(MlpKind, BasisSide), BTreeSet<u32>> = BTreeMap::new();
     for (param, kind) in &sparse {
-        let (out, inp) = shape_of(param).and_then(|s| match s[..] {
-            [o, i] => Ok((o, i)),
-            _ => Err(Error::Artifact(format!("`{param}` is not a matrix"))),
-        })?;
+        let (out, inp) = base.weights.get(param)?.dims2()?;
         let (idx, vals) = art.sparse_entries(param, out, inp)?;
         let rows: Vec<u32> = idx.iter().map(|&i| i / inp as u32).collect();
         let cols: Vec<u32> = idx.iter().map(|&i| i % inp as u32).collect();
@@ -200,7 +188,7 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
             used.entry((*k, BasisSide::P)).or_default().extend(&rows);
             used.entry((*k, BasisSide::Q)).or_default().extend(&cols);
         }
-        supports.insert(param.clone(), (rows, cols, vals));
+        supports.insert(param.clone(), ((out, inp), rows, cols, vals));
     }
     // Per basis side: its used columns as a tensor and where each original column went.
     let mut trimmed: HashMap<(MlpKind, BasisSide), (Tensor, HashMap<u32, u32>)> = HashMap::new();
@@ -232,9 +220,8 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
             .collect();
         trimmed.insert((kind, side), (t, pos));
     }
-    for (param, (rows, cols, vals)) in supports {
+    for (param, ((out, inp), rows, cols, vals)) in supports {
         let kind = sparse[&param];
-        let (out, inp) = base.weights.get(&param)?.dims2()?;
         let side = |s: BasisSide| -> Result<Option<&(Tensor, HashMap<u32, u32>)>> {
             match kind {
                 None => Ok(None),
@@ -258,8 +245,8 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
         let k = vals.len();
         let rows = remap(rows, p);
         let cols = remap(cols, q);
-        let rows_t = owned_index(rows, &mut index_bytes)?;
-        let cols_t = owned_index(cols, &mut index_bytes)?;
+        let rows_t = Tensor::from_vec(rows, k, &dev)?;
+        let cols_t = Tensor::from_vec(cols, k, &dev)?;
         let vals = owned(Tensor::from_vec(vals, (1, k), &candle_core::Device::Cpu)?)?;
         let width = p.map_or(out, |(t, _)| t.dims2().map(|d| d.0).unwrap_or(0));
         let prefix = param
@@ -286,10 +273,26 @@ pub fn overlay(base: &Model, art: &Artifact) -> Result<Overlay> {
         weights: w,
         fingerprint: base.fingerprint.clone(),
     };
-    Ok(Overlay {
-        model,
-        bytes: bytes + index_bytes,
-    })
+    let bytes = held_bytes(&base.weights, &model.weights);
+    Ok(Overlay { model, bytes })
+}
+
+/// Bytes `w` holds beyond `base`: each tensor it does not share with the base, once (a
+/// basis serves every matrix of its type).
+fn held_bytes(base: &Weights, w: &Weights) -> usize {
+    let shared: HashSet<candle_core::TensorId> =
+        base.params.values().map(|p| p.tensor().id()).collect();
+    let mut seen: HashSet<candle_core::TensorId> = HashSet::new();
+    let params = w.params.values().map(Param::tensor);
+    let adapters = w.adapters.values().flat_map(|a| match a {
+        Adapter::Sparse(d) => d.tensors(),
+        _ => Vec::new(),
+    });
+    params
+        .chain(adapters)
+        .filter(|t| !shared.contains(&t.id()) && seen.insert(t.id()))
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
 }
 
 /// Lays every linear weight of `model` out for products over a few rows at a time: each

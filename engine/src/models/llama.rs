@@ -60,6 +60,15 @@ const MLP: [(&str, MlpKind); 3] = [
     (DOWN, MlpKind::Down),
 ];
 
+/// The output projection's weight: `lm_head`, or the embedding when they are tied.
+fn head_name(w: &Weights) -> &'static str {
+    if w.contains(LM_HEAD) {
+        LM_HEAD
+    } else {
+        EMBED
+    }
+}
+
 fn layer(i: usize, sub: &str) -> String {
     format!("{PREFIX}.layers.{i}.{sub}")
 }
@@ -169,7 +178,7 @@ impl LlamaConfig {
             c.len += t;
         }
         let h = w.rms_norm(FINAL_NORM, &h, eps)?;
-        let head = if w.contains(LM_HEAD) { LM_HEAD } else { EMBED };
+        let head = head_name(w);
         let hidden = h.dim(D::Minus1)?;
         Ok((h.reshape(((), hidden))?, head))
     }
@@ -233,12 +242,7 @@ impl LlamaConfig {
         let h = h.index_select(&Tensor::from_vec(last, seqs.len(), &dev)?, 0)?;
         let lasts = RowGroups::new(seqs.iter().map(|s| (1, &s.model.weights)));
         let h = lasts.rms_norm(FINAL_NORM, &h, eps)?;
-        let head = if first.contains(LM_HEAD) {
-            LM_HEAD
-        } else {
-            EMBED
-        };
-        lasts.project(head, &h)
+        lasts.project(head_name(first), &h)
     }
 
     /// Grouped-query attention of RoPE'd queries `(B, heads, T, D)` over keys and values

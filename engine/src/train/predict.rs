@@ -75,6 +75,11 @@ impl Sampling {
         Ok(())
     }
 
+    /// Where the first stop sequence begins in `text`, if any.
+    pub fn stop_at(&self, text: &str) -> Option<usize> {
+        self.stop.iter().filter_map(|s| text.find(s.as_str())).min()
+    }
+
     /// The next token from `logits` (one vocabulary row).
     pub fn pick(&self, logits: &[f32], rng: &mut impl rand::Rng) -> u32 {
         let argmax = || argmax(logits) as u32;
@@ -230,13 +235,13 @@ pub fn predict_with(
                     break;
                 }
                 if !sampling.stop.is_empty()
-                    && stop_at(&decode(&ids[prompt_len..])?, &sampling.stop).is_some()
+                    && sampling.stop_at(&decode(&ids[prompt_len..])?).is_some()
                 {
                     break;
                 }
             }
             let mut completion = decode(&ids[prompt_len..])?;
-            if let Some(at) = stop_at(&completion, &sampling.stop) {
+            if let Some(at) = sampling.stop_at(&completion) {
                 completion.truncate(at);
             }
             out.push(Prediction::Text { completion });
@@ -312,11 +317,6 @@ fn argmax(xs: &[f32]) -> usize {
             }
         })
         .0
-}
-
-/// Where the first of `stop` begins in `text`, if any.
-fn stop_at(text: &str, stop: &[String]) -> Option<usize> {
-    stop.iter().filter_map(|s| text.find(s.as_str())).min()
 }
 
 #[cfg(test)]
