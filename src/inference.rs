@@ -165,13 +165,20 @@ enum Msg {
     Predict {
         ticket: Ticket,
         req: PredictRequest,
-        reply: oneshot::Sender<Result<Vec<Prediction>, InferenceError>>,
+        reply: oneshot::Sender<Result<Answer, InferenceError>>,
     },
     Generate {
         ticket: Ticket,
         req: GenerateRequest,
         out: tmpsc::UnboundedSender<GenEvent>,
     },
+}
+
+/// A prediction's answer: at once (classifiers), or one stream per input (a causal LM's
+/// completions, generated beside every other stream rather than ahead of them).
+enum Answer {
+    Now(Vec<Prediction>),
+    Generating(Vec<tmpsc::UnboundedReceiver<GenEvent>>),
 }
 
 /// A handle on the engine thread (cheap to clone; the thread ends with the last handle).
@@ -280,8 +287,27 @@ impl Engine {
         self.tx
             .send(Msg::Predict { ticket, req, reply })
             .map_err(|_| InferenceError::Thread("not running".into()))?;
-        rx.await
-            .map_err(|_| InferenceError::Thread("the request was dropped".into()))?
+        let answer = rx
+            .await
+            .map_err(|_| InferenceError::Thread("the request was dropped".into()))??;
+        let streams = match answer {
+            Answer::Now(p) => return Ok(p),
+            Answer::Generating(streams) => streams,
+        };
+        let mut out = Vec::with_capacity(streams.len());
+        for mut rx in streams {
+            let mut completion = String::new();
+            loop {
+                match rx.recv().await {
+                    Some(GenEvent::Text(t)) => completion.push_str(&t),
+                    Some(GenEvent::Done { .. }) => break,
+                    Some(GenEvent::Failed(e)) => return Err(e),
+                    None => return Err(InferenceError::Thread("a completion was dropped".into())),
+                }
+            }
+            out.push(Prediction::Text { completion });
+        }
+        Ok(out)
     }
 
     /// Starts a completion; its events arrive on the receiver. Dropping the receiver stops
@@ -322,7 +348,8 @@ impl Served {
 /// A completion being generated.
 struct Stream {
     served: Arc<Served>,
-    _ticket: Ticket,
+    /// The request's place in the engine (shared by a prediction's streams).
+    _ticket: Arc<Ticket>,
     out: tmpsc::UnboundedSender<GenEvent>,
     cache: KvCache,
     unseen: Vec<u32>,
@@ -415,19 +442,20 @@ impl Worker {
     fn handle(&mut self, m: Msg) {
         match m {
             Msg::Predict { ticket, req, reply } => {
-                let r = self.predict(req);
-                drop(ticket);
+                let r = self.predict(req, ticket);
                 let _ = reply.send(r);
             }
-            Msg::Generate { ticket, req, out } => match self.start(req, ticket, out.clone()) {
-                Ok(s) => {
-                    self.waiting.push_back(s);
-                    self.admit_waiting();
+            Msg::Generate { ticket, req, out } => {
+                match self.start(req, Arc::new(ticket), out.clone()) {
+                    Ok(s) => {
+                        self.waiting.push_back(s);
+                        self.admit_waiting();
+                    }
+                    Err(e) => {
+                        let _ = out.send(GenEvent::Failed(e));
+                    }
                 }
-                Err(e) => {
-                    let _ = out.send(GenEvent::Failed(e));
-                }
-            },
+            }
         }
     }
 
@@ -462,16 +490,59 @@ impl Worker {
         }
     }
 
-    fn predict(&mut self, req: PredictRequest) -> Result<Vec<Prediction>, InferenceError> {
+    /// A classifier answers at once (its ticket dropped before the reply); a causal LM's
+    /// inputs become greedy completions that join the running streams.
+    fn predict(&mut self, req: PredictRequest, ticket: Ticket) -> Result<Answer, InferenceError> {
         let served = self.served(&req.key)?;
-        Ok(sparsegrad_engine::train::predict(
-            served.model(),
-            &served.base.tok,
-            served.labels.as_ref(),
-            &req.inputs,
-            req.max_seq_len,
-            req.max_new_tokens,
-        )?)
+        if served.model().task != Task::CausalLm {
+            return Ok(Answer::Now(sparsegrad_engine::train::predict(
+                served.model(),
+                &served.base.tok,
+                served.labels.as_ref(),
+                &req.inputs,
+                req.max_seq_len,
+                req.max_new_tokens,
+            )?));
+        }
+        let ticket = Arc::new(ticket);
+        let mut started = Vec::with_capacity(req.inputs.len());
+        let mut receivers = Vec::with_capacity(req.inputs.len());
+        for input in req.inputs {
+            let prompt = match input {
+                PredictInput::Chat { messages } => Prompt::Chat(messages),
+                PredictInput::Prompt { prompt: t } | PredictInput::Text { text: t } => {
+                    Prompt::Text(t)
+                }
+                PredictInput::Pair { .. } => {
+                    return Err(InferenceError::Invalid {
+                        param: "inputs",
+                        message: "a causal LM takes `prompt`, `text` or `messages`".into(),
+                    })
+                }
+            };
+            let generate = GenerateRequest {
+                key: req.key.clone(),
+                prompt,
+                sampling: Sampling::default(),
+                max_tokens: req.max_new_tokens,
+                max_context: req.max_seq_len,
+            };
+            let (out, rx) = tmpsc::unbounded_channel();
+            let stream = self
+                .start(generate, ticket.clone(), out)
+                .map_err(|e| match e {
+                    InferenceError::Invalid { message, .. } => InferenceError::Invalid {
+                        param: "inputs",
+                        message,
+                    },
+                    other => other,
+                })?;
+            started.push(stream);
+            receivers.push(rx);
+        }
+        self.waiting.extend(started);
+        self.admit_waiting();
+        Ok(Answer::Generating(receivers))
     }
 
     fn tick(&mut self) -> u64 {
@@ -585,7 +656,7 @@ impl Worker {
     fn start(
         &mut self,
         req: GenerateRequest,
-        ticket: Ticket,
+        ticket: Arc<Ticket>,
         out: tmpsc::UnboundedSender<GenEvent>,
     ) -> Result<Stream, InferenceError> {
         req.sampling.check()?;

@@ -142,6 +142,17 @@ async fn stream_post(st: &AppState, uri: &str, key: &str, body: Value) -> (Statu
 
 /// What the merged model (base + delta applied to the weights, in memory) generates greedily.
 fn merged_completion(e: &Env, job_id: &str, input: Value, max_new: usize) -> String {
+    merged_completion_within(e, job_id, input, 64, max_new)
+}
+
+/// [`merged_completion`] within `max_len` tokens of prompt and completion.
+fn merged_completion_within(
+    e: &Env,
+    job_id: &str,
+    input: Value,
+    max_len: usize,
+    max_new: usize,
+) -> String {
     let objects = e.tmp.path().join("objects");
     let delta = walk(&objects)
         .into_iter()
@@ -157,7 +168,8 @@ fn merged_completion(e: &Env, job_id: &str, input: Value, max_new: usize) -> Str
     )
     .unwrap();
     let input: sparsegrad_engine::train::PredictInput = serde_json::from_value(input).unwrap();
-    match &sparsegrad_engine::train::predict(&model, &tok, None, &[input], 64, max_new).unwrap()[0]
+    match &sparsegrad_engine::train::predict(&model, &tok, None, &[input], max_len, max_new)
+        .unwrap()[0]
     {
         sparsegrad_engine::train::Prediction::Text { completion } => completion.clone(),
         other => panic!("{other:?}"),
@@ -222,6 +234,25 @@ async fn fine_tunes_answer_chat_and_text_completions_as_their_merged_models(db: 
         // The overlay answers as the delta merged into the weights does.
         let want = merged_completion(&e, id, json!({"messages": messages}), 6);
         assert_eq!(content, want, "{model}");
+        // So does the job's predict route (its completions join the engine's streams).
+        let (s, p) = post_json(
+            &e.st,
+            &format!("/v1/fine_tuning/jobs/{id}/predict"),
+            Some(&key),
+            json!({"inputs": [{"messages": messages}, {"prompt": "the film was"}], "max_new_tokens": 6}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{p}");
+        // Predictions keep within the job's max_seq_len (16 here), as before.
+        let within = |input| merged_completion_within(&e, id, input, 16, 6);
+        assert_eq!(
+            p["data"][0]["completion"],
+            within(json!({"messages": messages}))
+        );
+        assert_eq!(
+            p["data"][1]["completion"],
+            within(json!({"prompt": "the film was"}))
+        );
 
         // Streamed: the chunks concatenate to the same answer; the usage chunk agrees.
         let mut sb = body.clone();
